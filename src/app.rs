@@ -1,0 +1,102 @@
+//! The shared state every service reads, built once at startup from the validated configuration.
+
+use crate::admission::{Admission, AdmissionConfig};
+use crate::config::Config;
+use crate::upstream::Registry;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+pub struct App {
+    pub config: Config,
+    pub registry: Arc<Registry>,
+    pub lifecycle: Arc<Lifecycle>,
+    /// The inference queue and slots.
+    pub admission: Arc<Admission>,
+    /// Model-management requests running at once (pull, push, create, copy, delete, blobs).
+    pub management: Arc<tokio::sync::Semaphore>,
+    pub started: Instant,
+}
+
+impl App {
+    pub fn new(config: Config) -> Arc<App> {
+        let registry = Arc::new(Registry::new(&config));
+        let admission = Admission::new(
+            AdmissionConfig {
+                max_queued: config.admission.max_queued,
+                max_queued_bytes: config.admission.max_queued_bytes.0,
+                max_wait: config.admission.max_wait,
+                aging: config.admission.aging,
+            },
+            registry.all().to_vec(),
+        );
+        let management = Arc::new(tokio::sync::Semaphore::new(
+            config.admission.management_concurrency,
+        ));
+        Arc::new(App {
+            admission,
+            management,
+            config,
+            registry,
+            lifecycle: Arc::new(Lifecycle::default()),
+            started: Instant::now(),
+        })
+    }
+}
+
+/// Whether the sidecar still admits requests, and how many are in flight (for the drain).
+#[derive(Default)]
+pub struct Lifecycle {
+    draining: AtomicBool,
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+impl Lifecycle {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Counts a request as in flight until the guard drops.
+    pub fn enter(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard {
+            lifecycle: self.clone(),
+        }
+    }
+
+    /// Waits until no request is in flight, or `timeout`; true when drained.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.idle.notified();
+            if self.active() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.active() == 0;
+            }
+        }
+    }
+}
+
+pub struct ActiveGuard {
+    lifecycle: Arc<Lifecycle>,
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self.lifecycle.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.lifecycle.idle.notify_waiters();
+        }
+    }
+}

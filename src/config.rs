@@ -1,0 +1,1074 @@
+//! Configuration: the YAML file's shape (`FileConfig`, which is also what `check` prints), the
+//! environment overrides, and validation into the typed `Config` the services are built from.
+//! Nothing else reads the file; every error names the file, the key path and what was expected.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_CONFIG_PATH: &str = "conf/sidecar.yaml";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:11434";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:11435";
+/// Ollama's own default port, used for an instance URL given as bare `host` without a scheme.
+pub const OLLAMA_DEFAULT_PORT: u16 = 11434;
+
+pub const ENV_CONFIG: &str = "OLLAMA_SIDECAR_CONFIG";
+pub const ENV_LISTEN: &str = "OLLAMA_SIDECAR_LISTEN";
+pub const ENV_ADMIN_LISTEN: &str = "OLLAMA_SIDECAR_ADMIN_LISTEN";
+
+/// A configuration error: which file, which key, what was wrong.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() || self.key == "." {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+// ---------------------------------------------------------------------------------------------
+// The file's shape. Defaults are filled in by serde so that serialising a parsed file prints the
+// effective configuration.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The proxy's listening address (`host:port`).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Pingora worker threads; 0 means one per CPU core.
+    #[serde(default)]
+    pub threads: usize,
+    #[serde(default)]
+    pub admin: AdminFile,
+    #[serde(default)]
+    pub log: LogFile,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+    #[serde(default)]
+    pub shutdown: ShutdownFile,
+    #[serde(default)]
+    pub admission: AdmissionFile,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    #[serde(default)]
+    pub health: HealthFile,
+    #[serde(default)]
+    pub instances: Vec<InstanceFile>,
+}
+
+/// How the sidecar watches its instances.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    /// How often each ready instance's `/api/ps` is read to learn its loaded models.
+    #[serde(default = "default_models_interval", with = "humantime_serde")]
+    pub models_interval: Duration,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        HealthFile {
+            models_interval: default_models_interval(),
+        }
+    }
+}
+
+/// The inference queue.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionFile {
+    /// Requests waiting for a slot, at most; beyond it: 503 with `Retry-After`.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: usize,
+    /// Request bodies held by waiting requests, at most (`1GiB`, `512MiB`, or bytes).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: ByteSize,
+    /// Longest wait for a slot; beyond it: 503 with `Retry-After`.
+    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    pub max_wait: Duration,
+    /// Each `aging` waited raises a request's priority by one level, so nothing starves.
+    #[serde(default = "default_aging", with = "humantime_serde")]
+    pub aging: Duration,
+    /// A header that names the client for fairness (e.g. `X-Client-Id`); unset: the client address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id_header: Option<String>,
+    /// A header carrying an integer priority (higher first), e.g. `X-Priority`; unset: ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_header: Option<String>,
+    /// Priority by client identity (an address, an `X-Client-Id` value, or a key name).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub priorities: BTreeMap<String, i32>,
+    /// Model-management requests (pull, push, create, copy, delete, blobs) running at once.
+    #[serde(default = "default_management_concurrency")]
+    pub management_concurrency: usize,
+}
+
+impl Default for AdmissionFile {
+    fn default() -> Self {
+        AdmissionFile {
+            max_queued: default_max_queued(),
+            max_queued_bytes: default_max_queued_bytes(),
+            max_wait: default_max_wait(),
+            aging: default_aging(),
+            client_id_header: None,
+            priority_header: None,
+            priorities: BTreeMap::new(),
+            management_concurrency: default_management_concurrency(),
+        }
+    }
+}
+
+/// Limits on what clients send.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Largest JSON request body read to route it (inference routes); beyond it: 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_body: default_max_body(),
+        }
+    }
+}
+
+/// A byte count written as a number or with a unit: `64MiB`, `1GiB`, `512KiB`, `10MB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(text: &str) -> Result<ByteSize, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("expected a size like `64MiB` or `1048576`, got `{text}`"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1_000,
+            "KiB" => 1 << 10,
+            "MB" => 1_000_000,
+            "MiB" => 1 << 20,
+            "GB" => 1_000_000_000,
+            "GiB" => 1 << 30,
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}`; use B, KiB, MiB, GiB, KB, MB or GB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{text}` is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}")
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`).
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+}
+
+impl Default for AdminFile {
+    fn default() -> Self {
+        AdminFile {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    /// A tracing filter (`info`, `debug`, `ollama_sidecar=debug,pingora=warn`). `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogFile {
+    fn default() -> Self {
+        LogFile {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    /// TCP connect to an instance.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect: Duration,
+    /// From the request sent to the response header: long, because a cold model load takes minutes.
+    #[serde(default = "default_response_header_timeout", with = "humantime_serde")]
+    pub response_header: Duration,
+    /// Longest silence between two streamed chunks; off by default (a pull can be silent for long).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle: Option<Duration>,
+}
+
+impl Default for TimeoutsFile {
+    fn default() -> Self {
+        TimeoutsFile {
+            connect: default_connect_timeout(),
+            response_header: default_response_header_timeout(),
+            idle: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownFile {
+    /// On SIGTERM/SIGINT: how long in-flight requests may finish before they are cut.
+    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownFile {
+    fn default() -> Self {
+        ShutdownFile {
+            drain_timeout: default_drain_timeout(),
+        }
+    }
+}
+
+/// One Ollama instance: external (`url`) or supervised (`port`, `command`, ...).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceFile {
+    pub name: String,
+    /// An Ollama the sidecar does not manage: `http://host:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Concurrent inference requests this instance is given (its `OLLAMA_NUM_PARALLEL`).
+    #[serde(default = "default_num_parallel")]
+    pub num_parallel: usize,
+
+    // Supervised-only keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models_dir: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warmup: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queue: Option<usize>,
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub start_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartFile>,
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stop_grace: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartFile {
+    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// A run this long resets the backoff.
+    #[serde(default = "default_stable_after", with = "humantime_serde")]
+    pub stable_after: Duration,
+    /// Restarts in a row without a stable run before the state is shown as `crashloop`.
+    #[serde(default = "default_crashloop_after")]
+    pub crashloop_after: u32,
+    /// Failed liveness checks in a row that restart a running instance.
+    #[serde(default = "default_liveness_failures")]
+    pub liveness_failures: u32,
+}
+
+impl Default for RestartFile {
+    fn default() -> Self {
+        RestartFile {
+            initial_backoff: default_backoff_initial(),
+            max_backoff: default_backoff_max(),
+            stable_after: default_stable_after(),
+            crashloop_after: default_crashloop_after(),
+            liveness_failures: default_liveness_failures(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+fn default_admin_listen() -> String {
+    DEFAULT_ADMIN_LISTEN.to_string()
+}
+fn default_log_level() -> String {
+    "info".to_string()
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_response_header_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_models_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_queued() -> usize {
+    1024
+}
+fn default_max_queued_bytes() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_max_wait() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_aging() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_management_concurrency() -> usize {
+    2
+}
+fn default_max_body() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_num_parallel() -> usize {
+    1
+}
+fn default_backoff_initial() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_backoff_max() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_stable_after() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_crashloop_after() -> u32 {
+    5
+}
+fn default_liveness_failures() -> u32 {
+    3
+}
+
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
+/// Ollama's own queue is kept small: queueing belongs to the sidecar.
+pub const DEFAULT_OLLAMA_MAX_QUEUE: usize = 4;
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the configuration came from (for messages).
+    pub source: String,
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub admin_listen: SocketAddr,
+    pub log: LogFile,
+    pub timeouts: TimeoutsFile,
+    pub drain_timeout: Duration,
+    pub admission: AdmissionFile,
+    pub limits: LimitsFile,
+    pub health: HealthFile,
+    pub instances: Vec<InstanceConfig>,
+    /// The effective file configuration (defaults and overrides applied), for `check`.
+    pub effective: FileConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct InstanceConfig {
+    pub name: String,
+    pub upstream: UpstreamAddress,
+    pub num_parallel: usize,
+    pub supervised: Option<SupervisedSpec>,
+}
+
+/// Where to reach an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamAddress {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+impl UpstreamAddress {
+    /// The `Host` header Ollama accepts (its loopback host check wants a local or its own name).
+    pub fn host_header(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for UpstreamAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.host_header())
+    }
+}
+
+/// How to run one supervised `ollama serve`.
+#[derive(Debug, Clone)]
+pub struct SupervisedSpec {
+    pub command: String,
+    pub args: Vec<String>,
+    pub port: u16,
+    /// Merged over the sidecar's own environment; the sidecar's `OLLAMA_*` settings are applied last.
+    pub env: BTreeMap<String, String>,
+    pub num_parallel: usize,
+    pub max_queue: usize,
+    pub models_dir: Option<PathBuf>,
+    pub gpus: Option<String>,
+    pub keep_alive: Option<String>,
+    pub warmup: Vec<String>,
+    pub log_file: Option<PathBuf>,
+    pub start_timeout: Duration,
+    pub stop_grace: Duration,
+    pub restart: RestartFile,
+}
+
+/// Overrides from the environment and the command line, applied over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+}
+
+impl Overrides {
+    /// Reads `OLLAMA_SIDECAR_LISTEN` and `OLLAMA_SIDECAR_ADMIN_LISTEN`.
+    pub fn from_env() -> Self {
+        Overrides {
+            listen: std::env::var(ENV_LISTEN).ok().filter(|v| !v.is_empty()),
+            admin_listen: std::env::var(ENV_ADMIN_LISTEN)
+                .ok()
+                .filter(|v| !v.is_empty()),
+        }
+    }
+
+    /// Later values win.
+    pub fn merge(mut self, other: Overrides) -> Self {
+        if other.listen.is_some() {
+            self.listen = other.listen;
+        }
+        if other.admin_listen.is_some() {
+            self.admin_listen = other.admin_listen;
+        }
+        self
+    }
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        key: String::new(),
+        message: format!("cannot read the configuration file: {e}"),
+    })?;
+    parse(&text, &file, overrides)
+}
+
+/// Parses and validates configuration text; `source` names it in errors.
+pub fn parse(text: &str, source: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let mut file = parse_file(text, source)?;
+    if let Some(listen) = &overrides.listen {
+        file.listen = listen.clone();
+    }
+    if let Some(listen) = &overrides.admin_listen {
+        file.admin.listen = listen.clone();
+    }
+    validate(file, source)
+}
+
+fn parse_file(text: &str, source: &str) -> Result<FileConfig, ConfigError> {
+    // An empty file is a valid configuration of defaults (and no instances, which validation rejects).
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            file: source.to_string(),
+            key: String::new(),
+            message: "the file is empty; expected a mapping with at least `instances`".to_string(),
+        });
+    }
+    let de = yaml_serde::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let mut message = e.into_inner().to_string();
+        // The YAML error repeats (part of) the key path as a prefix: keep it once.
+        if let Some((prefix, rest)) = message.split_once(": ") {
+            if !prefix.contains(char::is_whitespace) && key.starts_with(prefix) {
+                message = rest.to_string();
+            }
+        }
+        ConfigError {
+            file: source.to_string(),
+            key,
+            message,
+        }
+    })
+}
+
+fn err(source: &str, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        file: source.to_string(),
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn parse_socket_addr(source: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        err(
+            source,
+            key,
+            format!("expected an address like `127.0.0.1:11434` or `[::1]:11434`, got `{value}`"),
+        )
+    })
+}
+
+fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
+    let listen = parse_socket_addr(source, "listen", &file.listen)?;
+    let admin_listen = parse_socket_addr(source, "admin.listen", &file.admin.listen)?;
+    if listen == admin_listen {
+        return Err(err(
+            source,
+            "admin.listen",
+            format!("must differ from `listen` ({listen})"),
+        ));
+    }
+    if file.log.format == LogFormat::Json || file.log.format == LogFormat::Text {
+        tracing_subscriber::EnvFilter::try_new(&file.log.level).map_err(|e| {
+            err(
+                source,
+                "log.level",
+                format!("expected a tracing filter such as `info` or `ollama_sidecar=debug`: {e}"),
+            )
+        })?;
+    }
+    if file.timeouts.connect.is_zero() {
+        return Err(err(source, "timeouts.connect", "must be greater than 0"));
+    }
+    if file.timeouts.response_header.is_zero() {
+        return Err(err(
+            source,
+            "timeouts.response_header",
+            "must be greater than 0",
+        ));
+    }
+    if file.admission.max_queued == 0 {
+        return Err(err(source, "admission.max_queued", "must be at least 1"));
+    }
+    if file.admission.max_wait.is_zero() {
+        return Err(err(source, "admission.max_wait", "must be greater than 0"));
+    }
+    if file.admission.aging.is_zero() {
+        return Err(err(source, "admission.aging", "must be greater than 0"));
+    }
+    if file.admission.management_concurrency == 0 {
+        return Err(err(
+            source,
+            "admission.management_concurrency",
+            "must be at least 1",
+        ));
+    }
+    for (field, header) in [
+        ("client_id_header", &file.admission.client_id_header),
+        ("priority_header", &file.admission.priority_header),
+    ] {
+        if let Some(h) = header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(err(
+                    source,
+                    format!("admission.{field}"),
+                    format!("`{h}` is not a valid header name"),
+                ));
+            }
+        }
+    }
+    if file.health.models_interval < Duration::from_millis(100) {
+        return Err(err(
+            source,
+            "health.models_interval",
+            "must be at least 100ms",
+        ));
+    }
+    if file.limits.max_body.0 == 0 {
+        return Err(err(source, "limits.max_body", "must be greater than 0"));
+    }
+    if file.instances.is_empty() {
+        return Err(err(
+            source,
+            "instances",
+            "expected at least one instance (an external `url`, or a supervised `port`)",
+        ));
+    }
+
+    let mut instances = Vec::with_capacity(file.instances.len());
+    for (i, inst) in file.instances.iter().enumerate() {
+        let key = |field: &str| format!("instances[{i}].{field}");
+        if inst.name.trim().is_empty() {
+            return Err(err(source, key("name"), "expected a non-empty name"));
+        }
+        if !inst
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(err(
+                source,
+                key("name"),
+                format!(
+                    "`{}`: use letters, digits, `-`, `_` and `.` only (it becomes a metric label)",
+                    inst.name
+                ),
+            ));
+        }
+        if let Some(j) = file.instances[..i].iter().position(|o| o.name == inst.name) {
+            return Err(err(
+                source,
+                key("name"),
+                format!("`{}` is already the name of instances[{j}]", inst.name),
+            ));
+        }
+        if inst.num_parallel == 0 {
+            return Err(err(source, key("num_parallel"), "must be at least 1"));
+        }
+        let supervised_keys: Vec<&str> = [
+            ("command", inst.command.is_some()),
+            ("args", inst.args.is_some()),
+            ("port", inst.port.is_some()),
+            ("env", !inst.env.is_empty()),
+            ("models_dir", inst.models_dir.is_some()),
+            ("gpus", inst.gpus.is_some()),
+            ("keep_alive", inst.keep_alive.is_some()),
+            ("warmup", !inst.warmup.is_empty()),
+            ("log_file", inst.log_file.is_some()),
+            ("max_queue", inst.max_queue.is_some()),
+            ("start_timeout", inst.start_timeout.is_some()),
+            ("restart", inst.restart.is_some()),
+            ("stop_grace", inst.stop_grace.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect();
+
+        let (upstream, supervised) = match &inst.url {
+            Some(url) => {
+                if let Some(first) = supervised_keys.first() {
+                    return Err(err(
+                        source,
+                        key(first),
+                        "is a supervised-instance key, but this instance has a `url` (external instances are not started by the sidecar); remove one of them",
+                    ));
+                }
+                let upstream = parse_instance_url(url)
+                    .map_err(|m| err(source, key("url"), format!("`{url}`: {m}")))?;
+                (upstream, None)
+            }
+            None => {
+                let Some(port) = inst.port else {
+                    return Err(err(
+                        source,
+                        format!("instances[{i}]"),
+                        "expected either `url` (an external Ollama) or `port` (a supervised `ollama serve`)",
+                    ));
+                };
+                if port == 0 {
+                    return Err(err(source, key("port"), "must be between 1 and 65535"));
+                }
+                if let Some(j) = instances.iter().position(|o: &InstanceConfig| {
+                    o.supervised.as_ref().map(|s| s.port) == Some(port)
+                }) {
+                    return Err(err(
+                        source,
+                        key("port"),
+                        format!("port {port} is already used by supervised instances[{j}]"),
+                    ));
+                }
+                if port == listen.port() || port == admin_listen.port() {
+                    return Err(err(
+                        source,
+                        key("port"),
+                        format!("port {port} is the sidecar's own listening port"),
+                    ));
+                }
+                let command = inst.command.clone().unwrap_or_else(|| "ollama".to_string());
+                if command.trim().is_empty() {
+                    return Err(err(
+                        source,
+                        key("command"),
+                        "expected a program name or path",
+                    ));
+                }
+                for name in inst.env.keys() {
+                    if name.is_empty() || name.contains('=') || name.contains('\0') {
+                        return Err(err(
+                            source,
+                            format!("instances[{i}].env.{name}"),
+                            "not a valid environment variable name",
+                        ));
+                    }
+                }
+                let restart = inst.restart.clone().unwrap_or_default();
+                if restart.initial_backoff.is_zero()
+                    || restart.max_backoff < restart.initial_backoff
+                {
+                    return Err(err(
+                        source,
+                        key("restart"),
+                        "expected 0 < initial_backoff <= max_backoff",
+                    ));
+                }
+                let spec = SupervisedSpec {
+                    command,
+                    args: inst
+                        .args
+                        .clone()
+                        .unwrap_or_else(|| vec!["serve".to_string()]),
+                    port,
+                    env: inst.env.clone(),
+                    num_parallel: inst.num_parallel,
+                    max_queue: inst.max_queue.unwrap_or(DEFAULT_OLLAMA_MAX_QUEUE),
+                    models_dir: inst.models_dir.clone(),
+                    gpus: inst.gpus.clone(),
+                    keep_alive: inst.keep_alive.clone(),
+                    warmup: inst.warmup.clone(),
+                    log_file: inst.log_file.clone(),
+                    start_timeout: inst.start_timeout.unwrap_or(DEFAULT_START_TIMEOUT),
+                    stop_grace: inst.stop_grace.unwrap_or(DEFAULT_STOP_GRACE),
+                    restart,
+                };
+                let upstream = UpstreamAddress {
+                    host: "127.0.0.1".to_string(),
+                    port,
+                    tls: false,
+                };
+                (upstream, Some(spec))
+            }
+        };
+        if upstream.tls && !cfg!(feature = "rustls") {
+            return Err(err(
+                source,
+                key("url"),
+                "https:// upstreams need a build with `--features rustls`",
+            ));
+        }
+        instances.push(InstanceConfig {
+            name: inst.name.clone(),
+            upstream,
+            num_parallel: inst.num_parallel,
+            supervised,
+        });
+    }
+
+    let threads = if file.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    } else {
+        file.threads
+    };
+
+    Ok(Config {
+        source: source.to_string(),
+        listen,
+        threads,
+        admin_listen,
+        log: file.log.clone(),
+        timeouts: file.timeouts.clone(),
+        drain_timeout: file.shutdown.drain_timeout,
+        admission: file.admission.clone(),
+        limits: file.limits.clone(),
+        health: file.health.clone(),
+        instances,
+        effective: file,
+    })
+}
+
+/// Parses an external instance's URL: `http://host:port`, `https://host`, or a bare `host:port`
+/// (Ollama's own `OLLAMA_HOST` convention: no scheme means http on port 11434).
+pub fn parse_instance_url(url: &str) -> Result<UpstreamAddress, String> {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (s.to_ascii_lowercase(), r),
+        None => (String::new(), url),
+    };
+    let tls = match scheme.as_str() {
+        "" | "http" => false,
+        "https" => true,
+        other => {
+            return Err(format!(
+                "unsupported scheme `{other}`; expected http or https"
+            ))
+        }
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.contains('/') || authority.contains('?') || authority.contains('#') {
+        return Err("expected scheme://host:port with no path".to_string());
+    }
+    if authority.contains('@') {
+        return Err("credentials in the URL are not supported".to_string());
+    }
+    let default_port = match scheme.as_str() {
+        "" => OLLAMA_DEFAULT_PORT,
+        "https" => 443,
+        _ => 80,
+    };
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| "unterminated IPv6 address".to_string())?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
+            None if after.is_empty() => default_port,
+            None => return Err("expected `]:port` after an IPv6 address".to_string()),
+        };
+        (h.to_string(), port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_string(),
+                p.parse::<u16>().map_err(|_| format!("bad port `{p}`"))?,
+            ),
+            None => (authority.to_string(), default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err("expected a host name or address".to_string());
+    }
+    if port == 0 {
+        return Err("port must be between 1 and 65535".to_string());
+    }
+    Ok(UpstreamAddress { host, port, tls })
+}
+
+/// The effective configuration as YAML, as `check` prints it.
+pub fn effective_yaml(config: &Config) -> String {
+    yaml_serde::to_string(&config.effective).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, "test.yaml", &Overrides::default()).unwrap()
+    }
+
+    fn parse_err(text: &str) -> String {
+        parse(text, "test.yaml", &Overrides::default())
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn minimal_external_config_gets_defaults() {
+        let c = parse_ok("instances:\n  - name: a\n    url: http://127.0.0.1:11500\n");
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.instances[0].upstream.port, 11500);
+        assert!(c.instances[0].supervised.is_none());
+        assert_eq!(c.timeouts.connect, Duration::from_secs(2));
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert!(c.threads >= 1);
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let e = parse_err("instances:\n  - name: a\n    url: http://x:1\n    colour: red\n");
+        assert!(
+            e.starts_with("test.yaml: instances[0].colour: unknown field `colour`"),
+            "{e}"
+        );
+        assert!(e.contains("line 4"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let e = parse_err("instances:\n  - name: a\n    port: abc\n");
+        assert!(e.contains("instances[0].port"), "{e}");
+        assert!(e.contains("u16"), "{e}");
+    }
+
+    #[test]
+    fn supervised_defaults() {
+        let c = parse_ok("instances:\n  - name: gpu0\n    port: 11501\n    num_parallel: 2\n");
+        let s = c.instances[0].supervised.as_ref().unwrap();
+        assert_eq!(s.command, "ollama");
+        assert_eq!(s.args, vec!["serve"]);
+        assert_eq!(s.num_parallel, 2);
+        assert_eq!(c.instances[0].upstream.host_header(), "127.0.0.1:11501");
+    }
+
+    #[test]
+    fn rejects_mixed_and_duplicate_instances() {
+        assert!(
+            parse_err("instances:\n  - name: a\n    url: http://x:1\n    port: 5\n")
+                .contains("instances[0].port: is a supervised-instance key")
+        );
+        assert!(parse_err(
+            "instances:\n  - name: a\n    port: 11600\n  - name: b\n    port: 11600\n"
+        )
+        .contains("instances[1].port: port 11600 is already used"));
+        assert!(
+            parse_err("instances:\n  - name: a\n    port: 1\n  - name: a\n    port: 2\n")
+                .contains("instances[1].name")
+        );
+        assert!(parse_err("instances: []\n").contains("instances: expected at least one"));
+        assert!(parse_err("instances:\n  - name: a\n").contains("expected either `url`"));
+    }
+
+    #[test]
+    fn bad_listen_and_overrides() {
+        assert!(
+            parse_err("listen: nowhere\ninstances:\n  - name: a\n    url: x:1\n")
+                .contains("test.yaml: listen: expected an address")
+        );
+        let c = parse(
+            "instances:\n  - name: a\n    url: x:1\n",
+            "t",
+            &Overrides {
+                listen: Some("127.0.0.1:9999".into()),
+                admin_listen: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9999);
+        assert!(effective_yaml(&c).contains("listen: 127.0.0.1:9999"));
+    }
+
+    #[test]
+    fn instance_urls() {
+        let a = parse_instance_url("http://ollama:11434").unwrap();
+        assert_eq!((a.host.as_str(), a.port, a.tls), ("ollama", 11434, false));
+        assert_eq!(parse_instance_url("http://h").unwrap().port, 80);
+        assert_eq!(parse_instance_url("h").unwrap().port, 11434);
+        assert_eq!(parse_instance_url("https://h").unwrap().port, 443);
+        let v6 = parse_instance_url("http://[::1]:5").unwrap();
+        assert_eq!(v6.host_header(), "[::1]:5");
+        assert!(parse_instance_url("ftp://h").is_err());
+        assert!(parse_instance_url("http://h:1/api").is_err());
+        assert!(parse_instance_url("http://h:99999").is_err());
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("64MiB").unwrap().0, 64 << 20);
+        assert_eq!(ByteSize::parse("10MB").unwrap().0, 10_000_000);
+        assert_eq!(ByteSize::parse("123").unwrap().0, 123);
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert_eq!(ByteSize(1 << 30).to_string(), "1GiB");
+        let c = parse_ok("limits:\n  max_body: 1MiB\nadmission:\n  max_queued_bytes: 4096\ninstances:\n  - name: a\n    url: x:1\n");
+        assert_eq!(c.limits.max_body.0, 1 << 20);
+        assert_eq!(c.admission.max_queued_bytes.0, 4096);
+        assert!(
+            parse_err("limits:\n  max_body: lots\ninstances:\n  - name: a\n    url: x:1\n")
+                .contains("limits.max_body")
+        );
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let c = parse_ok(
+            "timeouts:\n  connect: 500ms\n  idle: 2m\nshutdown:\n  drain_timeout: 5s\ninstances:\n  - name: a\n    url: x:1\n",
+        );
+        assert_eq!(c.timeouts.connect, Duration::from_millis(500));
+        assert_eq!(c.timeouts.idle, Some(Duration::from_secs(120)));
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert!(
+            parse_err("timeouts:\n  connect: fast\ninstances:\n  - name: a\n    url: x:1\n")
+                .contains("timeouts.connect")
+        );
+    }
+}

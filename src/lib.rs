@@ -1,0 +1,10 @@
+//! ollama-sidecar: a Pingora reverse proxy that makes one Ollama GPU box safe to share.
+//! See `docs/architecture.md` for the request journey and the module map.
+
+pub mod admission;
+pub mod app;
+pub mod config;
+pub mod proxy;
+pub mod server;
+pub mod supervisor;
+pub mod upstream;

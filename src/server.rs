@@ -1,0 +1,142 @@
+//! Assembles the Pingora server from the validated configuration and runs it until a signal:
+//! SIGTERM/SIGINT stop admitting, drain in-flight requests (up to `shutdown.drain_timeout`),
+//! stop the supervised instances, then exit 0.
+
+use crate::app::App;
+use crate::config::Config;
+use crate::proxy::SidecarProxy;
+use crate::supervisor::Supervisor;
+use crate::upstream::models;
+use async_trait::async_trait;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+use std::sync::Arc;
+
+/// Checks the listening addresses can be bound, so a port in use is one clear line, not a panic
+/// deep inside a worker thread.
+fn check_bindable(what: &str, addr: std::net::SocketAddr) -> Result<(), String> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|e| format!("cannot listen on {addr} ({what}): {e}"))
+}
+
+pub fn run(config: Config) -> Result<(), String> {
+    check_bindable("listen", config.listen)?;
+    check_bindable("admin.listen", config.admin_listen)?;
+
+    let app = App::new(config);
+    let supervisor = Supervisor::new(&app);
+    supervisor.preflight()?;
+
+    let conf = ServerConf {
+        threads: app.config.threads,
+        // Our own shutdown watch drains; Pingora must not sleep a further grace period.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora_proxy::http_proxy_service_with_name(
+        &server.configuration,
+        SidecarProxy::new(app.clone()),
+        "ollama-sidecar proxy",
+    );
+    proxy.add_tcp(&app.config.listen.to_string());
+    server.add_service(proxy);
+    server.add_service(background_service(
+        "supervisor",
+        SupervisorService(supervisor.clone()),
+    ));
+    server.add_service(background_service(
+        "instance watch",
+        InstanceWatch(app.clone()),
+    ));
+
+    tracing::info!(
+        listen = %app.config.listen,
+        instances = app.config.instances.len(),
+        threads = app.config.threads,
+        config = %app.config.source,
+        "ollama-sidecar starting"
+    );
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainingShutdown { app, supervisor }),
+    });
+    tracing::info!("ollama-sidecar stopped");
+    Ok(())
+}
+
+struct SupervisorService(Arc<Supervisor>);
+
+#[async_trait]
+impl BackgroundService for SupervisorService {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        self.0.clone().run().await;
+    }
+}
+
+/// Learns which models each instance has loaded and re-runs dispatch when an instance changes.
+struct InstanceWatch(Arc<App>);
+
+#[async_trait]
+impl BackgroundService for InstanceWatch {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let app = &self.0;
+        tokio::join!(
+            models::poll_loaded_models(app.registry.clone(), app.config.health.models_interval),
+            models::poke_on_change(app.registry.clone(), app.admission.clone()),
+        );
+    }
+}
+
+/// Waits for SIGTERM or SIGINT, then drains and stops the instances before letting Pingora
+/// tear down its runtimes (a quick shutdown: the waiting was done here).
+struct DrainingShutdown {
+    app: Arc<App>,
+    supervisor: Arc<Supervisor>,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainingShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                tracing::error!("cannot install signal handlers; shutting down");
+                self.supervisor.stop().await;
+                return ShutdownSignal::FastShutdown;
+            }
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        let lifecycle = &self.app.lifecycle;
+        lifecycle.start_draining();
+        // Queued requests are refused now; admitted ones finish within the drain.
+        self.app.admission.close();
+        let timeout = self.app.config.drain_timeout;
+        tracing::info!(signal = name, in_flight = lifecycle.active(), drain_timeout = %humantime::format_duration(timeout), "draining");
+        // A second signal skips the rest of the drain.
+        let drained = tokio::select! {
+            d = lifecycle.drained(timeout) => d,
+            _ = term.recv() => false,
+            _ = int.recv() => false,
+        };
+        if !drained {
+            tracing::warn!(
+                in_flight = lifecycle.active(),
+                "drain ended with requests still in flight; they are cut"
+            );
+        }
+        self.supervisor.stop().await;
+        ShutdownSignal::FastShutdown
+    }
+}

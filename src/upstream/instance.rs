@@ -1,0 +1,269 @@
+//! One Ollama instance as the request path sees it: where it is, whether it may take traffic,
+//! how busy it is, and the process facts the supervisor records for `/status` and metrics.
+
+use crate::config::{InstanceConfig, UpstreamAddress};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Mutex, RwLock};
+use std::time::{Instant, SystemTime};
+
+/// Lifecycle state. Only `Ready` instances take traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum InstanceState {
+    /// Process spawned, waiting for `/api/version` to answer.
+    Starting = 0,
+    /// Answering, loading the configured warm-up models.
+    Warming = 1,
+    /// Takes traffic.
+    Ready = 2,
+    /// Running but failing health checks.
+    Unhealthy = 3,
+    /// Exited; waiting out the restart backoff.
+    Backoff = 4,
+    /// Restarting again and again without a stable run; still retried at the backoff ceiling.
+    Crashloop = 5,
+    /// Stopped (shutdown) or never started.
+    Stopped = 6,
+}
+
+impl InstanceState {
+    pub const ALL: [InstanceState; 7] = [
+        InstanceState::Starting,
+        InstanceState::Warming,
+        InstanceState::Ready,
+        InstanceState::Unhealthy,
+        InstanceState::Backoff,
+        InstanceState::Crashloop,
+        InstanceState::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Starting => "starting",
+            InstanceState::Warming => "warming",
+            InstanceState::Ready => "ready",
+            InstanceState::Unhealthy => "unhealthy",
+            InstanceState::Backoff => "backoff",
+            InstanceState::Crashloop => "crashloop",
+            InstanceState::Stopped => "stopped",
+        }
+    }
+
+    fn from_u8(v: u8) -> InstanceState {
+        match v {
+            0 => InstanceState::Starting,
+            1 => InstanceState::Warming,
+            2 => InstanceState::Ready,
+            3 => InstanceState::Unhealthy,
+            4 => InstanceState::Backoff,
+            5 => InstanceState::Crashloop,
+            _ => InstanceState::Stopped,
+        }
+    }
+}
+
+/// What the supervisor knows about an instance's process (empty for external instances).
+#[derive(Debug, Clone, Default)]
+pub struct ProcessInfo {
+    pub pid: Option<u32>,
+    pub started_at: Option<SystemTime>,
+    pub restarts: u64,
+    /// `exit code 1`, `signal 9 (SIGKILL)`, ...
+    pub last_exit: Option<String>,
+    /// CPU use of the whole process tree, in percent of one core, at the last sample.
+    pub cpu_percent: f32,
+    /// Total CPU time of the process tree, in seconds, at the last sample.
+    pub cpu_seconds: f64,
+    /// Resident memory of the process tree, in bytes, at the last sample.
+    pub memory_bytes: u64,
+}
+
+pub struct Instance {
+    /// Position in the registry (stable for the life of the process).
+    pub index: usize,
+    pub name: String,
+    pub upstream: UpstreamAddress,
+    /// The `Host` header sent upstream (Ollama's loopback host check).
+    pub host_header: String,
+    pub num_parallel: usize,
+    pub supervised: bool,
+    state: AtomicU8,
+    /// When the state last changed.
+    state_since: Mutex<Instant>,
+    in_flight: AtomicUsize,
+    /// The resolved socket address; `None` until resolution succeeds.
+    addr: RwLock<Option<SocketAddr>>,
+    pub process: Mutex<ProcessInfo>,
+    /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
+    /// normalised with `model_key`.
+    loaded_models: RwLock<Vec<String>>,
+}
+
+/// Ollama treats `llama3.2` and `llama3.2:latest` as one model: compare names in this form.
+pub fn model_key(name: &str) -> String {
+    let name = name.trim();
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+impl Instance {
+    pub fn new(index: usize, config: &InstanceConfig) -> Instance {
+        let supervised = config.supervised.is_some();
+        // A supervised instance earns `Ready` from the supervisor; an external one is assumed
+        // ready until health checks say otherwise.
+        let initial = if supervised {
+            InstanceState::Stopped
+        } else {
+            InstanceState::Ready
+        };
+        let addr = format!("{}:{}", config.upstream.host, config.upstream.port)
+            .parse::<SocketAddr>()
+            .ok()
+            .or_else(|| {
+                if config.upstream.host.contains(':') {
+                    format!("[{}]:{}", config.upstream.host, config.upstream.port)
+                        .parse()
+                        .ok()
+                } else {
+                    None
+                }
+            });
+        Instance {
+            index,
+            name: config.name.clone(),
+            host_header: config.upstream.host_header(),
+            upstream: config.upstream.clone(),
+            num_parallel: config.num_parallel,
+            supervised,
+            state: AtomicU8::new(initial as u8),
+            state_since: Mutex::new(Instant::now()),
+            in_flight: AtomicUsize::new(0),
+            addr: RwLock::new(addr),
+            process: Mutex::new(ProcessInfo::default()),
+            loaded_models: RwLock::new(Vec::new()),
+        }
+    }
+
+    pub fn state(&self) -> InstanceState {
+        InstanceState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    /// Sets the state; returns the previous one.
+    pub fn set_state(&self, state: InstanceState) -> InstanceState {
+        let prev = InstanceState::from_u8(self.state.swap(state as u8, Ordering::AcqRel));
+        if prev != state {
+            if let Ok(mut since) = self.state_since.lock() {
+                *since = Instant::now();
+            }
+            tracing::info!(instance = %self.name, from = prev.as_str(), to = state.as_str(), "instance state");
+        }
+        prev
+    }
+
+    /// How long the instance has been in its current state.
+    pub fn state_age(&self) -> std::time::Duration {
+        self.state_since
+            .lock()
+            .map(|s| s.elapsed())
+            .unwrap_or_default()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state() == InstanceState::Ready && self.addr().is_some()
+    }
+
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr.read().ok().and_then(|a| *a)
+    }
+
+    pub fn set_addr(&self, addr: Option<SocketAddr>) {
+        if let Ok(mut a) = self.addr.write() {
+            *a = addr;
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Counts a request in flight until the guard drops (exactly once, on every path).
+    pub fn track(self: &std::sync::Arc<Self>) -> InFlightGuard {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard {
+            instance: self.clone(),
+        }
+    }
+
+    /// Whether the instance has `model` loaded (a name in `model_key` form).
+    pub fn has_model(&self, model: &str) -> bool {
+        self.loaded_models
+            .read()
+            .map(|m| m.iter().any(|x| x == model))
+            .unwrap_or(false)
+    }
+
+    pub fn loaded_models(&self) -> Vec<String> {
+        self.loaded_models
+            .read()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
+    /// Replaces the loaded-model list (from a `/api/ps` poll).
+    pub fn set_loaded_models(&self, models: Vec<String>) {
+        if let Ok(mut m) = self.loaded_models.write() {
+            *m = models;
+        }
+    }
+
+    /// Records that a request for `model` was just sent here: Ollama loads it on arrival.
+    pub fn note_model(&self, model: &str) {
+        if let Ok(mut m) = self.loaded_models.write() {
+            if !m.iter().any(|x| x == model) {
+                m.push(model.to_string());
+            }
+        }
+    }
+
+    pub fn process_info(&self) -> ProcessInfo {
+        self.process.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+}
+
+/// Decrements the instance's in-flight count when dropped.
+pub struct InFlightGuard {
+    instance: std::sync::Arc<Instance>,
+}
+
+impl InFlightGuard {
+    pub fn instance(&self) -> &std::sync::Arc<Instance> {
+        &self.instance
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.instance.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::model_key;
+
+    #[test]
+    fn model_keys() {
+        assert_eq!(model_key("llama3.2"), "llama3.2:latest");
+        assert_eq!(model_key("llama3.2:1b"), "llama3.2:1b");
+        assert_eq!(
+            model_key("registry.local:5000/ns/m"),
+            "registry.local:5000/ns/m:latest"
+        );
+        assert_eq!(model_key("hf.co/ns/m:Q4"), "hf.co/ns/m:Q4");
+    }
+}

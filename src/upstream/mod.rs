@@ -1,0 +1,56 @@
+//! The upstream side: the registry of Ollama instances and how one is chosen.
+
+pub mod client;
+pub mod instance;
+pub mod models;
+pub mod select;
+
+pub use instance::{model_key, InFlightGuard, Instance, InstanceState, ProcessInfo};
+
+use crate::config::Config;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// All configured instances, in configuration order. Built once at startup.
+pub struct Registry {
+    instances: Vec<Arc<Instance>>,
+    /// Woken whenever an instance's state or load changes, so waiters can look again.
+    changed: Notify,
+}
+
+impl Registry {
+    pub fn new(config: &Config) -> Registry {
+        Registry {
+            instances: config
+                .instances
+                .iter()
+                .enumerate()
+                .map(|(i, c)| Arc::new(Instance::new(i, c)))
+                .collect(),
+            changed: Notify::new(),
+        }
+    }
+
+    pub fn all(&self) -> &[Arc<Instance>] {
+        &self.instances
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Instance>> {
+        self.instances.iter().find(|i| i.name == name)
+    }
+
+    pub fn any_ready(&self) -> bool {
+        self.instances.iter().any(|i| i.is_ready())
+    }
+
+    /// Wakes everything waiting for an instance to change.
+    pub fn notify_changed(&self) {
+        self.changed.notify_waiters();
+        // Also leave a permit, so a watcher between two waits does not miss the change.
+        self.changed.notify_one();
+    }
+
+    pub fn changed(&self) -> &Notify {
+        &self.changed
+    }
+}

@@ -1,0 +1,263 @@
+//! Test support: the real `ollama-sidecar` and `mock-ollama` binaries on ephemeral loopback ports,
+//! stopped on drop. Every wait is bounded in time.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SIDECAR: &str = env!("CARGO_BIN_EXE_ollama-sidecar");
+pub const MOCK: &str = env!("CARGO_BIN_EXE_mock-ollama");
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Waits for exit up to `limit`; `None` when still running.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 20 ms until it returns true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Whether something accepts TCP connections on the port.
+pub fn port_open(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
+/// A mock Ollama on its own port.
+pub struct Mock {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl Mock {
+    pub fn start(env: &[(&str, &str)]) -> Mock {
+        let port = free_port();
+        let mut cmd = Command::new(MOCK);
+        cmd.arg("serve")
+            .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn mock-ollama");
+        let mock = Mock {
+            port,
+            proc: Proc { child },
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || port_open(port)),
+            "mock-ollama did not start on {port}"
+        );
+        mock
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// A running sidecar with its configuration file.
+pub struct Sidecar {
+    pub port: u16,
+    pub admin_port: u16,
+    pub proc: Proc,
+    pub config: tempfile::NamedTempFile,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts the sidecar with `body` appended to generated `listen`/`admin` keys, and waits
+    /// until the proxy port accepts connections.
+    pub fn start(body: &str) -> Sidecar {
+        Self::start_with_env(body, &[])
+    }
+
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        let port = free_port();
+        let admin_port = free_port();
+        let mut config = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile()
+            .expect("temp config");
+        write!(
+            config,
+            "listen: 127.0.0.1:{port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{body}"
+        )
+        .expect("write config");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("sidecar.log");
+        let log_file = std::fs::File::create(&log).expect("log file");
+        let mut cmd = Command::new(SIDECAR);
+        cmd.arg("--config")
+            .arg(config.path())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn ollama-sidecar");
+        let mut sidecar = Sidecar {
+            port,
+            admin_port,
+            proc: Proc { child },
+            config,
+            log,
+            _dir: dir,
+        };
+        let up = wait_until(Duration::from_secs(15), || {
+            port_open(port) || matches!(sidecar.proc.child.try_wait(), Ok(Some(_)))
+        });
+        assert!(
+            up && port_open(port),
+            "sidecar did not start; log:\n{}",
+            sidecar.log_text()
+        );
+        sidecar
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Resident memory of the sidecar process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// A configuration body with one external instance per mock.
+pub fn external_instances(mocks: &[&Mock], num_parallel: usize) -> String {
+    let mut s = String::from("instances:\n");
+    for (i, m) in mocks.iter().enumerate() {
+        s.push_str(&format!(
+            "  - name: m{i}\n    url: http://127.0.0.1:{}\n    num_parallel: {num_parallel}\n",
+            m.port
+        ));
+    }
+    s
+}
+
+/// A blocking HTTP client with no proxy and generous timeouts.
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// The mock's request log (`GET /mock/requests`).
+pub fn mock_requests(mock: &Mock) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = client()
+        .get(mock.url("/mock/requests"))
+        .send()
+        .and_then(|r| r.json())
+        .expect("mock requests");
+    match v {
+        serde_json::Value::Array(a) => a,
+        other => other
+            .get("requests")
+            .and_then(|r| r.as_array())
+            .cloned()
+            .unwrap_or_default(),
+    }
+}
+
+pub fn mock_stats(mock: &Mock) -> serde_json::Value {
+    client()
+        .get(mock.url("/mock/stats"))
+        .send()
+        .and_then(|r| r.json())
+        .expect("mock stats")
+}
+
+/// A header value from a logged request (names compared case-insensitively).
+pub fn logged_header(req: &serde_json::Value, name: &str) -> Option<String> {
+    let headers = req.get("headers")?;
+    let find = |k: &str, v: &serde_json::Value| -> Option<String> {
+        if k.eq_ignore_ascii_case(name) {
+            match v {
+                serde_json::Value::String(s) => Some(s.clone()),
+                serde_json::Value::Array(a) => a.first().and_then(|x| x.as_str()).map(String::from),
+                _ => None,
+            }
+        } else {
+            None
+        }
+    };
+    match headers {
+        serde_json::Value::Object(map) => map.iter().find_map(|(k, v)| find(k, v)),
+        serde_json::Value::Array(pairs) => pairs.iter().find_map(|p| {
+            let k = p.get(0).or_else(|| p.get("name"))?.as_str()?;
+            let v = p.get(1).or_else(|| p.get("value"))?;
+            find(k, v)
+        }),
+        _ => None,
+    }
+}
