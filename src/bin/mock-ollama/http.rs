@@ -1,0 +1,590 @@
+//! Request dispatch: counting, the request log, gin's routing rules (404, 405 with Allow,
+//! trailing-slash redirects), Ollama's CORS and Host checks, and response helpers.
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::cli::split_host_port;
+use crate::state::{LogEntry, State};
+use crate::stream::Body;
+use crate::{control, infer, native, openai, util};
+
+pub const JSON: &str = "application/json; charset=utf-8";
+pub const BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Route {
+    Root,
+    Version,
+    Status,
+    Tags,
+    Ps,
+    Show,
+    Generate,
+    Chat,
+    Embed,
+    Embeddings,
+    Pull,
+    Push,
+    Create,
+    Delete,
+    Copy,
+    Blob,
+    OaChat,
+    OaCompletions,
+    OaEmbeddings,
+    OaModels,
+    OaModel,
+    Messages,
+}
+
+const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
+const GET: &[Method] = &[Method::GET];
+const POST: &[Method] = &[Method::POST];
+const DELETE: &[Method] = &[Method::DELETE];
+const BLOB: &[Method] = &[Method::POST, Method::HEAD];
+
+/// Ollama's route table (gin): the route and the methods registered for the path.
+pub fn lookup(path: &str) -> Option<(Route, &'static [Method])> {
+    Some(match path {
+        "/" => (Route::Root, GET_HEAD),
+        "/api/version" => (Route::Version, GET_HEAD),
+        "/api/status" => (Route::Status, GET),
+        "/api/tags" => (Route::Tags, GET_HEAD),
+        "/api/ps" => (Route::Ps, GET),
+        "/api/show" => (Route::Show, POST),
+        "/api/generate" => (Route::Generate, POST),
+        "/api/chat" => (Route::Chat, POST),
+        "/api/embed" => (Route::Embed, POST),
+        "/api/embeddings" => (Route::Embeddings, POST),
+        "/api/pull" => (Route::Pull, POST),
+        "/api/push" => (Route::Push, POST),
+        "/api/create" => (Route::Create, POST),
+        "/api/delete" => (Route::Delete, DELETE),
+        "/api/copy" => (Route::Copy, POST),
+        "/v1/chat/completions" => (Route::OaChat, POST),
+        "/v1/completions" => (Route::OaCompletions, POST),
+        "/v1/embeddings" => (Route::OaEmbeddings, POST),
+        "/v1/models" => (Route::OaModels, GET),
+        "/v1/messages" => (Route::Messages, POST),
+        _ => {
+            if let Some(d) = path.strip_prefix("/api/blobs/") {
+                if !d.is_empty() && !d.contains('/') {
+                    return Some((Route::Blob, BLOB));
+                }
+            }
+            if let Some(m) = path.strip_prefix("/v1/models/") {
+                if !m.is_empty() && !m.contains('/') {
+                    return Some((Route::OaModel, GET));
+                }
+            }
+            return None;
+        }
+    })
+}
+
+/// Per-request context handed to route handlers.
+pub struct Ctx {
+    pub state: Arc<State>,
+    pub method: Method,
+    pub path: String,
+    pub user_agent: Option<HeaderValue>,
+    pub t0: Instant,
+    log: Option<LogEntry>,
+}
+
+impl Ctx {
+    /// Record the request in the log (once), with the model it names.
+    pub fn commit_log(&mut self, model: Option<&str>) {
+        if let Some(mut e) = self.log.take() {
+            e.model = model.map(str::to_string);
+            self.state.record(e);
+        }
+    }
+
+    pub fn set_body_digest(&mut self, len: u64, sha256: String) {
+        if let Some(e) = self.log.as_mut() {
+            e.body_len = Some(len);
+            e.body_sha256 = Some(sha256);
+        }
+    }
+
+    pub fn logging(&self) -> bool {
+        self.log.is_some()
+    }
+}
+
+pub async fn handle(
+    state: Arc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path();
+    if path == "/mock" || path.starts_with("/mock/") {
+        return Ok(control::handle(state, req).await);
+    }
+    if let Some(n) = state.cfg.crash_after {
+        if state.arrivals.fetch_add(1, Relaxed) + 1 >= n {
+            eprintln!(
+                "mock-ollama: simulated crash at request #{n} ({} {})",
+                req.method(),
+                req.uri()
+            );
+            std::process::exit(2);
+        }
+    }
+    state.stats.count(req.method(), path);
+    let t0 = Instant::now();
+    let (parts, body) = req.into_parts();
+    let line = state
+        .cfg
+        .log
+        .then(|| format!("{} {}", parts.method, parts.uri));
+    let resp = dispatch(&state, parts, body, t0).await;
+    if let Some(line) = line {
+        eprintln!(
+            "mock-ollama: {line} -> {} in {:?}",
+            resp.status().as_u16(),
+            t0.elapsed()
+        );
+    }
+    Ok(resp)
+}
+
+async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant) -> Response<Body> {
+    let path = parts.uri.path().to_string();
+    let route = lookup(&path);
+    if route.is_none() {
+        if let Some(r) = trailing_slash_redirect(&parts) {
+            return r;
+        }
+    }
+    let gate = gate(state, &parts);
+    let Parts {
+        method,
+        uri,
+        version,
+        headers,
+        ..
+    } = parts;
+    let mut ctx = Ctx {
+        state: state.clone(),
+        method: method.clone(),
+        path,
+        user_agent: headers.get(header::USER_AGENT).cloned(),
+        t0,
+        log: None,
+    };
+    if state.cfg.request_log {
+        ctx.log = Some(LogEntry {
+            seq: 0,
+            at: SystemTime::now(),
+            method,
+            uri,
+            version,
+            headers,
+            body_len: None,
+            body_sha256: None,
+            model: None,
+        });
+    }
+    let cors = match gate {
+        Ok(c) => c,
+        Err(resp) => {
+            ctx.commit_log(None);
+            return resp;
+        }
+    };
+    let mut resp = match route {
+        None => {
+            drain(&mut ctx, body).await;
+            text(StatusCode::NOT_FOUND, "text/plain", "404 page not found")
+        }
+        Some((_, methods)) if !methods.contains(&ctx.method) => {
+            drain(&mut ctx, body).await;
+            let allow = methods
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut r = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "405 method not allowed",
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_str(&allow).unwrap());
+            r
+        }
+        Some((Route::Blob, _)) => native::blob(&mut ctx, body).await,
+        Some((route, _)) => match collect(&mut ctx, body).await {
+            Some(bytes) => route_to(route, &mut ctx, bytes).await,
+            None => empty(StatusCode::BAD_REQUEST),
+        },
+    };
+    ctx.commit_log(None);
+    if let Some((origin, all)) = cors {
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        if !all {
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+    resp
+}
+
+async fn route_to(route: Route, ctx: &mut Ctx, body: Bytes) -> Response<Body> {
+    use crate::stream::Kind;
+    match route {
+        Route::Root => text(
+            StatusCode::OK,
+            "text/plain; charset=utf-8",
+            "Ollama is running",
+        ),
+        Route::Version => json_bytes(
+            StatusCode::OK,
+            format!("{{\"version\":\"{}\"}}", crate::cli::VERSION).into_bytes(),
+        ),
+        Route::Status => json_bytes(
+            StatusCode::OK,
+            b"{\"cloud\":{\"disabled\":false,\"source\":\"none\"}}".to_vec(),
+        ),
+        Route::Tags => native::tags(ctx),
+        Route::Ps => native::ps(ctx),
+        Route::Show => native::show(ctx, &body),
+        Route::Generate => infer::generate(ctx, &body, Kind::Generate).await,
+        Route::Chat => infer::generate(ctx, &body, Kind::Chat).await,
+        Route::OaChat => infer::generate(ctx, &body, Kind::OaChat).await,
+        Route::OaCompletions => infer::generate(ctx, &body, Kind::OaCompletion).await,
+        Route::Messages => infer::generate(ctx, &body, Kind::Anthropic).await,
+        Route::Embed => infer::embed(ctx, &body, infer::EmbedApi::Embed).await,
+        Route::Embeddings => infer::embed(ctx, &body, infer::EmbedApi::Legacy).await,
+        Route::OaEmbeddings => infer::embed(ctx, &body, infer::EmbedApi::OpenAi).await,
+        Route::Pull => native::pull(ctx, &body).await,
+        Route::Push => native::push(ctx, &body).await,
+        Route::Create => native::create(ctx, &body).await,
+        Route::Delete => native::delete(ctx, &body),
+        Route::Copy => native::copy(ctx, &body),
+        Route::OaModels => openai::models(ctx),
+        Route::OaModel => openai::model(ctx),
+        Route::Blob => unreachable!("blobs stream their body"),
+    }
+}
+
+/// Read the whole request body (hashing it for the log).
+async fn collect(ctx: &mut Ctx, body: Incoming) -> Option<Bytes> {
+    let bytes = body.collect().await.ok()?.to_bytes();
+    if ctx.logging() {
+        ctx.set_body_digest(bytes.len() as u64, util::sha256_hex(&bytes));
+    }
+    Some(bytes)
+}
+
+/// Read and discard a body without buffering it (still hashed for the log).
+pub async fn drain(ctx: &mut Ctx, mut body: Incoming) -> Option<(u64, [u8; 32])> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.ok()?;
+        if let Some(d) = frame.data_ref() {
+            len += d.len() as u64;
+            h.update(d);
+        }
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    ctx.set_body_digest(len, util::hex(&digest));
+    Some((len, digest))
+}
+
+fn trailing_slash_redirect(parts: &Parts) -> Option<Response<Body>> {
+    let path = parts.uri.path();
+    if path.len() < 2 || !path.ends_with('/') {
+        return None;
+    }
+    let target = &path[..path.len() - 1];
+    let (_, methods) = lookup(target)?;
+    if !methods.contains(&parts.method) {
+        return None;
+    }
+    let location = match parts.uri.query() {
+        Some(q) => format!("{target}?{q}"),
+        None => target.to_string(),
+    };
+    let get = parts.method == Method::GET;
+    let mut r = if get {
+        text(
+            StatusCode::MOVED_PERMANENTLY,
+            "text/html; charset=utf-8",
+            format!("<a href=\"{location}\">Moved Permanently</a>.\n\n"),
+        )
+    } else {
+        empty(StatusCode::TEMPORARY_REDIRECT)
+    };
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    Some(r)
+}
+
+type CorsAllow = Option<(HeaderValue, bool)>;
+
+/// gin-contrib/cors with Ollama's configuration, then Ollama's allowed-hosts middleware.
+fn gate(state: &State, parts: &Parts) -> Result<CorsAllow, Response<Body>> {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let mut allow = None;
+    if let Some(origin) = parts.headers.get(header::ORIGIN) {
+        let o = origin.to_str().unwrap_or("\u{0}");
+        let same_host = o
+            .strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+            == Some(host.as_str());
+        if !o.is_empty() && !same_host {
+            let all = state.cfg.origins.iter().any(|x| x == "*");
+            if !all && !origin_allowed(&state.cfg.origins, o) {
+                return Err(empty(StatusCode::FORBIDDEN));
+            }
+            let value = if all {
+                HeaderValue::from_static("*")
+            } else {
+                origin.clone()
+            };
+            if parts.method == Method::OPTIONS {
+                return Err(preflight(value, all));
+            }
+            allow = Some((value, all));
+        }
+    }
+    if !state.addr.ip().is_loopback() {
+        return Ok(allow);
+    }
+    let h = split_host_port(&host).map_or(host.as_str(), |(h, _)| h);
+    if let Ok(ip) = h.parse::<IpAddr>() {
+        if ip.is_loopback() || is_private(ip) || ip.is_unspecified() {
+            return Ok(allow);
+        }
+    }
+    if allowed_host_name(state, h) {
+        if parts.method == Method::OPTIONS {
+            return Err(empty(StatusCode::NO_CONTENT));
+        }
+        return Ok(allow);
+    }
+    Err(empty(StatusCode::FORBIDDEN))
+}
+
+fn is_private(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_private(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xfe00) == 0xfc00,
+    }
+}
+
+fn allowed_host_name(state: &State, host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    host.is_empty()
+        || host == "localhost"
+        || (!state.hostname.is_empty() && host == state.hostname)
+        || [".localhost", ".local", ".internal"]
+            .iter()
+            .any(|tld| host.ends_with(tld))
+}
+
+/// Ollama's default origins (localhost, 127.0.0.1, 0.0.0.0 on any port; app, file, tauri,
+/// vscode schemes) plus OLLAMA_ORIGINS, with gin-contrib/cors wildcard matching.
+fn origin_allowed(extra: &[String], origin: &str) -> bool {
+    const DEFAULTS: &[&str] = &[
+        "http://localhost",
+        "https://localhost",
+        "http://localhost:*",
+        "https://localhost:*",
+        "http://127.0.0.1",
+        "https://127.0.0.1",
+        "http://127.0.0.1:*",
+        "https://127.0.0.1:*",
+        "http://0.0.0.0",
+        "https://0.0.0.0",
+        "http://0.0.0.0:*",
+        "https://0.0.0.0:*",
+        "app://*",
+        "file://*",
+        "tauri://*",
+        "vscode-webview://*",
+        "vscode-file://*",
+    ];
+    let matches = |pattern: &str| {
+        let pattern = pattern.to_ascii_lowercase();
+        match pattern.split_once('*') {
+            None => pattern == origin,
+            Some((pre, suf)) => {
+                origin.len() >= pre.len() + suf.len()
+                    && origin.starts_with(pre)
+                    && origin.ends_with(suf)
+            }
+        }
+    };
+    DEFAULTS.iter().any(|p| matches(p)) || extra.iter().any(|p| matches(p))
+}
+
+fn preflight(origin: HeaderValue, all: bool) -> Response<Body> {
+    const HEADERS: &str = "authorization,content-type,user-agent,accept,x-requested-with,openai-beta,x-stainless-arch,x-stainless-async,x-stainless-custom-poll-interval,x-stainless-helper-method,x-stainless-lang,x-stainless-os,x-stainless-package-version,x-stainless-poll-helper,x-stainless-retry-count,x-stainless-runtime,x-stainless-runtime-version,x-stainless-timeout";
+    let mut r = empty(StatusCode::NO_CONTENT);
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET,POST,PUT,PATCH,DELETE,HEAD,OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static(HEADERS),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("43200"),
+    );
+    if !all {
+        for v in [
+            "Origin",
+            "Access-Control-Request-Method",
+            "Access-Control-Request-Headers",
+        ] {
+            h.append(header::VARY, HeaderValue::from_static(v));
+        }
+    }
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    r
+}
+
+// ---- response helpers ----
+
+pub fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Body::Empty);
+    *r.status_mut() = status;
+    r
+}
+
+pub fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Body::full(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+pub fn json_bytes(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    text(status, JSON, body)
+}
+
+pub fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    json_bytes(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+pub fn stream(ctype: &'static str, body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+/// Which error shape a route uses.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Flavor {
+    Native,
+    OpenAi,
+    Anthropic,
+}
+
+pub fn error(flavor: Flavor, status: StatusCode, msg: &str) -> Response<Body> {
+    match flavor {
+        Flavor::Native => json(status, &serde_json::json!({ "error": msg })),
+        Flavor::OpenAi => {
+            let kind = match status.as_u16() {
+                400 => "invalid_request_error",
+                404 => "not_found_error",
+                _ => "api_error",
+            };
+            #[derive(serde::Serialize)]
+            struct Inner<'a> {
+                message: &'a str,
+                r#type: &'a str,
+                param: Option<()>,
+                code: Option<()>,
+            }
+            #[derive(serde::Serialize)]
+            struct Outer<'a> {
+                error: Inner<'a>,
+            }
+            let body = Outer {
+                error: Inner {
+                    message: msg,
+                    r#type: kind,
+                    param: None,
+                    code: None,
+                },
+            };
+            json_bytes(status, serde_json::to_vec(&body).unwrap_or_default())
+        }
+        Flavor::Anthropic => {
+            let kind = match status.as_u16() {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                503 | 529 => "overloaded_error",
+                _ => "api_error",
+            };
+            #[derive(serde::Serialize)]
+            struct Inner<'a> {
+                r#type: &'a str,
+                message: &'a str,
+            }
+            #[derive(serde::Serialize)]
+            struct Outer<'a> {
+                r#type: &'a str,
+                error: Inner<'a>,
+            }
+            let body = Outer {
+                r#type: "error",
+                error: Inner {
+                    r#type: kind,
+                    message: msg,
+                },
+            };
+            json_bytes(status, serde_json::to_vec(&body).unwrap_or_default())
+        }
+    }
+}
+
+/// The Ollama-shaped error for an injected failure status.
+pub fn injected(flavor: Flavor, status: u16) -> Response<Body> {
+    let msg = match status {
+        503 => BUSY,
+        500 => "llama runner process has terminated: exit status 2",
+        499 => "request canceled",
+        429 => "too many requests",
+        404 => "model not found",
+        400 => "invalid request",
+        502 => "bad gateway",
+        504 => "gateway timeout",
+        _ => "injected failure",
+    };
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    error(flavor, status, msg)
+}
