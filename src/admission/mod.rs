@@ -1,0 +1,723 @@
+//! Admission: every inference request gets a slot on an instance that can serve it, waits its turn
+//! in a queue that is bounded, fair and observable, or is refused at once with a reason.
+//!
+//! - **Slots.** Instance `i` serves at most `num_parallel` admitted requests at once; a [`Permit`]
+//!   holds one slot until dropped. Only ready instances get new permits; with none ready, requests
+//!   wait (up to `max_wait`) and are dispatched by [`Admission::poke`].
+//! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
+//!   aging so nothing starves (`queue.rs` has the exact order). All decisions are O(log n) in the
+//!   number of waiters and clients, O(instances) in the instance choice.
+//! - **Instance choice** for the waiter picked by fairness: an instance with its model loaded, then
+//!   one with no model loaded, then the one with the most free slots; ties rotate.
+//! - **Accounting.** One mutex guards the queue, the slot counts and the counters, so at every
+//!   moment `admitted == released + held` (held = sum of busy slots). Every `acquire` ends in exactly
+//!   one outcome: `admitted - undelivered + refused_full + refused_bytes + expired + cancelled + closed`
+//!   equals the number of requests.
+//!
+//! The engine knows no Pingora types: the proxy calls [`Admission::acquire`] (or
+//! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
+
+mod queue;
+#[cfg(test)]
+mod tests;
+
+use crate::upstream::Instance;
+use queue::{Entry, FairQueue};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// Queue bounds and aging.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionConfig {
+    /// Most requests waiting at once; one more is refused with [`Refusal::QueueFull`].
+    pub max_queued: usize,
+    /// Most request-body bytes held by waiters; a request that would exceed it is refused with
+    /// [`Refusal::QueueBytesFull`].
+    pub max_queued_bytes: u64,
+    /// Longest wait for a slot; then [`Refusal::WaitExpired`].
+    pub max_wait: Duration,
+    /// Each full `aging` period a client's turn waits raises its effective priority by one.
+    /// Zero disables aging.
+    pub aging: Duration,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_queued: 1024,
+            max_queued_bytes: 1 << 30,
+            max_wait: Duration::from_secs(600),
+            aging: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One request asking for a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmitRequest {
+    /// Who is asking (API key name, `X-Client-Id`, or IP): the unit of fairness.
+    pub client: Arc<str>,
+    /// Higher is served first; default 0.
+    pub priority: i32,
+    /// The model, in `model_key` form, when the request names one.
+    pub model: Option<String>,
+    /// Size of the request body the waiter holds while queued.
+    pub body_bytes: u64,
+}
+
+impl AdmitRequest {
+    pub fn new(client: impl Into<Arc<str>>) -> AdmitRequest {
+        AdmitRequest {
+            client: client.into(),
+            priority: 0,
+            model: None,
+            body_bytes: 0,
+        }
+    }
+
+    pub fn priority(mut self, priority: i32) -> AdmitRequest {
+        self.priority = priority;
+        self
+    }
+
+    pub fn model(mut self, model: impl Into<String>) -> AdmitRequest {
+        self.model = Some(model.into());
+        self
+    }
+
+    pub fn body_bytes(mut self, bytes: u64) -> AdmitRequest {
+        self.body_bytes = bytes;
+        self
+    }
+}
+
+/// Why a request got no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `max_queued` requests are already waiting.
+    QueueFull,
+    /// Queuing this body would exceed `max_queued_bytes`.
+    QueueBytesFull,
+    /// Waited `max_wait` without a slot.
+    WaitExpired { waited: Duration },
+    /// Shutting down.
+    Closed,
+}
+
+impl Refusal {
+    /// A stable label for metrics and logs.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Refusal::QueueFull => "queue_full",
+            Refusal::QueueBytesFull => "queue_bytes_full",
+            Refusal::WaitExpired { .. } => "wait_expired",
+            Refusal::Closed => "closed",
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::QueueFull => f.write_str("the admission queue is full"),
+            Refusal::QueueBytesFull => {
+                f.write_str("the admission queue holds too many request bytes")
+            }
+            Refusal::WaitExpired { waited } => {
+                write!(
+                    f,
+                    "no slot became free within {:.1} s",
+                    waited.as_secs_f64()
+                )
+            }
+            Refusal::Closed => f.write_str("shutting down"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Cumulative counts since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AdmissionCounters {
+    /// Slots granted (fast path and from the queue).
+    pub admitted: u64,
+    pub refused_full: u64,
+    pub refused_bytes: u64,
+    pub expired: u64,
+    /// Requests abandoned by their caller before they got their permit (including `undelivered`).
+    pub cancelled: u64,
+    /// Requests refused because of shutdown (queued at `close()`, or arriving after it).
+    pub closed: u64,
+    /// Slots given back.
+    pub released: u64,
+    /// Grants that lost a race with their waiter's cancellation: counted in `admitted`,
+    /// `released` and `cancelled`.
+    pub undelivered: u64,
+}
+
+/// Slot use of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotUse {
+    /// `Instance::index`.
+    pub index: usize,
+    pub name: String,
+    /// Slots held by permits.
+    pub busy: usize,
+    /// `num_parallel`.
+    pub slots: usize,
+}
+
+/// A consistent view of the scheduler (taken under its lock).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmissionSnapshot {
+    pub queued: usize,
+    pub queued_bytes: u64,
+    /// Distinct clients with at least one waiter.
+    pub clients_queued: usize,
+    /// How long the longest waiter has waited.
+    pub oldest_wait: Option<Duration>,
+    /// Per instance, in the order given to [`Admission::new`].
+    pub slots: Vec<SlotUse>,
+    pub counters: AdmissionCounters,
+    pub closed: bool,
+}
+
+impl AdmissionSnapshot {
+    /// Slots currently held by permits.
+    pub fn held(&self) -> usize {
+        self.slots.iter().map(|s| s.busy).sum()
+    }
+}
+
+/// Why an instance was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    ModelLoaded,
+    IdleInstance,
+    MostFreeSlots,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::ModelLoaded => "model loaded",
+            Reason::IdleInstance => "idle instance",
+            Reason::MostFreeSlots => "most free slots",
+        }
+    }
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Permit>,
+    model: Option<String>,
+}
+
+/// A permit on its way to a queued waiter (sent after the lock is released).
+struct Grant {
+    tx: oneshot::Sender<Permit>,
+    permit: Permit,
+    client: Arc<str>,
+    model: Option<String>,
+    reason: Reason,
+}
+
+struct State {
+    queue: FairQueue<Waiter>,
+    /// Slots held, per instance position.
+    busy: Vec<usize>,
+    /// Start of the instance scan, so ties rotate.
+    rotation: usize,
+    closed: bool,
+    counters: AdmissionCounters,
+}
+
+struct Shared {
+    config: AdmissionConfig,
+    instances: Vec<Arc<Instance>>,
+    /// Origin of the aging epochs.
+    base: Instant,
+    state: Mutex<State>,
+}
+
+/// The admission scheduler. Share it as `Arc<Admission>`.
+pub struct Admission {
+    shared: Arc<Shared>,
+}
+
+/// The outcome of [`Admission::admit`] when the request is not refused.
+pub enum Admitted {
+    /// A slot was free and nobody was waiting: here is the permit.
+    Now(Permit),
+    /// Queued: await [`Waiting::wait`]. Dropping the `Waiting` leaves the queue.
+    Queued(Waiting),
+}
+
+impl Admission {
+    pub fn new(config: AdmissionConfig, instances: Vec<Arc<Instance>>) -> Arc<Admission> {
+        let busy = vec![0; instances.len()];
+        Arc::new(Admission {
+            shared: Arc::new(Shared {
+                config,
+                instances,
+                base: Instant::now(),
+                state: Mutex::new(State {
+                    queue: FairQueue::default(),
+                    busy,
+                    rotation: 0,
+                    closed: false,
+                    counters: AdmissionCounters::default(),
+                }),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &AdmissionConfig {
+        &self.shared.config
+    }
+
+    /// Waits for a slot. Cancellation-safe: dropping the future while queued removes the waiter
+    /// at once (counted as cancelled) and never leaks a slot, even if a permit was granted
+    /// concurrently.
+    pub async fn acquire(self: &Arc<Self>, req: AdmitRequest) -> Result<Permit, Refusal> {
+        match self.admit(req)? {
+            Admitted::Now(permit) => Ok(permit),
+            Admitted::Queued(waiting) => waiting.wait().await,
+        }
+    }
+
+    /// The synchronous half of [`acquire`](Self::acquire): a permit now, a place in the queue, or
+    /// a refusal. Needs no runtime; waiting (with its `max_wait` timer) happens in
+    /// [`Waiting::wait`].
+    pub fn admit(&self, req: AdmitRequest) -> Result<Admitted, Refusal> {
+        self.shared.admit(req)
+    }
+
+    /// Re-runs dispatch: call it when an instance became ready or unready or its loaded models
+    /// changed.
+    pub fn poke(&self) {
+        let mut grants = Vec::new();
+        {
+            let mut st = self.shared.lock();
+            self.shared.dispatch(&mut st, Instant::now(), &mut grants);
+        }
+        self.shared.deliver(grants);
+    }
+
+    /// Refuses everything queued, and every later request, with [`Refusal::Closed`]. Permits
+    /// already granted stay valid until dropped.
+    pub fn close(&self) {
+        let drained = {
+            let mut st = self.shared.lock();
+            st.closed = true;
+            let drained = st.queue.drain();
+            st.counters.closed += drained.len() as u64;
+            drained
+        };
+        // Dropping the senders wakes the waiters with `Closed`, outside the lock.
+        drop(drained);
+    }
+
+    pub fn snapshot(&self) -> AdmissionSnapshot {
+        let now = Instant::now();
+        let st = self.shared.lock();
+        AdmissionSnapshot {
+            queued: st.queue.len(),
+            queued_bytes: st.queue.bytes(),
+            clients_queued: st.queue.clients(),
+            oldest_wait: st
+                .queue
+                .oldest()
+                .map(|e| now.saturating_duration_since(e.enqueued)),
+            slots: self
+                .shared
+                .instances
+                .iter()
+                .zip(st.busy.iter())
+                .map(|(inst, busy)| SlotUse {
+                    index: inst.index,
+                    name: inst.name.clone(),
+                    busy: *busy,
+                    slots: inst.num_parallel,
+                })
+                .collect(),
+            counters: st.counters,
+            closed: st.closed,
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding the lock; if something ever did, the state is still
+        // consistent between operations, so keep serving.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whole `aging` periods since start.
+    fn epoch(&self, now: Instant) -> i64 {
+        let aging = self.config.aging.as_nanos();
+        if aging == 0 {
+            return 0;
+        }
+        let elapsed = now.saturating_duration_since(self.base).as_nanos();
+        i64::try_from(elapsed / aging).unwrap_or(i64::MAX)
+    }
+
+    fn admit(self: &Arc<Self>, req: AdmitRequest) -> Result<Admitted, Refusal> {
+        let now = Instant::now();
+        let mut grants = Vec::new();
+        let outcome = {
+            let mut st = self.lock();
+            if st.closed {
+                st.counters.closed += 1;
+                Err(Refusal::Closed)
+            } else {
+                if !st.queue.is_empty() {
+                    // Waiters and a free slot can only coexist after a readiness change nobody
+                    // poked about: serve them first, they are ahead of this request.
+                    self.dispatch(&mut st, now, &mut grants);
+                }
+                let fast = if st.queue.is_empty() {
+                    let st = &mut *st;
+                    choose(
+                        &self.instances,
+                        &st.busy,
+                        &mut st.rotation,
+                        req.model.as_deref(),
+                    )
+                } else {
+                    None
+                };
+                if let Some((pos, instance, reason)) = fast {
+                    let permit =
+                        self.grant(&mut st, pos, instance, req.model.as_deref(), Duration::ZERO);
+                    Ok(Ok((permit, reason)))
+                } else if st.queue.len() >= self.config.max_queued {
+                    st.counters.refused_full += 1;
+                    Err(Refusal::QueueFull)
+                } else if st.queue.bytes().saturating_add(req.body_bytes)
+                    > self.config.max_queued_bytes
+                {
+                    st.counters.refused_bytes += 1;
+                    Err(Refusal::QueueBytesFull)
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    let epoch = self.epoch(now);
+                    let seq = st.queue.push(
+                        Entry {
+                            client: req.client.clone(),
+                            priority: req.priority,
+                            bytes: req.body_bytes,
+                            enqueued: now,
+                            item: Waiter {
+                                tx,
+                                model: req.model.clone(),
+                            },
+                        },
+                        epoch,
+                    );
+                    Ok(Err((seq, rx)))
+                }
+            }
+        };
+        self.deliver(grants);
+        match outcome {
+            Err(refusal) => {
+                tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
+                    reason = refusal.as_str(), "admission: refused");
+                Err(refusal)
+            }
+            Ok(Ok((permit, reason))) => {
+                tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
+                    instance = %permit.instance.name, reason = reason.as_str(), waited_ms = 0u64,
+                    "admission: granted at once");
+                Ok(Admitted::Now(permit))
+            }
+            Ok(Err((seq, rx))) => {
+                tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
+                    priority = req.priority, "admission: queued");
+                Ok(Admitted::Queued(Waiting {
+                    shared: self.clone(),
+                    seq,
+                    rx,
+                    enqueued: now,
+                    deadline: now
+                        .checked_add(self.config.max_wait)
+                        .or_else(|| now.checked_add(Duration::from_secs(10 * 365 * 86_400)))
+                        .unwrap_or(now),
+                    done: false,
+                }))
+            }
+        }
+    }
+
+    /// Takes a slot on instance `pos` (under the lock).
+    fn grant(
+        self: &Arc<Self>,
+        st: &mut State,
+        pos: usize,
+        instance: Arc<Instance>,
+        model: Option<&str>,
+        waited: Duration,
+    ) -> Permit {
+        if let Some(busy) = st.busy.get_mut(pos) {
+            *busy += 1;
+        }
+        st.counters.admitted += 1;
+        if let Some(model) = model {
+            instance.note_model(model);
+        }
+        Permit {
+            shared: self.clone(),
+            instance,
+            pos,
+            waited,
+            armed: true,
+        }
+    }
+
+    /// Hands free slots to waiters, in fairness order, while both exist (under the lock).
+    fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
+        while let Some(head) = st.queue.peek() {
+            let model = head.item.model.as_deref();
+            let Some((pos, instance, reason)) =
+                choose(&self.instances, &st.busy, &mut st.rotation, model)
+            else {
+                break;
+            };
+            let epoch = self.epoch(now);
+            let Some((_, entry)) = st.queue.pop(epoch) else {
+                break;
+            };
+            let waited = now.saturating_duration_since(entry.enqueued);
+            let permit = self.grant(st, pos, instance, entry.item.model.as_deref(), waited);
+            grants.push(Grant {
+                tx: entry.item.tx,
+                permit,
+                client: entry.client,
+                model: entry.item.model,
+                reason,
+            });
+        }
+    }
+
+    /// Sends permits to their waiters (outside the lock). A waiter that left meanwhile gets
+    /// nothing: its slot goes straight back and on to the next waiter, iteratively.
+    fn deliver(self: &Arc<Self>, mut grants: Vec<Grant>) {
+        while !grants.is_empty() {
+            for g in std::mem::take(&mut grants) {
+                tracing::debug!(client = %g.client, model = g.model.as_deref().unwrap_or("-"),
+                    instance = %g.permit.instance.name, reason = g.reason.as_str(),
+                    waited_ms = g.permit.waited.as_millis() as u64, "admission: granted");
+                if let Err(mut permit) = g.tx.send(g.permit) {
+                    permit.armed = false;
+                    self.release_into(permit.pos, true, &mut grants);
+                }
+            }
+        }
+    }
+
+    /// Gives a slot back and dispatches (under the lock); grants to deliver go to `grants`.
+    fn release_into(self: &Arc<Self>, pos: usize, undelivered: bool, grants: &mut Vec<Grant>) {
+        let mut st = self.lock();
+        if let Some(busy) = st.busy.get_mut(pos) {
+            *busy = busy.saturating_sub(1);
+        }
+        st.counters.released += 1;
+        if undelivered {
+            st.counters.undelivered += 1;
+            st.counters.cancelled += 1;
+        }
+        self.dispatch(&mut st, Instant::now(), grants);
+    }
+
+    fn release(self: &Arc<Self>, pos: usize, undelivered: bool) {
+        let mut grants = Vec::new();
+        self.release_into(pos, undelivered, &mut grants);
+        self.deliver(grants);
+    }
+
+    /// Removes a waiter still queued; false if it was granted or closed meanwhile.
+    fn remove(&self, seq: u64, expired: bool) -> bool {
+        let entry = {
+            let mut st = self.lock();
+            let entry = st.queue.remove(seq);
+            if entry.is_some() {
+                if expired {
+                    st.counters.expired += 1;
+                } else {
+                    st.counters.cancelled += 1;
+                }
+            }
+            entry
+        };
+        entry.is_some()
+    }
+}
+
+/// The instance for the next grant: ready, with a free slot; by preference one with `model`
+/// loaded, then one with no model loaded, then the most free slots. Ties rotate.
+fn choose(
+    instances: &[Arc<Instance>],
+    busy: &[usize],
+    rotation: &mut usize,
+    model: Option<&str>,
+) -> Option<(usize, Arc<Instance>, Reason)> {
+    let n = instances.len();
+    if n == 0 {
+        return None;
+    }
+    let start = *rotation % n;
+    let mut best: Option<(usize, &Arc<Instance>, Reason, usize)> = None;
+    for offset in 0..n {
+        let pos = (start + offset) % n;
+        let (Some(inst), Some(busy)) = (instances.get(pos), busy.get(pos)) else {
+            continue;
+        };
+        let free = inst.num_parallel.saturating_sub(*busy);
+        if free == 0 || !inst.is_ready() {
+            continue;
+        }
+        let reason = match model {
+            Some(m) if inst.has_model(m) => Reason::ModelLoaded,
+            Some(_) if inst.loaded_models().is_empty() => Reason::IdleInstance,
+            _ => Reason::MostFreeSlots,
+        };
+        let rank = |r: Reason| match r {
+            Reason::ModelLoaded => 2u8,
+            Reason::IdleInstance => 1,
+            Reason::MostFreeSlots => 0,
+        };
+        if best.is_none_or(|(_, _, r, f)| (rank(reason), free) > (rank(r), f)) {
+            best = Some((pos, inst, reason, free));
+        }
+    }
+    let (pos, inst, reason, _) = best?;
+    *rotation = rotation.wrapping_add(1);
+    Some((pos, inst.clone(), reason))
+}
+
+/// A queued request. [`wait`](Self::wait) for its permit; dropping it (or the `wait` future)
+/// leaves the queue at once.
+pub struct Waiting {
+    shared: Arc<Shared>,
+    seq: u64,
+    rx: oneshot::Receiver<Permit>,
+    enqueued: Instant,
+    deadline: Instant,
+    /// The outcome has been handed out (or the waiter removed): nothing left to cancel.
+    done: bool,
+}
+
+impl Waiting {
+    /// How long this request has been waiting.
+    pub fn waited(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.enqueued)
+    }
+
+    /// Waits for the permit, up to `max_wait` from when the request was queued.
+    pub async fn wait(mut self) -> Result<Permit, Refusal> {
+        if self.done {
+            return Err(Refusal::Closed);
+        }
+        let outcome = match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(Refusal::Closed),
+            Err(_) => {
+                if self.shared.remove(self.seq, true) {
+                    Err(Refusal::WaitExpired {
+                        waited: self.waited(),
+                    })
+                } else {
+                    // Granted (or closed) while the timer fired: the outcome is on its way,
+                    // sent right after the granting side releases the lock.
+                    (&mut self.rx).await.map_err(|_| Refusal::Closed)
+                }
+            }
+        };
+        self.done = true;
+        outcome
+    }
+
+    /// Takes the outcome if there is one yet, without waiting: `None` while still queued.
+    /// After it returns `Some`, the `Waiting` is spent.
+    pub fn try_take(&mut self) -> Option<Result<Permit, Refusal>> {
+        if self.done {
+            return None;
+        }
+        let outcome = match self.rx.try_recv() {
+            Ok(permit) => Ok(permit),
+            Err(oneshot::error::TryRecvError::Closed) => Err(Refusal::Closed),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                if Instant::now() >= self.deadline && self.shared.remove(self.seq, true) {
+                    Err(Refusal::WaitExpired {
+                        waited: self.waited(),
+                    })
+                } else {
+                    return None;
+                }
+            }
+        };
+        self.done = true;
+        Some(outcome)
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.done || self.shared.remove(self.seq, false) {
+            return;
+        }
+        // No longer queued: granted or closed. Stop any send still to come (the granting side
+        // then takes the slot back itself), and give back a permit already sent.
+        self.rx.close();
+        if let Ok(mut permit) = self.rx.try_recv() {
+            permit.armed = false;
+            self.shared.release(permit.pos, true);
+        }
+    }
+}
+
+/// One slot on one instance, held until dropped.
+pub struct Permit {
+    shared: Arc<Shared>,
+    instance: Arc<Instance>,
+    /// Position in the scheduler's instance list.
+    pos: usize,
+    waited: Duration,
+    /// Whether dropping releases the slot (false once the slot was released another way).
+    armed: bool,
+}
+
+impl Permit {
+    pub fn instance(&self) -> &Arc<Instance> {
+        &self.instance
+    }
+
+    /// Time spent queued (zero on the fast path).
+    pub fn waited(&self) -> Duration {
+        self.waited
+    }
+}
+
+impl fmt::Debug for Permit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Permit")
+            .field("instance", &self.instance.name)
+            .field("waited", &self.waited)
+            .finish()
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.armed {
+            self.armed = false;
+            self.shared.release(self.pos, false);
+        }
+    }
+}
