@@ -328,12 +328,15 @@ async fn relay(
                             .get(http::header::CONTENT_TYPE)
                             .and_then(|v| v.to_str().ok())
                             .map(str::to_string);
+                        ctx.tap.start(ctx.response_content_type.as_deref());
                     }
                     HttpTask::Body(Some(bytes), _) => {
+                        let at = ctx.started.elapsed();
                         if ctx.first_byte.is_none() && !bytes.is_empty() {
-                            ctx.first_byte = Some(ctx.started.elapsed());
+                            ctx.first_byte = Some(at);
                         }
                         ctx.response_bytes += bytes.len() as u64;
+                        ctx.tap.observe(bytes, at);
                     }
                     HttpTask::Done => complete = true,
                     _ => {}

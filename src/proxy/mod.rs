@@ -6,6 +6,7 @@ pub mod errors;
 pub mod headers;
 pub mod inference;
 pub mod route;
+pub mod tap;
 
 use crate::app::{ActiveGuard, App};
 use crate::upstream::{select, InFlightGuard};
@@ -62,6 +63,8 @@ pub struct RequestCtx {
     pub response_bytes: u64,
     pub outcome: Outcome,
     pub refusal: Option<&'static str>,
+    /// Reads the relayed response for tokens and in-band errors.
+    pub tap: tap::StreamTap,
 }
 
 impl RequestCtx {
@@ -172,6 +175,7 @@ impl ProxyHttp for SidecarProxy {
             response_bytes: 0,
             outcome: Outcome::Pending,
             refusal: None,
+            tap: tap::StreamTap::default(),
         }
     }
 
