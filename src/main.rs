@@ -1,9 +1,11 @@
-//! The command line: `ollama-sidecar [run]`, `ollama-sidecar check`.
+//! The command line: `ollama-sidecar [run]`, `ollama-sidecar check`, `ollama-sidecar health`.
 
 use clap::{Args, Parser, Subcommand};
 use ollama_sidecar::config::{self, LogFormat, Overrides};
+use ollama_sidecar::health_check;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -25,6 +27,52 @@ enum Command {
     Run(RunOpts),
     /// Validate a configuration and print the effective configuration.
     Check(RunOpts),
+    /// Ask a running sidecar whether it can serve (GET /readyz on its admin listener): exit 0
+    /// when ready (200), 1 when it answered otherwise, 2 when unreachable or too slow.
+    Health(HealthOpts),
+}
+
+#[derive(Args, Clone)]
+struct HealthOpts {
+    /// Ask this URL (http://host:port[/path], path /readyz by default) instead of the admin
+    /// listener named by the configuration.
+    #[arg(long, conflicts_with = "config")]
+    url: Option<String>,
+    /// The configuration whose `admin.listen` is asked [env: OLLAMA_SIDECAR_CONFIG]
+    /// [default: conf/sidecar.yaml]. OLLAMA_SIDECAR_ADMIN_LISTEN, when set, wins over the file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// How long the whole exchange may take.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+fn health(opts: HealthOpts) -> ExitCode {
+    let target = match &opts.url {
+        Some(url) => health_check::Target::parse_url(url),
+        None => {
+            let path = opts
+                .config
+                .or_else(|| std::env::var_os(config::ENV_CONFIG).map(PathBuf::from))
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+            health_check::target_from_config(&path)
+        }
+    };
+    let target = match target {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("ollama-sidecar health: {e}");
+            return ExitCode::from(health_check::EXIT_UNREACHABLE);
+        }
+    };
+    let outcome = health_check::check(&target, opts.timeout);
+    match &outcome {
+        health_check::Outcome::Answered { status, body } => println!("{target}: {status} {body}"),
+        health_check::Outcome::Unreachable(why) => {
+            eprintln!("ollama-sidecar health: {target}: unreachable: {why}")
+        }
+    }
+    ExitCode::from(outcome.exit_code())
 }
 
 #[derive(Args, Clone)]
@@ -81,6 +129,7 @@ fn main() -> ExitCode {
     let (command, opts) = match cli.command {
         Some(Command::Run(o)) => ("run", o),
         Some(Command::Check(o)) => ("check", o),
+        Some(Command::Health(o)) => return health(o),
         None => ("run", cli.run),
     };
     let config = match config::load(&opts.config, &opts.overrides()) {
