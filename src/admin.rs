@@ -1,0 +1,314 @@
+//! The admin listener (`admin.listen`, default 127.0.0.1:11435), separate from the proxy port:
+//!
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]);
+//! - `GET /healthz`: the process is alive: 200 `ok`;
+//! - `GET /readyz`: 200 when at least one instance can serve inference, else 503 with a JSON
+//!   reason (also 503 while shutting down);
+//! - `GET /status`: JSON for operators: version, uptime, every instance (state, process,
+//!   health, loaded models, load), the queue and its counters, the model allow-list.
+//!
+//! Anything else: 404 (or 405 for another method), as JSON. It is a Pingora `ServeHttp` app in a
+//! listening service, so its sockets get `TCP_NODELAY` like the proxy's.
+
+use crate::app::App;
+use crate::metrics::{self, Metrics};
+use crate::upstream::{client, Gate, Instance, InstanceState};
+use async_trait::async_trait;
+use http::{header, Method, Response, StatusCode};
+use pingora_core::apps::http_app::{HttpServer, ServeHttp};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::services::listening::Service;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The paths the admin listener answers.
+pub const PATHS: &[&str] = &["/metrics", "/healthz", "/readyz", "/status"];
+
+/// How long `/status` waits for an instance's `/api/ps` (it falls back to the model names the
+/// sidecar last learned).
+const PS_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub struct AdminApp {
+    app: Arc<App>,
+    metrics: &'static Metrics,
+}
+
+impl AdminApp {
+    pub fn new(app: Arc<App>) -> AdminApp {
+        AdminApp {
+            app,
+            metrics: metrics::global(),
+        }
+    }
+}
+
+/// The admin service, listening on `admin.listen` with one worker thread.
+pub fn service(app: Arc<App>) -> Service<HttpServer<AdminApp>> {
+    let listen = app.config.admin_listen.to_string();
+    let mut service = Service::new(
+        "ollama-sidecar admin".to_string(),
+        HttpServer::new_app(AdminApp::new(app)),
+    );
+    service.threads = Some(1);
+    service.add_tcp(&listen);
+    service
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let len = resp.body().len();
+    let headers = resp.headers_mut();
+    if let Ok(v) = header::HeaderValue::from_str(content_type) {
+        headers.insert(header::CONTENT_TYPE, v);
+    }
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    headers.insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, "application/json", body)
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let req = session.req_header();
+        let method = req.method.clone();
+        let path = req.uri.path().to_string();
+        if !PATHS.contains(&path.as_str()) {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({"error": format!("no such admin path: {path}"), "paths": PATHS}),
+            );
+        }
+        if method != Method::GET && method != Method::HEAD {
+            let mut resp = json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                &json!({"error": format!("{method} is not allowed on {path}; use GET")}),
+            );
+            resp.headers_mut()
+                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+            return resp;
+        }
+        if let Some(denied) =
+            crate::policy::admin_gate(&self.app.config.access, session.req_header(), &path)
+        {
+            return denied;
+        }
+        match path.as_str() {
+            "/metrics" => respond(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.render(&self.app).into_bytes(),
+            ),
+            "/healthz" => respond(
+                StatusCode::OK,
+                "text/plain; charset=utf-8",
+                b"ok\n".to_vec(),
+            ),
+            "/readyz" => {
+                let (ready, body) = readiness(&self.app);
+                let status = if ready {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                json_response(status, &body)
+            }
+            _ => json_response(StatusCode::OK, &status(&self.app, self.metrics).await),
+        }
+    }
+}
+
+/// Whether the sidecar can serve inference now, and the body that says so (with the reason when
+/// it cannot).
+pub fn readiness(app: &App) -> (bool, Value) {
+    let states: serde_json::Map<String, Value> = app
+        .registry
+        .all()
+        .iter()
+        .map(|i| (i.name.clone(), json!(health(i))))
+        .collect();
+    if app.lifecycle.is_draining() {
+        return (
+            false,
+            json!({"ready": false, "reason": "shutting down", "instances": states}),
+        );
+    }
+    let ready = app.registry.all().iter().filter(|i| i.is_ready()).count();
+    if ready == 0 {
+        let detail: Vec<String> = app
+            .registry
+            .all()
+            .iter()
+            .map(|i| format!("{}: {}", i.name, health(i)))
+            .collect();
+        return (
+            false,
+            json!({
+                "ready": false,
+                "reason": format!("no instance can serve inference ({})", detail.join(", ")),
+                "instances": states,
+            }),
+        );
+    }
+    (
+        true,
+        json!({"ready": true, "instances_ready": ready, "instances": states}),
+    )
+}
+
+/// An instance's health in one word: `healthy` (ready, in rotation), `ejected` or `half_open`
+/// (passive health took it out), `unhealthy` (failing checks), `starting` (starting or warming),
+/// `down` (exited, backing off, crash-looping or stopped).
+pub fn health(inst: &Instance) -> &'static str {
+    match inst.state() {
+        InstanceState::Ready => {
+            if inst.addr().is_none() {
+                return "unresolved";
+            }
+            match inst.gate() {
+                Gate::Open => "healthy",
+                Gate::Ejected => "ejected",
+                Gate::HalfOpen => "half_open",
+            }
+        }
+        InstanceState::Unhealthy => "unhealthy",
+        InstanceState::Starting | InstanceState::Warming => "starting",
+        InstanceState::Backoff | InstanceState::Crashloop | InstanceState::Stopped => "down",
+    }
+}
+
+fn unix_seconds(t: SystemTime) -> Option<f64> {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs_f64())
+}
+
+/// `/api/ps` of a ready instance: each loaded model with its sizes, or `None` when it did not
+/// answer in time.
+async fn loaded_models(inst: &Instance) -> Option<Vec<Value>> {
+    let addr = inst.addr().filter(|_| inst.is_ready())?;
+    let answer = client::request(
+        addr,
+        &inst.host_header,
+        Method::GET,
+        "/api/ps",
+        None,
+        PS_TIMEOUT,
+    )
+    .await
+    .ok()
+    .filter(|a| a.status == 200)?;
+    let v: Value = serde_json::from_slice(&answer.body).ok()?;
+    let models = v.get("models")?.as_array()?;
+    Some(
+        models
+            .iter()
+            .map(|m| {
+                json!({
+                    "name": m.get("model").or_else(|| m.get("name")).cloned().unwrap_or(Value::Null),
+                    "size_bytes": m.get("size").cloned().unwrap_or(Value::Null),
+                    "vram_bytes": m.get("size_vram").cloned().unwrap_or(Value::Null),
+                    "expires_at": m.get("expires_at").cloned().unwrap_or(Value::Null),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The `/status` document.
+pub async fn status(app: &App, metrics: &Metrics) -> Value {
+    let snap = app.admission.snapshot();
+    let instances = app.registry.all();
+    let ps = futures_util::future::join_all(instances.iter().map(|i| loaded_models(i))).await;
+    let list: Vec<Value> = instances
+        .iter()
+        .zip(ps)
+        .map(|(inst, ps)| {
+            let p = inst.process_info();
+            let slot = snap.slots.iter().find(|s| s.index == inst.index);
+            let models = ps.unwrap_or_else(|| {
+                inst.loaded_models()
+                    .into_iter()
+                    .map(|m| json!({"name": m}))
+                    .collect()
+            });
+            let last_check = metrics
+                .last_health_check(&inst.name)
+                .map(|h| json!({"result": h.result, "seconds_ago": h.at.elapsed().as_secs_f64()}));
+            let mut v = json!({
+                "name": inst.name,
+                "url": inst.upstream.to_string(),
+                "kind": if inst.supervised { "supervised" } else { "external" },
+                "state": inst.state().as_str(),
+                "state_age_seconds": inst.state_age().as_secs_f64(),
+                "ready": inst.is_ready(),
+                "health": health(inst),
+                "last_health_check": last_check,
+                "ejections": inst.ejections(),
+                "loaded_models": models,
+                "in_flight": inst.in_flight(),
+                "busy_slots": slot.map(|s| s.busy),
+                "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
+            });
+            if inst.supervised {
+                if let Value::Object(map) = &mut v {
+                    map.insert("pid".into(), json!(p.pid));
+                    map.insert(
+                        "started_at_unix".into(),
+                        json!(p.started_at.and_then(unix_seconds)),
+                    );
+                    map.insert("restarts".into(), json!(p.restarts));
+                    map.insert("last_exit".into(), json!(p.last_exit));
+                    map.insert("cpu_percent".into(), json!(p.cpu_percent));
+                    map.insert("cpu_seconds".into(), json!(p.cpu_seconds));
+                    map.insert("memory_bytes".into(), json!(p.memory_bytes));
+                }
+            }
+            v
+        })
+        .collect();
+    let c = snap.counters;
+    let (ready, _) = readiness(app);
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs_f64(),
+        "ready": ready,
+        "draining": app.lifecycle.is_draining(),
+        "in_flight": app.lifecycle.active(),
+        "instances": list,
+        "queue": {
+            "queued": snap.queued,
+            "queued_bytes": snap.queued_bytes,
+            "clients_queued": snap.clients_queued,
+            "oldest_wait_seconds": snap.oldest_wait.map(|d| d.as_secs_f64()),
+            "held_slots": snap.held(),
+            "closed": snap.closed,
+            "limits": {
+                "max_queued": app.config.admission.max_queued,
+                "max_queued_bytes": app.config.admission.max_queued_bytes.0,
+                "max_wait_seconds": app.config.admission.max_wait.as_secs_f64(),
+            },
+            "counters": {
+                "admitted": c.admitted,
+                "released": c.released,
+                "refused_full": c.refused_full,
+                "refused_bytes": c.refused_bytes,
+                "expired": c.expired,
+                "cancelled": c.cancelled,
+                "closed": c.closed,
+                "undelivered": c.undelivered,
+            },
+        },
+        "known_models": metrics.known_models(),
+    })
+}
