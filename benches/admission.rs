@@ -12,7 +12,7 @@ use ollama_sidecar::admission::{
     Admission, AdmissionConfig, AdmitRequest, Admitted, Permit, Waiting,
 };
 use ollama_sidecar::config::{InstanceConfig, UpstreamAddress};
-use ollama_sidecar::upstream::Instance;
+use ollama_sidecar::upstream::{Instance, InstanceState};
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::sync::Arc;
@@ -33,7 +33,10 @@ fn instances(n: usize, slots: usize) -> Vec<Arc<Instance>> {
                 num_parallel: slots,
                 supervised: None,
             };
-            Arc::new(Instance::new(i, &config))
+            let instance = Instance::new(i, &config, &Default::default());
+            // External instances start unready until their first health check.
+            instance.set_state(InstanceState::Ready);
+            Arc::new(instance)
         })
         .collect()
 }
@@ -54,6 +57,7 @@ fn request(client: &Arc<str>) -> AdmitRequest {
         priority: 0,
         model: Some("llama3.2:latest".to_string()),
         body_bytes: 2_048,
+        avoid: None,
     }
 }
 

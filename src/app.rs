@@ -14,6 +14,8 @@ pub struct App {
     pub lifecycle: Arc<Lifecycle>,
     /// The inference queue and slots.
     pub admission: Arc<Admission>,
+    /// Caps retries to a share of requests.
+    pub retry_budget: crate::proxy::retry::RetryBudget,
     /// Model-management requests running at once (pull, push, create, copy, delete, blobs).
     pub management: Arc<tokio::sync::Semaphore>,
     pub started: Instant,
@@ -35,6 +37,7 @@ impl App {
             config.admission.management_concurrency,
         ));
         Arc::new(App {
+            retry_budget: crate::proxy::retry::RetryBudget::new(&config.retries),
             admission,
             management,
             config,

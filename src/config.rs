@@ -68,6 +68,17 @@ pub struct FileConfig {
     #[serde(default)]
     pub health: HealthFile,
     #[serde(default)]
+    pub retries: RetriesFile,
+    /// API keys (off when empty).
+    #[serde(default)]
+    pub auth: AuthFile,
+    /// Model allow-list, route policy and per-client rate limits, keys or not.
+    #[serde(default)]
+    pub policy: PolicyFile,
+    /// CORS answered by the sidecar (off when `origins` is empty).
+    #[serde(default)]
+    pub cors: CorsFile,
+    #[serde(default)]
     pub instances: Vec<InstanceFile>,
 }
 
@@ -75,15 +86,93 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthFile {
+    /// Active check (`GET /api/version`, never inference) of external instances; supervised
+    /// instances are checked by the supervisor's liveness probe.
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive successful checks that bring an unhealthy instance back.
+    #[serde(default = "default_rise")]
+    pub rise: usize,
+    /// Consecutive failed checks that take an instance out of rotation.
+    #[serde(default = "default_fall")]
+    pub fall: usize,
     /// How often each ready instance's `/api/ps` is read to learn its loaded models.
     #[serde(default = "default_models_interval", with = "humantime_serde")]
     pub models_interval: Duration,
+    #[serde(default)]
+    pub passive: PassiveFile,
 }
 
 impl Default for HealthFile {
     fn default() -> Self {
         HealthFile {
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            rise: default_rise(),
+            fall: default_fall(),
             models_interval: default_models_interval(),
+            passive: PassiveFile::default(),
+        }
+    }
+}
+
+/// Ejection of an instance on errors seen in real traffic.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveFile {
+    /// Consecutive failures (connect errors, resets, 5xx, timeouts) that eject an instance.
+    #[serde(default = "default_passive_failures")]
+    pub failures: u32,
+    /// First cool-down; it doubles each time the half-open trial request fails.
+    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    pub cooldown: Duration,
+    #[serde(default = "default_max_cooldown", with = "humantime_serde")]
+    pub max_cooldown: Duration,
+}
+
+impl Default for PassiveFile {
+    fn default() -> Self {
+        PassiveFile {
+            failures: default_passive_failures(),
+            cooldown: default_cooldown(),
+            max_cooldown: default_max_cooldown(),
+        }
+    }
+}
+
+/// Retries of requests that failed before the client saw a byte.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetriesFile {
+    /// Attempts in all, the first included; 1 disables retries.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// First backoff before a retry; doubles per attempt, with jitter.
+    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    pub backoff: Duration,
+    #[serde(default = "default_retry_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retries may be at most this share of requests over `budget_window` ...
+    #[serde(default = "default_budget_ratio")]
+    pub budget_ratio: f64,
+    #[serde(default = "default_budget_window", with = "humantime_serde")]
+    pub budget_window: Duration,
+    /// ... but this many retries per window are always allowed.
+    #[serde(default = "default_budget_min")]
+    pub budget_min: u32,
+}
+
+impl Default for RetriesFile {
+    fn default() -> Self {
+        RetriesFile {
+            max_attempts: default_max_attempts(),
+            backoff: default_retry_backoff(),
+            max_backoff: default_retry_max_backoff(),
+            budget_ratio: default_budget_ratio(),
+            budget_window: default_budget_window(),
+            budget_min: default_budget_min(),
         }
     }
 }
@@ -140,12 +229,28 @@ pub struct LimitsFile {
     /// Largest JSON request body read to route it (inference routes); beyond it: 413.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// The request line and header fields together, at most; beyond it: 431.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Header fields, at most; beyond it: 431.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    /// The request target (path and query), at most; beyond it: 414.
+    #[serde(default = "default_max_uri_bytes")]
+    pub max_uri_bytes: ByteSize,
+    /// Longest silence while a request body is read; then 408 and the connection closes.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for LimitsFile {
     fn default() -> Self {
         LimitsFile {
             max_body: default_max_body(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+            max_uri_bytes: default_max_uri_bytes(),
+            body_read_timeout: default_body_read_timeout(),
         }
     }
 }
@@ -221,12 +326,20 @@ pub struct AdminFile {
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`, `/status`).
     #[serde(default = "default_admin_listen")]
     pub listen: String,
+    /// SHA-256 (hex) of a token `/metrics` and `/status` require (`Authorization: Bearer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    /// Or: an environment variable holding that token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
 }
 
 impl Default for AdminFile {
     fn default() -> Self {
         AdminFile {
             listen: default_admin_listen(),
+            token_sha256: None,
+            token_env: None,
         }
     }
 }
@@ -239,6 +352,9 @@ pub struct LogFile {
     pub level: String,
     #[serde(default)]
     pub format: LogFormat,
+    /// One access-log line per request (target `access`, at info level).
+    #[serde(default = "default_true")]
+    pub access: bool,
 }
 
 impl Default for LogFile {
@@ -246,8 +362,13 @@ impl Default for LogFile {
         LogFile {
             level: default_log_level(),
             format: LogFormat::Text,
+            access: true,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -399,6 +520,45 @@ fn default_response_header_timeout() -> Duration {
 fn default_drain_timeout() -> Duration {
     Duration::from_secs(30)
 }
+fn default_health_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_rise() -> usize {
+    2
+}
+fn default_fall() -> usize {
+    3
+}
+fn default_passive_failures() -> u32 {
+    3
+}
+fn default_cooldown() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_cooldown() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_retry_max_backoff() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_window() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_budget_min() -> u32 {
+    3
+}
 fn default_models_interval() -> Duration {
     Duration::from_secs(5)
 }
@@ -439,6 +599,444 @@ fn default_liveness_failures() -> u32 {
     3
 }
 
+// ---------------------------------------------------------------------------------------------
+// Access control (src/policy/): API keys, model and route policy, CORS. All off by default.
+// ---------------------------------------------------------------------------------------------
+
+/// API keys. Empty `keys`: no authentication (Ollama's own behaviour).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<ApiKeyFile>,
+    /// With keys configured: let requests without a key use metadata routes (`/`, version,
+    /// tags, ps, show, `/v1/models`). A wrong key is refused everywhere.
+    #[serde(default)]
+    pub allow_anonymous_metadata: bool,
+}
+
+/// One API key: where its secret comes from (a hash, an environment variable or a file; never
+/// the key itself in the file) and what it may do.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyFile {
+    /// The client's identity for fairness, priorities and logs.
+    pub name: String,
+    /// Hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Or: the environment variable that holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_env: Option<String>,
+    /// Or: a file that holds the key (one line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Admission priority of this key's requests (-100..100); a priority header is ignored.
+    #[serde(default)]
+    pub priority: i32,
+    /// Inference and management requests of this key in flight at once; beyond it: 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Requests per minute (a bucket of that size, refilled continuously); beyond it: 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens per minute, charged after each response; over it: 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    /// Models this key may use: glob patterns (`*`, `?`), matched case-insensitively on the
+    /// name as sent and on its `name:tag` form.
+    #[serde(default = "default_key_models")]
+    pub models: Vec<String>,
+    /// Route classes this key may use: inference, metadata, management, other.
+    #[serde(default = "default_key_routes")]
+    pub routes: Vec<String>,
+    /// May use model management (pull, push, create, copy, delete, blobs).
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// Policy for every request, with or without keys.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Models anyone may use (glob patterns); empty: every model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
+    /// Route classes refused to everyone (403): inference, metadata, management, other.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_classes: Vec<String>,
+    /// Requests per minute per client address, for requests without an API key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute_per_client: Option<u32>,
+}
+
+/// CORS answered by the sidecar for these origins.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsFile {
+    /// Exact origins (`https://app.example.com`) or `*`; empty: CORS passes through to Ollama.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub origins: Vec<String>,
+    /// `Access-Control-Max-Age` of preflight answers.
+    #[serde(default = "default_cors_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+impl Default for CorsFile {
+    fn default() -> Self {
+        CorsFile {
+            origins: Vec::new(),
+            max_age: default_cors_max_age(),
+        }
+    }
+}
+
+fn default_key_models() -> Vec<String> {
+    vec!["*".to_string()]
+}
+fn default_key_routes() -> Vec<String> {
+    vec![
+        "inference".to_string(),
+        "metadata".to_string(),
+        "other".to_string(),
+    ]
+}
+fn default_cors_max_age() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize(64 << 10)
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_max_uri_bytes() -> ByteSize {
+    ByteSize(8 << 10)
+}
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// The route classes a key or policy may name.
+pub const ROUTE_CLASSES: &[&str] = &["inference", "metadata", "management", "other"];
+
+/// A validated API key: its secret only as a SHA-256.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub priority: i32,
+    pub max_concurrent: Option<u32>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u64>,
+    pub models: Vec<String>,
+    /// Route classes allowed (names from [`ROUTE_CLASSES`]); `management` only with `admin`.
+    pub routes: Vec<String>,
+    pub admin: bool,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("name", &self.name)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The validated access-control configuration.
+#[derive(Debug, Clone, Default)]
+pub struct AccessConfig {
+    pub keys: Vec<ApiKey>,
+    pub allow_anonymous_metadata: bool,
+    pub policy: PolicyFile,
+    pub cors: CorsFile,
+    /// SHA-256 of the admin token, when `/metrics` and `/status` need one.
+    pub admin_token: Option<[u8; 32]>,
+}
+
+/// SHA-256 of a secret.
+pub fn sha256(secret: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(secret).into()
+}
+
+fn parse_sha256_hex(text: &str) -> Option<[u8; 32]> {
+    let t = text.trim();
+    if t.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in t.as_bytes().chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+/// Shortest key accepted from an environment variable or a file.
+pub const MIN_KEY_LEN: usize = 16;
+
+fn key_from_env(source: &str, key: &str, var: &str) -> Result<[u8; 32], ConfigError> {
+    match std::env::var(var) {
+        Ok(v) if v.trim().len() >= MIN_KEY_LEN => Ok(sha256(v.trim().as_bytes())),
+        Ok(v) if v.trim().is_empty() => Err(err(
+            source,
+            key,
+            format!("environment variable `{var}` is empty; expected the key"),
+        )),
+        Ok(_) => Err(err(
+            source,
+            key,
+            format!("the key in `{var}` is too short; expected at least {MIN_KEY_LEN} characters"),
+        )),
+        Err(_) => Err(err(
+            source,
+            key,
+            format!("environment variable `{var}` is not set; expected the key"),
+        )),
+    }
+}
+
+fn check_globs(source: &str, key: &str, patterns: &[String]) -> Result<(), ConfigError> {
+    for (i, p) in patterns.iter().enumerate() {
+        if p.trim().is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(err(
+                source,
+                format!("{key}[{i}]"),
+                format!("`{p}`: expected a model name pattern such as `llama3.2:*` (no spaces)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_classes(source: &str, key: &str, classes: &[String]) -> Result<(), ConfigError> {
+    for (i, c) in classes.iter().enumerate() {
+        if !ROUTE_CLASSES.contains(&c.as_str()) {
+            return Err(err(
+                source,
+                format!("{key}[{i}]"),
+                format!("`{c}`: expected one of {}", ROUTE_CLASSES.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Validates `auth`, `policy`, `cors`, the new `limits` keys and the admin token.
+fn validate_access(file: &FileConfig, source: &str) -> Result<AccessConfig, ConfigError> {
+    let limits = &file.limits;
+    if limits.max_header_bytes.0 < 1024 || limits.max_header_bytes.0 > 1 << 20 {
+        return Err(err(
+            source,
+            "limits.max_header_bytes",
+            "expected 1KiB to 1MiB (Pingora's own limit)",
+        ));
+    }
+    if limits.max_headers == 0 || limits.max_headers > 256 {
+        return Err(err(
+            source,
+            "limits.max_headers",
+            "expected 1 to 256 (Pingora's own limit)",
+        ));
+    }
+    if limits.max_uri_bytes.0 < 256 || limits.max_uri_bytes.0 > limits.max_header_bytes.0 {
+        return Err(err(
+            source,
+            "limits.max_uri_bytes",
+            "expected 256 bytes up to limits.max_header_bytes",
+        ));
+    }
+    if limits.body_read_timeout < Duration::from_millis(100) {
+        return Err(err(
+            source,
+            "limits.body_read_timeout",
+            "must be at least 100ms",
+        ));
+    }
+
+    let mut keys: Vec<ApiKey> = Vec::with_capacity(file.auth.keys.len());
+    for (i, k) in file.auth.keys.iter().enumerate() {
+        let key = |field: &str| format!("auth.keys[{i}].{field}");
+        if k.name.is_empty()
+            || k.name.len() > 64
+            || !k
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(err(
+                source,
+                key("name"),
+                format!(
+                    "`{}`: expected 1 to 64 letters, digits, `-`, `_`, `.` or `@` (it is logged)",
+                    k.name
+                ),
+            ));
+        }
+        if let Some(j) = keys.iter().position(|o| o.name == k.name) {
+            return Err(err(
+                source,
+                key("name"),
+                format!("`{}` is already the name of auth.keys[{j}]", k.name),
+            ));
+        }
+        let sha = match (&k.sha256, &k.key_env, &k.key_file) {
+            (Some(hex), None, None) => parse_sha256_hex(hex).ok_or_else(|| {
+                err(
+                    source,
+                    key("sha256"),
+                    "expected 64 hex digits: the SHA-256 of the key (`printf %s \"$KEY\" | sha256sum`)",
+                )
+            })?,
+            (None, Some(var), None) => key_from_env(source, &key("key_env"), var)?,
+            (None, None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    err(
+                        source,
+                        key("key_file"),
+                        format!("cannot read `{}`: {e}", path.display()),
+                    )
+                })?;
+                let secret = text.trim();
+                if secret.len() < MIN_KEY_LEN {
+                    return Err(err(
+                        source,
+                        key("key_file"),
+                        format!(
+                            "`{}`: expected a key of at least {MIN_KEY_LEN} characters",
+                            path.display()
+                        ),
+                    ));
+                }
+                sha256(secret.as_bytes())
+            }
+            _ => {
+                return Err(err(
+                    source,
+                    format!("auth.keys[{i}]"),
+                    "expected exactly one of `sha256`, `key_env` or `key_file`",
+                ))
+            }
+        };
+        if let Some(j) = keys.iter().position(|o| o.sha256 == sha) {
+            return Err(err(
+                source,
+                format!("auth.keys[{i}]"),
+                format!("the same key as auth.keys[{j}]"),
+            ));
+        }
+        if !(-100..=100).contains(&k.priority) {
+            return Err(err(source, key("priority"), "expected -100 to 100"));
+        }
+        for (field, zero) in [
+            ("max_concurrent", k.max_concurrent == Some(0)),
+            ("requests_per_minute", k.requests_per_minute == Some(0)),
+            ("tokens_per_minute", k.tokens_per_minute == Some(0)),
+        ] {
+            if zero {
+                return Err(err(
+                    source,
+                    key(field),
+                    "must be at least 1 (leave it out for no limit)",
+                ));
+            }
+        }
+        if k.models.is_empty() {
+            return Err(err(
+                source,
+                key("models"),
+                "expected at least one pattern (`*` for every model)",
+            ));
+        }
+        check_globs(source, &key("models"), &k.models)?;
+        check_classes(source, &key("routes"), &k.routes)?;
+        let mut routes = k.routes.clone();
+        if routes.iter().any(|r| r == "management") && !k.admin {
+            return Err(err(
+                source,
+                key("routes"),
+                "`management` needs `admin: true` on this key",
+            ));
+        }
+        if k.admin && !routes.iter().any(|r| r == "management") {
+            routes.push("management".to_string());
+        }
+        keys.push(ApiKey {
+            name: k.name.clone(),
+            sha256: sha,
+            priority: k.priority,
+            max_concurrent: k.max_concurrent,
+            requests_per_minute: k.requests_per_minute,
+            tokens_per_minute: k.tokens_per_minute,
+            models: k.models.clone(),
+            routes,
+            admin: k.admin,
+        });
+    }
+    if file.auth.allow_anonymous_metadata && keys.is_empty() {
+        return Err(err(
+            source,
+            "auth.allow_anonymous_metadata",
+            "only means something with `auth.keys`",
+        ));
+    }
+
+    let policy = &file.policy;
+    check_globs(source, "policy.models", &policy.models)?;
+    check_classes(source, "policy.deny_classes", &policy.deny_classes)?;
+    if policy.requests_per_minute_per_client == Some(0) {
+        return Err(err(
+            source,
+            "policy.requests_per_minute_per_client",
+            "must be at least 1 (leave it out for no limit)",
+        ));
+    }
+
+    for (i, o) in file.cors.origins.iter().enumerate() {
+        let ok = o == "*"
+            || ((o.starts_with("http://") || o.starts_with("https://"))
+                && !o.ends_with('/')
+                && o.bytes().all(|b| b.is_ascii_graphic()));
+        if !ok {
+            return Err(err(
+                source,
+                format!("cors.origins[{i}]"),
+                format!("`{o}`: expected `*` or an origin like `https://app.example.com` (scheme and host, no path)"),
+            ));
+        }
+    }
+
+    let admin_token = match (&file.admin.token_sha256, &file.admin.token_env) {
+        (None, None) => None,
+        (Some(hex), None) => Some(parse_sha256_hex(hex).ok_or_else(|| {
+            err(
+                source,
+                "admin.token_sha256",
+                "expected 64 hex digits: the SHA-256 of the token",
+            )
+        })?),
+        (None, Some(var)) => Some(key_from_env(source, "admin.token_env", var)?),
+        (Some(_), Some(_)) => {
+            return Err(err(
+                source,
+                "admin",
+                "expected one of `token_sha256` or `token_env`, not both",
+            ))
+        }
+    };
+
+    Ok(AccessConfig {
+        keys,
+        allow_anonymous_metadata: file.auth.allow_anonymous_metadata,
+        policy: policy.clone(),
+        cors: file.cors.clone(),
+        admin_token,
+    })
+}
+
 pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(10);
 /// Ollama's own queue is kept small: queueing belongs to the sidecar.
@@ -461,7 +1059,10 @@ pub struct Config {
     pub admission: AdmissionFile,
     pub limits: LimitsFile,
     pub health: HealthFile,
+    pub retries: RetriesFile,
     pub instances: Vec<InstanceConfig>,
+    /// API keys, model and route policy, CORS, the admin token (`src/policy/`).
+    pub access: AccessConfig,
     /// The effective file configuration (defaults and overrides applied), for `check`.
     pub effective: FileConfig,
 }
@@ -677,6 +1278,55 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
             }
         }
     }
+    let health = &file.health;
+    if health.interval < Duration::from_millis(100) {
+        return Err(err(source, "health.interval", "must be at least 100ms"));
+    }
+    if health.timeout.is_zero() {
+        return Err(err(source, "health.timeout", "must be greater than 0"));
+    }
+    if health.rise == 0 || health.fall == 0 {
+        return Err(err(
+            source,
+            "health",
+            "`rise` and `fall` must be at least 1",
+        ));
+    }
+    if health.passive.failures == 0 {
+        return Err(err(source, "health.passive.failures", "must be at least 1"));
+    }
+    if health.passive.cooldown.is_zero() || health.passive.max_cooldown < health.passive.cooldown {
+        return Err(err(
+            source,
+            "health.passive",
+            "expected 0 < cooldown <= max_cooldown",
+        ));
+    }
+    let retries = &file.retries;
+    if retries.max_attempts == 0 {
+        return Err(err(
+            source,
+            "retries.max_attempts",
+            "must be at least 1 (1 disables retries)",
+        ));
+    }
+    if retries.max_backoff < retries.backoff {
+        return Err(err(source, "retries", "expected backoff <= max_backoff"));
+    }
+    if !(0.0..=1.0).contains(&retries.budget_ratio) {
+        return Err(err(
+            source,
+            "retries.budget_ratio",
+            "expected a number from 0 to 1",
+        ));
+    }
+    if retries.budget_window.is_zero() {
+        return Err(err(
+            source,
+            "retries.budget_window",
+            "must be greater than 0",
+        ));
+    }
     if file.health.models_interval < Duration::from_millis(100) {
         return Err(err(
             source,
@@ -853,6 +1503,8 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         });
     }
 
+    let access = validate_access(&file, source)?;
+
     let threads = if file.threads == 0 {
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -872,7 +1524,9 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         admission: file.admission.clone(),
         limits: file.limits.clone(),
         health: file.health.clone(),
+        retries: file.retries.clone(),
         instances,
+        access,
         effective: file,
     })
 }
@@ -1056,6 +1710,32 @@ mod tests {
             parse_err("limits:\n  max_body: lots\ninstances:\n  - name: a\n    url: x:1\n")
                 .contains("limits.max_body")
         );
+    }
+
+    #[test]
+    fn access_defaults_and_keys() {
+        let c = parse_ok("instances:\n  - name: a\n    url: x:1\n");
+        assert!(c.access.keys.is_empty() && c.access.cors.origins.is_empty());
+        assert!(c.access.admin_token.is_none());
+        assert_eq!(c.limits.max_header_bytes.0, 64 << 10);
+        assert_eq!(c.limits.max_headers, 100);
+        assert_eq!(c.limits.max_uri_bytes.0, 8 << 10);
+        assert_eq!(c.limits.body_read_timeout, Duration::from_secs(30));
+        let hex = "ab".repeat(32);
+        let c = parse_ok(&format!(
+            "auth:\n  keys:\n    - name: ops\n      sha256: {hex}\n      admin: true\n      priority: 5\ninstances:\n  - name: a\n    url: x:1\n"
+        ));
+        let k = &c.access.keys[0];
+        assert_eq!((k.name.as_str(), k.priority, k.admin), ("ops", 5, true));
+        assert_eq!(k.sha256, [0xab; 32]);
+        assert!(k.routes.iter().any(|r| r == "management"));
+        assert_eq!(k.models, vec!["*"]);
+        // `check` prints the hash, never a key.
+        assert!(!format!("{:?}", c.access).contains(&hex));
+        assert!(parse_err(&format!(
+            "auth:\n  keys:\n    - name: a\n      sha256: {hex}\n    - name: b\n      sha256: {hex}\ninstances:\n  - name: a\n    url: x:1\n"
+        ))
+        .contains("auth.keys[1]: the same key as auth.keys[0]"));
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! ollama-sidecar: a Pingora reverse proxy that makes one Ollama GPU box safe to share.
 //! See `docs/architecture.md` for the request journey and the module map.
 
+pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod config;
+pub mod health_check;
+pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod supervisor;

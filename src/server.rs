@@ -4,9 +4,10 @@
 
 use crate::app::App;
 use crate::config::Config;
+use crate::metrics;
 use crate::proxy::SidecarProxy;
 use crate::supervisor::Supervisor;
-use crate::upstream::models;
+use crate::upstream::{health, models};
 use async_trait::async_trait;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
@@ -28,6 +29,13 @@ pub fn run(config: Config) -> Result<(), String> {
     let app = App::new(config);
     let supervisor = Supervisor::new(&app);
     supervisor.preflight()?;
+    // External instances get their first health check before any request arrives. (A runtime
+    // of its own, dropped before Pingora starts its own.)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the startup runtime: {e}"))?
+        .block_on(health::initial_check(&app.registry, &app.config.health));
 
     let conf = ServerConf {
         threads: app.config.threads,
@@ -46,6 +54,9 @@ pub fn run(config: Config) -> Result<(), String> {
     );
     proxy.add_tcp(&app.config.listen.to_string());
     server.add_service(proxy);
+    // Build the metrics before the first request records anything.
+    let _ = metrics::global();
+    server.add_service(crate::admin::service(app.clone()));
     server.add_service(background_service(
         "supervisor",
         SupervisorService(supervisor.clone()),
@@ -57,6 +68,7 @@ pub fn run(config: Config) -> Result<(), String> {
 
     tracing::info!(
         listen = %app.config.listen,
+        admin = %app.config.admin_listen,
         instances = app.config.instances.len(),
         threads = app.config.threads,
         config = %app.config.source,
@@ -78,7 +90,9 @@ impl BackgroundService for SupervisorService {
     }
 }
 
-/// Learns which models each instance has loaded and re-runs dispatch when an instance changes.
+/// Health-checks external instances, learns which models each instance has loaded, and re-runs
+/// dispatch when an instance changes; reads the models each instance lists for the metrics'
+/// model allow-list.
 struct InstanceWatch(Arc<App>);
 
 #[async_trait]
@@ -86,8 +100,10 @@ impl BackgroundService for InstanceWatch {
     async fn start(&self, _shutdown: ShutdownWatch) {
         let app = &self.0;
         tokio::join!(
+            health::check_external_instances(app.registry.clone(), app.config.health.clone()),
             models::poll_loaded_models(app.registry.clone(), app.config.health.models_interval),
             models::poke_on_change(app.registry.clone(), app.admission.clone()),
+            metrics::poll_known_models(app.registry.clone(), metrics::global()),
         );
     }
 }

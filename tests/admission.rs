@@ -5,22 +5,20 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// Sends a streaming chat request on a raw socket and returns it once the status line is read.
+/// Sends a streaming chat request on a raw socket and returns its reader.
 fn start_stream(port: u16, client_id: &str, marker: &str) -> BufReader<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let body = json!({"model":"llama3.2","messages":[{"role":"user","content":marker}]}).to_string();
-    write!(
-        s,
-        "POST /api/chat HTTP/1.1\r\nHost: x\r\nX-Client-Id: {client_id}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
+    let body =
+        json!({"model":"llama3.2","messages":[{"role":"user","content":marker}]}).to_string();
+    post_raw(
+        port,
+        "/api/chat",
+        &body,
+        &format!("X-Client-Id: {client_id}\r\n"),
     )
-    .unwrap();
-    BufReader::new(s)
 }
 
 /// Reads lines until one is a JSON object (the first streamed chunk); returns when it arrived.
@@ -56,7 +54,9 @@ fn chat(port: u16, client_id: &str) -> (u16, Value, Option<String>) {
     let r = client()
         .post(format!("http://127.0.0.1:{port}/api/chat"))
         .header("X-Client-Id", client_id)
-        .json(&json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}))
+        .json(
+            &json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}),
+        )
         .send()
         .unwrap();
     let status = r.status().as_u16();
@@ -145,7 +145,11 @@ fn queue_full_and_wait_expired_answer_503_with_retry_after() {
     let t = Instant::now();
     let (status, body, retry) = chat(port, "c");
     assert_eq!(status, 503);
-    assert!(t.elapsed() < Duration::from_millis(200), "refusal took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "refusal took {:?}",
+        t.elapsed()
+    );
     assert_eq!(
         body["error"],
         "server busy, please try again.  maximum pending requests exceeded"
@@ -158,7 +162,13 @@ fn queue_full_and_wait_expired_answer_503_with_retry_after() {
         waited >= Duration::from_millis(380) && waited < Duration::from_millis(1500),
         "expired after {waited:?}"
     );
-    assert!(body["error"].as_str().unwrap().contains("admission.max_wait"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("admission.max_wait"),
+        "{body}"
+    );
     assert!(retry.is_some(), "Retry-After on wait expired");
 
     // OpenAI routes refuse in the OpenAI shape.
@@ -191,8 +201,13 @@ fn a_queued_client_that_leaves_is_never_forwarded() {
         log.iter().all(|r| r["body_sha256"].is_string()),
         "request log has bodies"
     );
-    let chats = mock_stats(&mock)["requests"]["/api/chat"].as_u64().unwrap_or(0);
-    assert_eq!(chats, 2, "only the holder and the later request reached the mock");
+    let chats = mock_stats(&mock)["requests"]["/api/chat"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(
+        chats, 2,
+        "only the holder and the later request reached the mock"
+    );
 }
 
 #[test]
@@ -245,10 +260,17 @@ fn requests_go_where_their_model_is_loaded() {
             .unwrap();
         assert_eq!(r.status(), 200);
     }
-    let on_a = mock_stats(&a)["requests"]["/api/generate"].as_u64().unwrap_or(0);
-    let on_b = mock_stats(&b)["requests"]["/api/generate"].as_u64().unwrap_or(0);
+    let on_a = mock_stats(&a)["requests"]["/api/generate"]
+        .as_u64()
+        .unwrap_or(0);
+    let on_b = mock_stats(&b)["requests"]["/api/generate"]
+        .as_u64()
+        .unwrap_or(0);
     assert_eq!(on_a, 0, "no qwen request went to the instance without it");
-    assert_eq!(on_b, 7, "all qwen requests went to the instance that has it (plus the preload)");
+    assert_eq!(
+        on_b, 7,
+        "all qwen requests went to the instance that has it (plus the preload)"
+    );
 }
 
 #[test]
@@ -276,5 +298,10 @@ fn an_oversized_body_is_refused_with_413() {
         .unwrap();
     assert_eq!(r.status(), 413);
     assert!(r.json::<Value>().unwrap()["error"]["message"].is_string());
-    assert_eq!(mock_stats(&mock)["requests"]["/api/generate"].as_u64().unwrap_or(0), 0);
+    assert_eq!(
+        mock_stats(&mock)["requests"]["/api/generate"]
+            .as_u64()
+            .unwrap_or(0),
+        0
+    );
 }

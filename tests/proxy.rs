@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 fn hex_sha256(data: &[u8]) -> String {
     let mut h = Sha256::new();
@@ -430,35 +430,19 @@ fn twenty_mib_chat_body_arrives_byte_identical() {
 #[test]
 fn streamed_chunks_are_not_held_back() {
     let (_mock, sidecar) = setup(&[("MOCK_TOKENS", "6"), ("MOCK_TOKEN_DELAY_MS", "200")]);
-    let mut s = TcpStream::connect(("127.0.0.1", sidecar.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let body = r#"{"model":"llama3.2","prompt":"count"}"#;
-    write!(
-        s,
-        "POST /api/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut reader = BufReader::new(s);
+    let mut reader = post_raw(
+        sidecar.port,
+        "/api/generate",
+        r#"{"model":"llama3.2","prompt":"count"}"#,
+        "",
+    );
     let mut lags = Vec::new();
-    let mut line = String::new();
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            break;
-        }
-        let received = SystemTime::now();
-        let Ok(v @ Value::Object(_)) = serde_json::from_str::<Value>(line.trim()) else {
-            continue; // status line, headers, chunk sizes
-        };
+    for_each_json_line(&mut reader, Duration::from_secs(10), |v, received| {
         let created = humantime::parse_rfc3339_weak(v["created_at"].as_str().unwrap())
             .expect("created_at is RFC 3339");
         lags.push(received.duration_since(created).unwrap_or_default());
-        if v["done"] == true {
-            break;
-        }
-    }
+        v["done"] != true
+    });
     assert!(lags.len() >= 6, "got {} chunks", lags.len());
     for (i, lag) in lags.iter().enumerate() {
         assert!(
@@ -470,7 +454,12 @@ fn streamed_chunks_are_not_held_back() {
 
 #[test]
 fn upstream_statuses_pass_through() {
-    let (mock, sidecar) = setup(&[]);
+    // Retries off: a 503 would otherwise be retried (tests/retries.rs).
+    let mock = Mock::start(&[]);
+    let sidecar = Sidecar::start(&format!(
+        "retries:\n  max_attempts: 1\n{}",
+        external_instances(&[&mock], 4)
+    ));
     let c = client();
     for status in [499u16, 500, 503, 429] {
         c.post(mock.url("/mock/faults"))
@@ -500,11 +489,14 @@ fn upstream_statuses_pass_through() {
 
 #[test]
 fn proxy_failures_answer_in_the_route_shape() {
-    // Nothing listens on this port.
-    let dead = free_port();
+    // The instance passes its startup check, then goes away: the next requests meet a refused
+    // connection (health checks are too slow to notice first).
+    let mock = Mock::start(&[]);
     let sidecar = Sidecar::start(&format!(
-        "instances:\n  - name: dead\n    url: http://127.0.0.1:{dead}\n"
+        "health:\n  interval: 1h\nretries:\n  max_attempts: 1\ninstances:\n  - name: gone\n    url: http://127.0.0.1:{}\n",
+        mock.port
     ));
+    drop(mock);
     let c = client();
     let r = c.get(sidecar.url("/api/tags")).send().unwrap();
     assert_eq!(r.status(), 502);
@@ -513,7 +505,7 @@ fn proxy_failures_answer_in_the_route_shape() {
         "application/json; charset=utf-8"
     );
     let v: Value = r.json().unwrap();
-    assert!(v["error"].as_str().unwrap().contains("dead"), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("gone"), "{v}");
 
     let r = c
         .post(sidecar.url("/v1/chat/completions"))
@@ -538,7 +530,7 @@ fn proxy_failures_answer_in_the_route_shape() {
 fn an_upstream_that_never_answers_gets_504() {
     let mock = Mock::start(&[("MOCK_HANG", "true")]);
     let sidecar = Sidecar::start(&format!(
-        "timeouts:\n  response_header: 1s\n{}",
+        "timeouts:\n  response_header: 1s\nretries:\n  max_attempts: 1\n{}",
         external_instances(&[&mock], 1)
     ));
     let started = Instant::now();

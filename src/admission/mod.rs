@@ -66,6 +66,8 @@ pub struct AdmitRequest {
     pub model: Option<String>,
     /// Size of the request body the waiter holds while queued.
     pub body_bytes: u64,
+    /// An instance (registry index) to avoid while another is ready: a retry after it failed.
+    pub avoid: Option<usize>,
 }
 
 impl AdmitRequest {
@@ -75,6 +77,7 @@ impl AdmitRequest {
             priority: 0,
             model: None,
             body_bytes: 0,
+            avoid: None,
         }
     }
 
@@ -90,6 +93,11 @@ impl AdmitRequest {
 
     pub fn body_bytes(mut self, bytes: u64) -> AdmitRequest {
         self.body_bytes = bytes;
+        self
+    }
+
+    pub fn avoid(mut self, index: usize) -> AdmitRequest {
+        self.avoid = Some(index);
         self
     }
 }
@@ -196,6 +204,8 @@ impl AdmissionSnapshot {
 /// Why an instance was chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reason {
+    /// An ejected instance's cool-down is over: one trial request decides whether it is back.
+    HalfOpenTrial,
     ModelLoaded,
     IdleInstance,
     MostFreeSlots,
@@ -204,6 +214,7 @@ enum Reason {
 impl Reason {
     fn as_str(self) -> &'static str {
         match self {
+            Reason::HalfOpenTrial => "half-open trial",
             Reason::ModelLoaded => "model loaded",
             Reason::IdleInstance => "idle instance",
             Reason::MostFreeSlots => "most free slots",
@@ -214,6 +225,7 @@ impl Reason {
 struct Waiter {
     tx: oneshot::Sender<Permit>,
     model: Option<String>,
+    avoid: Option<usize>,
 }
 
 /// A permit on its way to a queued waiter (sent after the lock is released).
@@ -388,6 +400,7 @@ impl Shared {
                         &st.busy,
                         &mut st.rotation,
                         req.model.as_deref(),
+                        req.avoid,
                     )
                 } else {
                     None
@@ -416,6 +429,7 @@ impl Shared {
                             item: Waiter {
                                 tx,
                                 model: req.model.clone(),
+                                avoid: req.avoid,
                             },
                         },
                         epoch,
@@ -484,8 +498,9 @@ impl Shared {
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
         while let Some(head) = st.queue.peek() {
             let model = head.item.model.as_deref();
+            let avoid = head.item.avoid;
             let Some((pos, instance, reason)) =
-                choose(&self.instances, &st.busy, &mut st.rotation, model)
+                choose(&self.instances, &st.busy, &mut st.rotation, model, avoid)
             else {
                 break;
             };
@@ -560,17 +575,25 @@ impl Shared {
 }
 
 /// The instance for the next grant: ready, with a free slot; by preference one with `model`
-/// loaded, then one with no model loaded, then the most free slots. Ties rotate.
+/// loaded, then one with no model loaded, then the most free slots. Ties rotate. `avoid` (the
+/// instance a retry failed on) is skipped while any other instance is ready, even a busy one.
 fn choose(
     instances: &[Arc<Instance>],
     busy: &[usize],
     rotation: &mut usize,
     model: Option<&str>,
+    avoid: Option<usize>,
 ) -> Option<(usize, Arc<Instance>, Reason)> {
     let n = instances.len();
     if n == 0 {
         return None;
     }
+    let avoid = avoid.filter(|&a| {
+        instances
+            .iter()
+            .enumerate()
+            .any(|(pos, i)| pos != a && i.slot_limit() > 0)
+    });
     let start = *rotation % n;
     let mut best: Option<(usize, &Arc<Instance>, Reason, usize)> = None;
     for offset in 0..n {
@@ -578,16 +601,25 @@ fn choose(
         let (Some(inst), Some(busy)) = (instances.get(pos), busy.get(pos)) else {
             continue;
         };
-        let free = inst.num_parallel.saturating_sub(*busy);
-        if free == 0 || !inst.is_ready() {
+        if avoid == Some(pos) {
             continue;
         }
+        // `slot_limit` is 0 for an instance that is not ready or is ejected, 1 during its
+        // half-open trial.
+        let free = inst.slot_limit().saturating_sub(*busy);
+        if free == 0 {
+            continue;
+        }
+        // A half-open instance gets its trial first: otherwise a quiet fleet would never try
+        // it, and a failed trial is retried elsewhere.
         let reason = match model {
+            _ if inst.gate() == crate::upstream::Gate::HalfOpen => Reason::HalfOpenTrial,
             Some(m) if inst.has_model(m) => Reason::ModelLoaded,
             Some(_) if inst.loaded_models().is_empty() => Reason::IdleInstance,
             _ => Reason::MostFreeSlots,
         };
         let rank = |r: Reason| match r {
+            Reason::HalfOpenTrial => 3u8,
             Reason::ModelLoaded => 2u8,
             Reason::IdleInstance => 1,
             Reason::MostFreeSlots => 0,

@@ -15,7 +15,7 @@ fn instance(index: usize, slots: usize) -> Arc<Instance> {
         num_parallel: slots,
         supervised: None,
     };
-    let inst = Arc::new(Instance::new(index, &config));
+    let inst = Arc::new(Instance::new(index, &config, &Default::default()));
     inst.set_state(InstanceState::Ready);
     inst
 }

@@ -7,8 +7,9 @@
 //! buffered body through its channel instead (docs/adr/0001-inference-body-and-subrequests.md).
 
 use super::errors::{self, SidecarError, SERVER_BUSY};
+use super::retry::{self, RetryReason};
 use super::{body, respond_error, RequestCtx, SidecarProxy};
-use crate::admission::{AdmitRequest, Permit, Refusal};
+use crate::admission::{AdmitRequest, Admitted as AdmissionOutcome, Permit, Refusal};
 use crate::upstream::{model_key, Instance};
 use bytes::{Bytes, BytesMut};
 use pingora_core::protocols::http::HttpTask;
@@ -16,7 +17,7 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
 use pingora_proxy::Session;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What the parent request hands its subrequest: the instance chosen and the request id.
 #[derive(Clone)]
@@ -59,6 +60,8 @@ impl Outcome {
 enum BodyRead {
     Complete(Bytes),
     TooLarge,
+    /// The client went silent for `limits.body_read_timeout`.
+    TimedOut,
 }
 
 /// Reads the whole request body, refusing it once it passes `limit` bytes.
@@ -74,7 +77,11 @@ async fn read_body(session: &mut Session, limit: u64) -> Result<BodyRead> {
     }
     let capacity = hint.unwrap_or(0).min(limit) as usize;
     let mut buf = BytesMut::with_capacity(capacity);
-    while let Some(chunk) = session.read_request_body().await? {
+    while let Some(chunk) = match session.read_request_body().await {
+        Err(e) if *e.etype() == ErrorType::ReadTimedout => return Ok(BodyRead::TimedOut),
+        // A malformed or broken body is the client's doing: 400, or no answer when it left.
+        read => read.map_err(|e| e.into_down())?,
+    } {
         if (buf.len() + chunk.len()) as u64 > limit {
             return Ok(BodyRead::TooLarge);
         }
@@ -128,14 +135,22 @@ enum Admitted {
     ClientGone,
 }
 
-/// Waits for a slot while watching the client: one that disconnects leaves the queue at once.
+/// Asks admission for a slot (so every request is counted there, even one whose client is
+/// already gone), then waits for it while watching the client: one that disconnects leaves the
+/// queue at once.
 async fn admit(proxy: &SidecarProxy, session: &mut Session, req: AdmitRequest) -> Admitted {
-    let acquire = proxy.app.admission.acquire(req);
-    tokio::pin!(acquire);
+    let waiting = match proxy.app.admission.admit(req) {
+        Ok(AdmissionOutcome::Now(permit)) => return Admitted::Granted(permit),
+        Ok(AdmissionOutcome::Queued(waiting)) => waiting,
+        Err(refusal) => return Admitted::Refused(refusal),
+    };
+    let wait = waiting.wait();
+    tokio::pin!(wait);
     let mut watch_client = true;
     loop {
         tokio::select! {
-            result = &mut acquire => {
+            biased;
+            result = &mut wait => {
                 return match result {
                     Ok(permit) => Admitted::Granted(permit),
                     Err(refusal) => Admitted::Refused(refusal),
@@ -194,6 +209,9 @@ pub(super) async fn serve(
     let limit = proxy.app.config.limits.max_body.0;
     let body = match read_body(session, limit).await? {
         BodyRead::Complete(b) => b,
+        BodyRead::TimedOut => {
+            return crate::policy::on_body_timeout(&proxy.app, session, ctx).await
+        }
         BodyRead::TooLarge => {
             // The rest of the body is unread: the connection cannot be reused.
             session.set_keepalive(None);
@@ -231,50 +249,145 @@ pub(super) async fn serve(
             }
         }
     }
+    if crate::policy::on_inference_body(&proxy.app, session, ctx, &body).await? {
+        return Ok(true);
+    }
 
-    let client = client_identity(proxy, session);
+    // A key's name (set by the policy) is the client's identity.
+    let client = ctx
+        .client
+        .clone()
+        .unwrap_or_else(|| client_identity(proxy, session));
     let request = AdmitRequest {
-        priority: priority(proxy, session, &client),
+        priority: crate::policy::key_priority(ctx)
+            .unwrap_or_else(|| priority(proxy, session, &client)),
         client: client.clone(),
         model: ctx.model.as_deref().map(model_key),
         body_bytes: body.len() as u64,
+        avoid: None,
     };
     ctx.client = Some(client);
-    let queued_at = Instant::now();
-    let permit = match admit(proxy, session, request).await {
-        Admitted::Granted(p) => p,
-        Admitted::Refused(refusal) => {
-            ctx.outcome = Outcome::Refused;
-            ctx.refusal = Some(refusal.as_str());
-            let err = refusal_error(&refusal, proxy);
-            respond_error(session, shape, &err, &ctx.request_id).await?;
-            return Ok(true);
+    proxy.app.retry_budget.record_request();
+    let mut request = request;
+    let mut attempt = 1u32;
+    loop {
+        let queued_at = Instant::now();
+        let permit = match admit(proxy, session, request.clone()).await {
+            Admitted::Granted(p) => p,
+            Admitted::Refused(refusal) => {
+                ctx.outcome = Outcome::Refused;
+                ctx.refusal = Some(refusal.as_str());
+                let err = refusal_error(&refusal, proxy);
+                ctx.status = err.status;
+                respond_error(session, shape, &err, &ctx.request_id).await?;
+                return Ok(true);
+            }
+            Admitted::ClientGone => {
+                ctx.outcome = if attempt == 1 {
+                    Outcome::CancelledQueued
+                } else {
+                    Outcome::CancelledWaiting
+                };
+                session.set_keepalive(None);
+                return Ok(true);
+            }
+        };
+        *ctx.queue_wait.get_or_insert(Duration::ZERO) += queued_at.elapsed();
+        let instance = permit.instance().clone();
+        ctx.instance = Some(instance.name.clone());
+        let may_retry = attempt < proxy.app.config.retries.max_attempts;
+        let result = attempt_once(proxy, session, ctx, &instance, body.clone(), may_retry).await;
+        // The slot is held until the response is complete or the client is gone.
+        drop(permit);
+        match result? {
+            Attempt::Finished { instance_ok } => {
+                proxy.app.registry.report(&instance, instance_ok);
+                return Ok(true);
+            }
+            Attempt::ClientGone => return Ok(true),
+            Attempt::Retry {
+                reason,
+                retry_after,
+            } => {
+                proxy.app.registry.report(&instance, false);
+                crate::metrics::global().retry(reason.as_str());
+                ctx.retries += 1;
+                ctx.retry_reasons.push(reason);
+                let others_ready = proxy
+                    .app
+                    .registry
+                    .all()
+                    .iter()
+                    .any(|i| i.index != instance.index && i.is_ready());
+                let delay = if others_ready {
+                    Duration::ZERO
+                } else {
+                    retry::backoff(&proxy.app.config.retries, attempt)
+                }
+                .max(retry_after.unwrap_or_default());
+                tracing::info!(request_id = %ctx.request_id, instance = %instance.name,
+                    reason = reason.as_str(), attempt, delay_ms = delay.as_millis() as u64,
+                    "retrying on another instance");
+                if !delay.is_zero() && !sleep_unless_client_leaves(session, delay).await {
+                    ctx.outcome = Outcome::CancelledWaiting;
+                    session.set_keepalive(None);
+                    return Ok(true);
+                }
+                request.avoid = Some(instance.index);
+                attempt += 1;
+            }
         }
-        Admitted::ClientGone => {
-            ctx.outcome = Outcome::CancelledQueued;
-            session.set_keepalive(None);
-            return Ok(true);
-        }
-    };
-    ctx.queue_wait = Some(queued_at.elapsed());
-    ctx.instance = Some(permit.instance().name.clone());
-    relay(proxy, session, ctx, permit, body).await
+    }
 }
 
-/// Runs the subrequest against the permit's instance and relays its response downstream.
-async fn relay(
+/// Sleeps `delay`, watching the client; false when it left.
+async fn sleep_unless_client_leaves(session: &mut Session, delay: Duration) -> bool {
+    let sleep = tokio::time::sleep(delay);
+    tokio::pin!(sleep);
+    let mut watch_client = true;
+    loop {
+        tokio::select! {
+            _ = &mut sleep => return true,
+            read = session.as_downstream_mut().read_body_or_idle(true), if watch_client => {
+                match read {
+                    Err(_) => return false,
+                    Ok(_) => watch_client = false,
+                }
+            }
+        }
+    }
+}
+
+/// How one attempt on one instance ended.
+enum Attempt {
+    /// The client has the whole answer (or its in-band end); `instance_ok` feeds passive health.
+    Finished { instance_ok: bool },
+    /// The client left.
+    ClientGone,
+    /// Nothing reached the client and the failure may be retried elsewhere.
+    Retry {
+        reason: RetryReason,
+        retry_after: Option<Duration>,
+    },
+}
+
+/// Runs one subrequest against `instance` and relays its response downstream. Before the
+/// response header goes to the client, a retryable failure is returned instead (when
+/// `may_retry` and the retry budget allow it).
+async fn attempt_once(
     proxy: &SidecarProxy,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    permit: Permit,
+    instance: &Arc<Instance>,
     body: Bytes,
-) -> Result<bool> {
+    may_retry: bool,
+) -> Result<Attempt> {
     let shape = ctx.route.shape;
     let Some(spawner) = session.subrequest_spawner.as_ref() else {
         return Error::e_explain(ErrorType::InternalError, "subrequests are not enabled");
     };
     let dispatch = Dispatch {
-        instance: permit.instance().clone(),
+        instance: instance.clone(),
         request_id: ctx.request_id.clone(),
     };
     let sub_ctx = SubrequestCtx::builder()
@@ -296,16 +409,27 @@ async fn relay(
         let _ = tx.send(HttpTask::Body(None, true)).await;
         Some(tx)
     });
+    let stop_subrequest = |feeder: tokio::task::JoinHandle<_>, sub: tokio::task::JoinHandle<()>| {
+        feeder.abort();
+        sub.abort();
+    };
 
-    let idle = proxy.app.config.timeouts.idle;
+    let timeouts = &proxy.app.config.timeouts;
+    let retry_allowed = || may_retry && proxy.app.retry_budget.try_spend();
     let mut header_sent = false;
     let mut complete = false;
     let mut watch_client = true;
     let mut client_gone = false;
-    let mut idle_expired = false;
+    let mut timed_out = false;
     loop {
+        // Before the header: the response-header timeout; after it: the idle timeout, if any.
+        let limit = if header_sent {
+            timeouts.idle
+        } else {
+            Some(timeouts.response_header)
+        };
         let next = async {
-            match idle.filter(|_| header_sent) {
+            match limit {
                 Some(limit) => tokio::time::timeout(limit, rx.recv()).await.map_err(|_| ()),
                 None => Ok(rx.recv().await),
             }
@@ -316,13 +440,22 @@ async fn relay(
                 let task = match task {
                     Ok(Some(task)) => task,
                     Ok(None) => break,
-                    Err(()) => { idle_expired = true; break; }
+                    Err(()) => { timed_out = true; break; }
                 };
                 let end = task.is_end();
                 match &task {
                     HttpTask::Header(header, _) => {
+                        let status = header.status.as_u16();
+                        if let Some(reason) = RetryReason::from_status(status) {
+                            let after = retry::retry_after(header.headers.get(http::header::RETRY_AFTER));
+                            if after.is_none_or(|d| d <= retry::MAX_RETRY_AFTER) && retry_allowed() {
+                                drop(rx);
+                                stop_subrequest(feeder, subrequest);
+                                return Ok(Attempt::Retry { reason, retry_after: after });
+                            }
+                        }
                         header_sent = true;
-                        ctx.status = header.status.as_u16();
+                        ctx.status = status;
                         ctx.response_content_type = header
                             .headers
                             .get(http::header::CONTENT_TYPE)
@@ -363,41 +496,73 @@ async fn relay(
 
     if client_gone {
         // Dropping both ends makes the subrequest drop its upstream connection, which is what
-        // makes Ollama stop generating; the slot is released below.
+        // makes Ollama stop generating; the caller releases the slot.
         drop(rx);
-        feeder.abort();
-        subrequest.abort();
+        stop_subrequest(feeder, subrequest);
         ctx.outcome = if header_sent {
             Outcome::CancelledStreaming
         } else {
             Outcome::CancelledWaiting
         };
         session.set_keepalive(None);
-        drop(permit);
-        return Ok(true);
+        return Ok(Attempt::ClientGone);
     }
 
-    // Let the subrequest finish its own bookkeeping before the slot is released.
     drop(rx);
-    let _ = subrequest.await;
-    drop(feeder);
-    drop(permit);
+    if timed_out {
+        // A hung instance: cut its connection rather than wait for the subrequest.
+        stop_subrequest(feeder, subrequest);
+    } else {
+        // Let the subrequest finish its own bookkeeping before the slot is released.
+        let _ = subrequest.await;
+        drop(feeder);
+    }
 
     if complete {
         ctx.outcome = Outcome::Served;
-        return Ok(true);
+        return Ok(Attempt::Finished {
+            instance_ok: ctx.status < 500,
+        });
     }
 
     // The subrequest ended without finishing the response.
     let cause = proxy_error.try_recv().ok();
-    let message = match (&cause, idle_expired) {
-        (_, true) => format!(
-            "ollama-sidecar: instance `{}` sent nothing for {} (timeouts.idle)",
-            ctx.instance.as_deref().unwrap_or("?"),
-            humantime::format_duration(idle.unwrap_or_default())
+    let instance_name = instance.name.as_str();
+    if !header_sent {
+        let reason = match (&cause, timed_out) {
+            (_, true) => Some(RetryReason::ResponseTimeout),
+            (Some(e), _) => RetryReason::from_error(e),
+            (None, _) => Some(RetryReason::Reset),
+        };
+        if let Some(reason) = reason {
+            if retry_allowed() {
+                return Ok(Attempt::Retry {
+                    reason,
+                    retry_after: None,
+                });
+            }
+        }
+    }
+    let (status, message) = match (&cause, timed_out) {
+        (_, true) if header_sent => (
+            504,
+            format!(
+                "ollama-sidecar: instance `{instance_name}` sent nothing for {} (timeouts.idle)",
+                humantime::format_duration(timeouts.idle.unwrap_or_default())
+            ),
         ),
-        (Some(e), _) => super::describe_failure(e, ctx.instance.as_deref(), &proxy.app).1,
-        (None, _) => "ollama-sidecar: the upstream response ended early".to_string(),
+        (_, true) => (
+            504,
+            format!(
+                "ollama-sidecar: instance `{instance_name}` did not answer within {} (timeouts.response_header)",
+                humantime::format_duration(timeouts.response_header)
+            ),
+        ),
+        (Some(e), _) => super::describe_failure(e, Some(instance_name), &proxy.app),
+        (None, _) => (
+            502,
+            format!("ollama-sidecar: instance `{instance_name}` ended the response early"),
+        ),
     };
     ctx.outcome = Outcome::Failed;
     if header_sent {
@@ -406,16 +571,11 @@ async fn relay(
             let _ = session.write_response_body(Some(line), true).await;
         }
         session.set_keepalive(None);
-        return Ok(true);
+        return Ok(Attempt::Finished { instance_ok: false });
     }
-    let status = match (&cause, idle_expired) {
-        (_, true) => 504,
-        (Some(e), _) => super::describe_failure(e, ctx.instance.as_deref(), &proxy.app).0,
-        (None, _) => 502,
-    };
     let status = if status == 0 { 502 } else { status };
     ctx.status = status;
     let err = SidecarError::new(status, message);
     respond_error(session, shape, &err, &ctx.request_id).await?;
-    Ok(true)
+    Ok(Attempt::Finished { instance_ok: false })
 }

@@ -5,6 +5,7 @@ pub mod body;
 pub mod errors;
 pub mod headers;
 pub mod inference;
+pub mod retry;
 pub mod route;
 pub mod tap;
 
@@ -65,6 +66,11 @@ pub struct RequestCtx {
     pub refusal: Option<&'static str>,
     /// Reads the relayed response for tokens and in-band errors.
     pub tap: tap::StreamTap,
+    /// Retries made, and why.
+    pub retries: u32,
+    pub retry_reasons: Vec<retry::RetryReason>,
+    /// What access control learned (the API key, its in-flight count).
+    pub policy: crate::policy::RequestPolicy,
 }
 
 impl RequestCtx {
@@ -117,6 +123,13 @@ pub(crate) fn describe_failure(e: &Error, instance: Option<&str>, app: &App) -> 
                 humantime::format_duration(timeouts.connect)
             ),
         ),
+        ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => (
+            408,
+            format!(
+                "ollama-sidecar: the request body stopped arriving for {} (limits.body_read_timeout)",
+                humantime::format_duration(app.config.limits.body_read_timeout)
+            ),
+        ),
         ErrorType::ReadTimedout => (
             504,
             format!(
@@ -149,6 +162,81 @@ pub(crate) fn describe_failure(e: &Error, instance: Option<&str>, app: &App) -> 
     }
 }
 
+/// Records a finished client request: its metrics, and its access-log line (target `access`,
+/// unless `log.access` is off).
+fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    let status = session
+        .response_written()
+        .map(|r| r.status.as_u16())
+        .unwrap_or(ctx.status);
+    let duration = ctx.started.elapsed();
+    ctx.tap.finish(duration);
+    let tap = ctx.tap.summary();
+    let downstream = session.as_downstream();
+    let bytes_in = ctx.request_bytes.max(downstream.body_bytes_read() as u64);
+    let bytes_out = ctx.response_bytes.max(downstream.body_bytes_sent() as u64);
+    let record = crate::metrics::RequestRecord {
+        class: ctx.route.class.as_str(),
+        route: ctx.route.name,
+        model: ctx.model.as_deref(),
+        status,
+        duration,
+        queue_wait: ctx.queue_wait,
+        first_byte: ctx.first_byte,
+        tap,
+        outcome: ctx.outcome,
+        refusal: ctx.refusal,
+        bytes_in,
+        bytes_out,
+    };
+    crate::metrics::global().record(&record);
+    if !app.config.log.access {
+        return;
+    }
+    // Milliseconds, to the microsecond.
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    let req = session.req_header();
+    let client = match (&ctx.client, session.client_addr()) {
+        (Some(c), _) => c.to_string(),
+        (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
+            a.ip().to_string()
+        }
+        (None, Some(other)) => other.to_string(),
+        (None, None) => "-".to_string(),
+    };
+    let rejection = crate::metrics::rejection_reason(ctx.outcome, ctx.refusal, status);
+    tracing::info!(
+        target: "access",
+        request_id = %ctx.request_id,
+        client = %client,
+        method = %req.method,
+        path = %req.uri.path(),
+        route = ctx.route.name,
+        class = ctx.route.class.as_str(),
+        model = ctx.model.as_deref().unwrap_or("-"),
+        instance = ctx.instance_name().unwrap_or("-"),
+        status,
+        outcome = ctx.outcome.as_str(),
+        rejection,
+        queue_ms = ctx.queue_wait.map(ms),
+        ttfb_ms = ctx.first_byte.map(ms),
+        ttft_ms = tap.first_token.map(ms),
+        duration_ms = ms(duration),
+        prompt_tokens = tap.prompt_tokens,
+        completion_tokens = tap.completion_tokens,
+        bytes_in,
+        bytes_out,
+        retries = ctx.retries,
+        error = e.map(|e| e.etype().as_str()),
+        stream_error = tap.error.as_deref(),
+        "{} {} {} {}",
+        req.method,
+        req.uri.path(),
+        status,
+        ctx.outcome.as_str()
+    );
+}
+
 #[async_trait]
 impl ProxyHttp for SidecarProxy {
     type CTX = RequestCtx;
@@ -176,6 +264,9 @@ impl ProxyHttp for SidecarProxy {
             outcome: Outcome::Pending,
             refusal: None,
             tap: tap::StreamTap::default(),
+            retries: 0,
+            retry_reasons: Vec::new(),
+            policy: Default::default(),
         }
     }
 
@@ -200,12 +291,17 @@ impl ProxyHttp for SidecarProxy {
         ctx.request_id = headers::request_id(req);
         let is_post = req.method == http::Method::POST;
         if self.app.lifecycle.is_draining() {
+            ctx.refusal = Some("shutting_down");
+            ctx.outcome = Outcome::Refused;
             session.set_keepalive(None);
             let err = SidecarError::new(503, "ollama-sidecar is shutting down").retry_after(1);
             respond_error(session, ctx.route.shape, &err, &ctx.request_id).await?;
             return Ok(true);
         }
         ctx.active = Some(self.app.lifecycle.enter());
+        if crate::policy::on_request(&self.app, session, ctx).await? {
+            return Ok(true);
+        }
         match ctx.route.class {
             RouteClass::Inference if is_post => inference::serve(self, session, ctx).await,
             RouteClass::Management => {
@@ -222,6 +318,8 @@ impl ProxyHttp for SidecarProxy {
                             "ollama-sidecar: too many model-management requests (admission.management_concurrency)",
                         )
                         .retry_after(5);
+                        ctx.refusal = Some("management_busy");
+                        ctx.outcome = Outcome::Refused;
                         session.set_keepalive(None);
                         respond_error(session, ctx.route.shape, &err, &ctx.request_id).await?;
                         Ok(true)
@@ -257,10 +355,15 @@ impl ProxyHttp for SidecarProxy {
         peer.options.connection_timeout = Some(timeouts.connect);
         // Pingora's read timeout bounds each read, the response header's included; it must be
         // as long as a cold model load. `timeouts.idle` tightens it when configured.
-        peer.options.read_timeout = Some(match timeouts.idle {
-            Some(idle) => idle.max(timeouts.response_header),
-            None => timeouts.response_header,
-        });
+        peer.options.read_timeout = if ctx.is_subrequest() {
+            // The parent times the response header and the silences between chunks itself.
+            None
+        } else {
+            Some(match timeouts.idle {
+                Some(idle) => idle.max(timeouts.response_header),
+                None => timeouts.response_header,
+            })
+        };
         ctx.upstream = Some(instance.track());
         Ok(Box::new(peer))
     }
@@ -279,20 +382,23 @@ impl ProxyHttp for SidecarProxy {
             // The parent already answered `100 Continue` and holds the whole body.
             upstream_request.remove_header(&http::header::EXPECT);
         }
+        crate::policy::on_upstream_request(&self.app, upstream_request, ctx)?;
         Ok(())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if upstream_response.status.is_informational() {
             return Ok(());
         }
+        ctx.first_byte.get_or_insert_with(|| ctx.started.elapsed());
         headers::strip_response_hop_by_hop(upstream_response);
         upstream_response.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
+        crate::policy::on_response(&self.app, session, upstream_response)?;
         ctx.response_content_type = upstream_response
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -309,8 +415,11 @@ impl ProxyHttp for SidecarProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if ctx.is_subrequest() {
-            // The parent owns retries for admitted requests.
+            // The parent owns retries (and health reports) for admitted requests.
             return e;
+        }
+        if let Some(guard) = &ctx.upstream {
+            self.app.registry.report(guard.instance(), false);
         }
         // Nothing reached the instance: another ready instance may serve the request.
         let untried = self
@@ -321,6 +430,8 @@ impl ProxyHttp for SidecarProxy {
             .any(|i| i.is_ready() && !ctx.tried.contains(&i.index));
         if untried {
             e.set_retry(true);
+            ctx.retries += 1;
+            crate::metrics::global().retry(retry::RetryReason::ConnectError.as_str());
         }
         e
     }
@@ -381,31 +492,39 @@ impl ProxyHttp for SidecarProxy {
             ctx.upstream = None;
             return;
         }
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(ctx.status);
-        let req = session.req_header();
-        tracing::info!(
-            target: "access",
-            request_id = %ctx.request_id,
-            client = ctx.client.as_deref().unwrap_or("-"),
-            method = %req.method,
-            path = %req.uri.path(),
-            route = ctx.route.name,
-            class = ctx.route.class.as_str(),
-            model = ctx.model.as_deref().unwrap_or("-"),
-            instance = ctx.instance_name().unwrap_or("-"),
-            status,
-            outcome = ctx.outcome.as_str(),
-            queue_ms = ctx.queue_wait.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
-            ttfb_ms = ctx.first_byte.map(|d| d.as_secs_f64() * 1000.0).unwrap_or(0.0),
-            duration_ms = ctx.started.elapsed().as_secs_f64() * 1000.0,
-            bytes_in = ctx.request_bytes,
-            bytes_out = ctx.response_bytes,
-            error = e.map(|e| e.etype().as_str()).unwrap_or("-"),
-            "request"
-        );
+        // What the ordinary proxy path saw of its instance (the inference path reports itself).
+        if let Some(guard) = &ctx.upstream {
+            let status = session.response_written().map(|r| r.status.as_u16());
+            let upstream_fault = e.is_some_and(|e| e.esource() == &ErrorSource::Upstream);
+            // Connect failures were reported by `fail_to_connect` already.
+            let connect_failure = e.is_some_and(|e| {
+                matches!(
+                    e.etype(),
+                    ErrorType::ConnectRefused
+                        | ErrorType::ConnectNoRoute
+                        | ErrorType::ConnectError
+                        | ErrorType::ConnectTimedout
+                )
+            });
+            let ok = !upstream_fault && status.is_some_and(|s| s < 500);
+            if !connect_failure && (ok || upstream_fault || status.is_some()) {
+                self.app.registry.report(guard.instance(), ok);
+            }
+        }
+        if ctx.outcome == Outcome::Pending {
+            // The ordinary proxy path: what became of the request.
+            let answered = session.response_written().is_some();
+            ctx.outcome = match e {
+                Some(e) if e.esource() == &ErrorSource::Downstream && answered => {
+                    Outcome::CancelledStreaming
+                }
+                Some(e) if e.esource() == &ErrorSource::Downstream => Outcome::CancelledWaiting,
+                Some(_) => Outcome::Failed,
+                None => Outcome::Served,
+            };
+        }
+        record_request(&self.app, session, e, ctx);
+        crate::policy::on_finish(ctx);
         ctx.upstream = None;
         ctx.management_permit = None;
         ctx.active = None;

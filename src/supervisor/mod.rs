@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(info.last_exit.as_deref(), Some("signal 15 (SIGTERM)"));
         // Reaped: not even a zombie.
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
-        // The external instance is not the supervisor's business.
-        assert_eq!(app.registry.all()[1].state(), InstanceState::Ready);
+        // The external instance is not the supervisor's business (health checks make it ready).
+        assert_eq!(app.registry.all()[1].state(), InstanceState::Starting);
     }
 }

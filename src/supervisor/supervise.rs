@@ -339,8 +339,12 @@ impl InstanceTask {
                 .watch(&mut self.stop, probe::version_ok(port, LIVENESS_TIMEOUT))
                 .await
             {
-                Event::Done(true) => failures = 0,
+                Event::Done(true) => {
+                    crate::metrics::global().health_check(&name, "success");
+                    failures = 0;
+                }
                 Event::Done(false) => {
+                    crate::metrics::global().health_check(&name, "failure");
                     failures += 1;
                     tracing::warn!(instance = %name, failures, limit, "liveness check failed");
                     if failures >= limit {

@@ -1,11 +1,11 @@
 //! One Ollama instance as the request path sees it: where it is, whether it may take traffic,
 //! how busy it is, and the process facts the supervisor records for `/status` and metrics.
 
-use crate::config::{InstanceConfig, UpstreamAddress};
+use crate::config::{InstanceConfig, PassiveFile, UpstreamAddress};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Lifecycle state. Only `Ready` instances take traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -98,6 +98,30 @@ pub struct Instance {
     /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
     /// normalised with `model_key`.
     loaded_models: RwLock<Vec<String>>,
+    passive_config: PassiveFile,
+    passive: Mutex<Passive>,
+}
+
+/// Passive health: what real traffic says about the instance.
+#[derive(Debug, Default)]
+struct Passive {
+    consecutive_failures: u32,
+    /// Out of rotation until then; after it, one trial request (half-open).
+    ejected_until: Option<Instant>,
+    /// The cool-down of the last ejection (it doubles while trials keep failing).
+    cooldown: Duration,
+    ejections: u64,
+}
+
+/// Whether traffic may go to an instance, as far as passive health is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// Full traffic.
+    Open,
+    /// Ejected: no traffic until the cool-down ends.
+    Ejected,
+    /// Cool-down over: one trial request decides.
+    HalfOpen,
 }
 
 /// Ollama treats `llama3.2` and `llama3.2:latest` as one model: compare names in this form.
@@ -112,14 +136,14 @@ pub fn model_key(name: &str) -> String {
 }
 
 impl Instance {
-    pub fn new(index: usize, config: &InstanceConfig) -> Instance {
+    pub fn new(index: usize, config: &InstanceConfig, passive: &PassiveFile) -> Instance {
         let supervised = config.supervised.is_some();
-        // A supervised instance earns `Ready` from the supervisor; an external one is assumed
-        // ready until health checks say otherwise.
+        // A supervised instance earns `Ready` from the supervisor, an external one from its
+        // first health check (run before the proxy starts).
         let initial = if supervised {
             InstanceState::Stopped
         } else {
-            InstanceState::Ready
+            InstanceState::Starting
         };
         let addr = format!("{}:{}", config.upstream.host, config.upstream.port)
             .parse::<SocketAddr>()
@@ -146,6 +170,8 @@ impl Instance {
             addr: RwLock::new(addr),
             process: Mutex::new(ProcessInfo::default()),
             loaded_models: RwLock::new(Vec::new()),
+            passive_config: passive.clone(),
+            passive: Mutex::new(Passive::default()),
         }
     }
 
@@ -173,8 +199,74 @@ impl Instance {
             .unwrap_or_default()
     }
 
+    /// Whether the instance takes traffic: ready, resolved, and not ejected.
     pub fn is_ready(&self) -> bool {
-        self.state() == InstanceState::Ready && self.addr().is_some()
+        self.slot_limit() > 0
+    }
+
+    /// How many admitted requests the instance may serve at once right now: `num_parallel`,
+    /// one during a half-open trial, none when it is not ready or is ejected.
+    pub fn slot_limit(&self) -> usize {
+        if self.state() != InstanceState::Ready || self.addr().is_none() {
+            return 0;
+        }
+        match self.gate() {
+            Gate::Open => self.num_parallel,
+            Gate::HalfOpen => 1,
+            Gate::Ejected => 0,
+        }
+    }
+
+    pub fn gate(&self) -> Gate {
+        let Ok(p) = self.passive.lock() else {
+            return Gate::Open;
+        };
+        match p.ejected_until {
+            None => Gate::Open,
+            Some(until) if Instant::now() < until => Gate::Ejected,
+            Some(_) => Gate::HalfOpen,
+        }
+    }
+
+    /// Times this instance was ejected by passive health.
+    pub fn ejections(&self) -> u64 {
+        self.passive.lock().map(|p| p.ejections).unwrap_or(0)
+    }
+
+    /// A request served without an instance fault; true when this ends an ejection.
+    pub fn record_success(&self) -> bool {
+        let Ok(mut p) = self.passive.lock() else {
+            return false;
+        };
+        p.consecutive_failures = 0;
+        if p.ejected_until.take().is_some() {
+            p.cooldown = Duration::ZERO;
+            return true;
+        }
+        false
+    }
+
+    /// A connect failure, reset, timeout or 5xx; returns the cool-down when this ejects the
+    /// instance (the threshold was reached, or a half-open trial failed).
+    pub fn record_failure(&self) -> Option<Duration> {
+        let cfg = &self.passive_config;
+        let Ok(mut p) = self.passive.lock() else {
+            return None;
+        };
+        p.consecutive_failures = p.consecutive_failures.saturating_add(1);
+        let now = Instant::now();
+        let cooldown = match p.ejected_until {
+            // Still ejected (a request that started before the ejection): nothing new.
+            Some(until) if now < until => return None,
+            // The half-open trial failed: a longer cool-down.
+            Some(_) => (p.cooldown * 2).clamp(cfg.cooldown, cfg.max_cooldown),
+            None if p.consecutive_failures >= cfg.failures => cfg.cooldown,
+            None => return None,
+        };
+        p.cooldown = cooldown;
+        p.ejected_until = Some(now + cooldown);
+        p.ejections += 1;
+        Some(cooldown)
     }
 
     pub fn addr(&self) -> Option<SocketAddr> {
@@ -254,7 +346,54 @@ impl Drop for InFlightGuard {
 
 #[cfg(test)]
 mod tests {
-    use super::model_key;
+    use super::*;
+    use crate::config::{InstanceConfig, PassiveFile, UpstreamAddress};
+
+    fn instance() -> Instance {
+        let cfg = InstanceConfig {
+            name: "a".into(),
+            upstream: UpstreamAddress {
+                host: "127.0.0.1".into(),
+                port: 1,
+                tls: false,
+            },
+            num_parallel: 4,
+            supervised: None,
+        };
+        let passive = PassiveFile {
+            failures: 2,
+            cooldown: Duration::from_millis(50),
+            max_cooldown: Duration::from_millis(120),
+        };
+        Instance::new(0, &cfg, &passive)
+    }
+
+    #[test]
+    fn passive_ejection_half_open_and_recovery() {
+        let i = instance();
+        assert_eq!(i.slot_limit(), 0, "not ready before its first health check");
+        i.set_state(InstanceState::Ready);
+        assert_eq!(i.slot_limit(), 4);
+        assert_eq!(i.record_failure(), None);
+        assert_eq!(i.record_failure(), Some(Duration::from_millis(50)));
+        assert_eq!(i.gate(), Gate::Ejected);
+        assert_eq!(i.slot_limit(), 0);
+        assert!(!i.is_ready());
+        // A straggler's failure during the cool-down changes nothing.
+        assert_eq!(i.record_failure(), None);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(i.gate(), Gate::HalfOpen);
+        assert_eq!(i.slot_limit(), 1, "one trial request");
+        // The trial fails: twice the cool-down, capped.
+        assert_eq!(i.record_failure(), Some(Duration::from_millis(100)));
+        std::thread::sleep(Duration::from_millis(110));
+        assert_eq!(i.record_failure(), Some(Duration::from_millis(120)));
+        std::thread::sleep(Duration::from_millis(130));
+        assert!(i.record_success(), "the trial succeeded: back");
+        assert_eq!(i.gate(), Gate::Open);
+        assert_eq!(i.slot_limit(), 4);
+        assert_eq!(i.ejections(), 3);
+    }
 
     #[test]
     fn model_keys() {

@@ -1,11 +1,12 @@
 //! The upstream side: the registry of Ollama instances and how one is chosen.
 
 pub mod client;
+pub mod health;
 pub mod instance;
 pub mod models;
 pub mod select;
 
-pub use instance::{model_key, InFlightGuard, Instance, InstanceState, ProcessInfo};
+pub use instance::{model_key, Gate, InFlightGuard, Instance, InstanceState, ProcessInfo};
 
 use crate::config::Config;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ impl Registry {
                 .instances
                 .iter()
                 .enumerate()
-                .map(|(i, c)| Arc::new(Instance::new(i, c)))
+                .map(|(i, c)| Arc::new(Instance::new(i, c, &config.health.passive)))
                 .collect(),
             changed: Notify::new(),
         }
@@ -48,6 +49,31 @@ impl Registry {
         self.changed.notify_waiters();
         // Also leave a permit, so a watcher between two waits does not miss the change.
         self.changed.notify_one();
+    }
+
+    /// Records what a request saw of an instance (`ok`: no instance fault). An ejection or a
+    /// recovery changes where traffic goes, so dispatch runs again then, and again when the
+    /// cool-down ends.
+    pub fn report(self: &Arc<Self>, instance: &Arc<Instance>, ok: bool) {
+        if ok {
+            if instance.record_success() {
+                tracing::info!(instance = %instance.name, "instance passed its trial request: back in rotation");
+                self.notify_changed();
+            }
+            return;
+        }
+        if let Some(cooldown) = instance.record_failure() {
+            tracing::warn!(instance = %instance.name, cooldown = %humantime::format_duration(cooldown),
+                "instance ejected after failures in real traffic");
+            self.notify_changed();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let registry = self.clone();
+                rt.spawn(async move {
+                    tokio::time::sleep(cooldown).await;
+                    registry.notify_changed();
+                });
+            }
+        }
     }
 
     pub fn changed(&self) -> &Notify {

@@ -84,7 +84,11 @@ pub struct Mock {
 
 impl Mock {
     pub fn start(env: &[(&str, &str)]) -> Mock {
-        let port = free_port();
+        Self::start_on(free_port(), env)
+    }
+
+    /// A mock on a given port (to bring an instance back where it was).
+    pub fn start_on(port: u16, env: &[(&str, &str)]) -> Mock {
         let mut cmd = Command::new(MOCK);
         cmd.arg("serve")
             .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
@@ -260,4 +264,77 @@ pub fn logged_header(req: &serde_json::Value, name: &str) -> Option<String> {
         }),
         _ => None,
     }
+}
+
+/// Sends `POST path` with a JSON body (and extra header lines, each ending in `\r\n`) on a raw
+/// connection that closes after the response; returns the reader.
+pub fn post_raw(
+    port: u16,
+    path: &str,
+    body: &str,
+    extra_headers: &str,
+) -> std::io::BufReader<std::net::TcpStream> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n{extra_headers}\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
+    std::io::BufReader::new(s)
+}
+
+/// Reads a raw response line by line for at most `bound`, calling `each` with every line that
+/// is a JSON object (stream chunks; status, headers and chunk sizes are skipped) and the moment
+/// it arrived; `each` returns false to stop. Returns whether the connection ended.
+pub fn for_each_json_line(
+    reader: &mut std::io::BufReader<std::net::TcpStream>,
+    bound: Duration,
+    mut each: impl FnMut(serde_json::Value, std::time::SystemTime) -> bool,
+) -> bool {
+    use std::io::BufRead;
+    let mut line = String::new();
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return true,
+            Err(_) => return false,
+            Ok(_) => {}
+        }
+        let at = std::time::SystemTime::now();
+        if let Ok(v @ serde_json::Value::Object(_)) =
+            serde_json::from_str::<serde_json::Value>(line.trim())
+        {
+            if !each(v, at) {
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// All JSON-object lines of a raw response, and whether the connection ended within `bound`.
+pub fn read_json_lines(
+    reader: &mut std::io::BufReader<std::net::TcpStream>,
+    bound: Duration,
+) -> (Vec<serde_json::Value>, bool) {
+    let mut objects = Vec::new();
+    let ended = for_each_json_line(reader, bound, |v, _| {
+        objects.push(v);
+        true
+    });
+    (objects, ended)
+}
+
+/// The pid a mock reports on `/mock/stats`.
+pub fn mock_pid_on(port: u16) -> u32 {
+    client()
+        .get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .send()
+        .and_then(|r| r.json::<serde_json::Value>())
+        .ok()
+        .and_then(|v| v["pid"].as_u64())
+        .expect("mock pid") as u32
 }

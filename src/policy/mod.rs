@@ -1,0 +1,760 @@
+//! Access control and abuse resistance, between classification and admission: request-head
+//! limits, CORS, API keys, route and model policy, rate and concurrency limits, token budgets.
+//! Everything but the head limits and the body read timeout is off until configured.
+//!
+//! The conductor (`proxy/mod.rs`) calls in at five points:
+//! - [`on_request`] at the top of `request_filter` (client requests only): may answer on its own
+//!   (204 preflight, 401, 403, 413, 414, 429, 431, 400) and remembers the key in the context;
+//! - [`on_inference_body`] in the inference path once the body's model is known: 403 for a
+//!   model outside the allow-lists;
+//! - [`on_upstream_request`]: strips the sidecar's own key and an allowed `Origin`;
+//! - [`on_response`]: CORS headers for an allowed origin;
+//! - [`on_finish`] from `logging`: charges the response's tokens to the key, ends its in-flight
+//!   count.
+
+pub mod cors;
+pub mod glob;
+pub mod keys;
+pub mod limits;
+pub mod ratelimit;
+
+use crate::app::App;
+use crate::config::{AccessConfig, ApiKey};
+use crate::proxy::errors::{self, SidecarError};
+use crate::proxy::inference::Outcome;
+use crate::proxy::route::RouteClass;
+use crate::proxy::RequestCtx;
+use crate::upstream::model_key;
+use bytes::BytesMut;
+use pingora_error::{ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+use ratelimit::{lock, retry_after_secs, Bucket, ClientLimiter, InFlight, InFlightCounter};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+/// Largest body of a non-inference request read to check its model against the allow-lists
+/// (Pingora replays a body read this early only up to its 64 KiB retry buffer).
+pub const MAX_CHECKED_BODY: usize = 64 << 10;
+
+/// A configured key and its live counters.
+pub struct KeyState {
+    pub key: ApiKey,
+    /// `models` is just `*`: no model check for this key.
+    any_model: bool,
+    requests: Option<Mutex<Bucket>>,
+    tokens: Option<Mutex<Bucket>>,
+    in_flight: Arc<InFlightCounter>,
+}
+
+impl KeyState {
+    fn allows_class(&self, class: RouteClass) -> bool {
+        self.key.routes.iter().any(|r| r == class.as_str())
+    }
+}
+
+/// The policy built once from the configuration, with its counters.
+pub struct Policy {
+    keys: Vec<Arc<KeyState>>,
+    digests: Vec<[u8; 32]>,
+    per_client: Option<ClientLimiter>,
+}
+
+static POLICY: OnceLock<Policy> = OnceLock::new();
+
+impl Policy {
+    pub fn new(access: &AccessConfig) -> Policy {
+        let now = Instant::now();
+        let keys: Vec<Arc<KeyState>> = access
+            .keys
+            .iter()
+            .map(|k| {
+                Arc::new(KeyState {
+                    any_model: k.models.iter().any(|m| m == "*"),
+                    requests: k
+                        .requests_per_minute
+                        .map(|n| Mutex::new(Bucket::per_minute(n.into(), now))),
+                    tokens: k
+                        .tokens_per_minute
+                        .map(|n| Mutex::new(Bucket::per_minute(n, now))),
+                    in_flight: Arc::default(),
+                    key: k.clone(),
+                })
+            })
+            .collect();
+        Policy {
+            digests: keys.iter().map(|k| k.key.sha256).collect(),
+            keys,
+            per_client: access
+                .policy
+                .requests_per_minute_per_client
+                .map(|n| ClientLimiter::new(n.into())),
+        }
+    }
+
+    /// The process's policy (one configuration per process, like the metrics).
+    pub fn global(app: &App) -> &'static Policy {
+        POLICY.get_or_init(|| Policy::new(&app.config.access))
+    }
+
+    /// Whether any model restriction applies to this key (or to requests without one).
+    fn models_restricted(access: &AccessConfig, key: Option<&KeyState>) -> bool {
+        !access.policy.models.is_empty() || key.is_some_and(|k| !k.any_model)
+    }
+}
+
+/// What policy learned about one request.
+#[derive(Debug, Default)]
+pub struct RequestPolicy {
+    /// The key the request authenticated with.
+    key: Option<KeyStateRef>,
+    /// Counts the request against the key's `max_concurrent` until it ends.
+    in_flight: Option<InFlight>,
+    /// The body was read here (to check its model): `Expect` must not go upstream.
+    body_consumed: bool,
+}
+
+/// A key, as the request context holds it (its name without the secret's digest in `Debug`).
+pub struct KeyStateRef(Arc<KeyState>);
+
+impl std::fmt::Debug for KeyStateRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key `{}`", self.0.key.name)
+    }
+}
+
+impl RequestPolicy {
+    /// The key's name, when the request carried a key.
+    pub fn key_name(&self) -> Option<&str> {
+        self.key.as_ref().map(|k| k.0.key.name.as_str())
+    }
+
+    /// The key's admission priority, when the request carried a key.
+    pub fn priority(&self) -> Option<i32> {
+        self.key.as_ref().map(|k| k.0.key.priority)
+    }
+}
+
+/// The admission priority of a request that carried a key (it overrides any priority header).
+pub fn key_priority(ctx: &RequestCtx) -> Option<i32> {
+    ctx.policy.priority()
+}
+
+/// Whether a `model` named by a request is allowed by the policy and the key.
+pub fn model_allowed(access: &AccessConfig, key: Option<&ApiKey>, model: &str) -> bool {
+    let raw = model.trim();
+    let canonical = model_key(raw);
+    let fits = |patterns: &[String]| {
+        patterns
+            .iter()
+            .any(|p| glob::matches(p, raw) || glob::matches(p, &canonical))
+    };
+    (access.policy.models.is_empty() || fits(&access.policy.models))
+        && key.is_none_or(|k| fits(&k.models))
+}
+
+/// Why a request is refused, for the access log and metrics.
+fn refusal_reason(status: u16) -> Option<&'static str> {
+    match status {
+        401 | 403 => Some("unauthorized"),
+        429 => Some("rate_limited"),
+        413 => Some("body_too_large"),
+        400 => Some("invalid_body"),
+        _ => None,
+    }
+}
+
+/// Whether the client may still be sending a body the sidecar has not read.
+fn body_may_follow(req: &RequestHeader) -> bool {
+    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// Answers a request the policy refuses, in the route's error shape (with `WWW-Authenticate` on
+/// 401, CORS headers for an allowed origin); always `Ok(true)`: answered.
+pub async fn refuse(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    err: SidecarError,
+) -> Result<bool> {
+    let body = errors::error_body(ctx.route.shape, err.status, &err.message);
+    let mut header = errors::error_header(&err, body.len(), &ctx.request_id)?;
+    if err.status == 401 {
+        header.insert_header(
+            http::header::WWW_AUTHENTICATE,
+            "Bearer realm=\"ollama-sidecar\"",
+        )?;
+    }
+    if let Some(origin) = cors::allowed_origin(&app.config.access.cors, session.req_header()) {
+        let origin = origin.to_string();
+        cors::decorate(&mut header, &origin)?;
+    }
+    if !ctx.policy.body_consumed && body_may_follow(session.req_header()) {
+        // The body is unread: the connection cannot carry another request.
+        session.set_keepalive(None);
+    }
+    ctx.outcome = Outcome::Refused;
+    ctx.refusal = refusal_reason(err.status);
+    ctx.status = err.status;
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(true)
+}
+
+fn too_many(message: String, wait: std::time::Duration) -> SidecarError {
+    SidecarError::new(429, message).retry_after(retry_after_secs(wait))
+}
+
+/// The client's address, for per-client limits.
+fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    match session.client_addr() {
+        Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a)) => Some(a.ip()),
+        _ => None,
+    }
+}
+
+/// How a request authenticated.
+enum Auth {
+    Key(Arc<KeyState>),
+    Missing,
+    Invalid,
+}
+
+fn authenticate(policy: &Policy, req: &RequestHeader) -> Auth {
+    let presented = keys::presented(req);
+    if presented.is_empty() {
+        return Auth::Missing;
+    }
+    for (_, secret) in &presented {
+        if let Some(i) = keys::find(&policy.digests, secret) {
+            return Auth::Key(policy.keys[i].clone());
+        }
+    }
+    Auth::Invalid
+}
+
+/// The policy's checks for a client request, at the top of `request_filter`. `Ok(true)` when
+/// the request was answered here.
+pub async fn on_request(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let config = &app.config;
+    let access = &config.access;
+    // A silent client is cut off while its body is read (Pingora's own default is 60 s).
+    session.set_read_timeout(Some(config.limits.body_read_timeout));
+    if let Some(err) = limits::check(&config.limits, session.req_header()) {
+        return refuse(app, session, ctx, err).await;
+    }
+
+    // An allowed origin's preflight is answered here, before authentication: browsers send
+    // preflights without credentials.
+    if cors::is_preflight(session.req_header()) {
+        if let Some(origin) = cors::allowed_origin(&access.cors, session.req_header()) {
+            let header = cors::preflight_response(
+                &access.cors,
+                origin,
+                session.req_header(),
+                &ctx.request_id,
+            )?;
+            ctx.outcome = Outcome::Served;
+            ctx.status = 204;
+            if body_may_follow(session.req_header()) {
+                session.set_keepalive(None);
+            }
+            session
+                .write_response_header(Box::new(header), true)
+                .await?;
+            return Ok(true);
+        }
+    }
+
+    let policy = Policy::global(app);
+    let class = ctx.route.class;
+    let key = if policy.keys.is_empty() {
+        None
+    } else {
+        match authenticate(policy, session.req_header()) {
+            Auth::Key(k) => Some(k),
+            Auth::Missing if access.allow_anonymous_metadata && class == RouteClass::Metadata => {
+                None
+            }
+            Auth::Missing => {
+                let err = SidecarError::new(
+                    401,
+                    "ollama-sidecar: an API key is required (`Authorization: Bearer <key>` or `x-api-key: <key>`)",
+                );
+                return refuse(app, session, ctx, err).await;
+            }
+            Auth::Invalid => {
+                let err = SidecarError::new(401, "ollama-sidecar: invalid API key");
+                return refuse(app, session, ctx, err).await;
+            }
+        }
+    };
+    if let Some(k) = &key {
+        // The key's name is the client's identity for fairness and in the logs.
+        ctx.client = Some(Arc::from(k.key.name.as_str()));
+    }
+
+    if access
+        .policy
+        .deny_classes
+        .iter()
+        .any(|c| c == class.as_str())
+    {
+        let err = SidecarError::new(
+            403,
+            format!(
+                "ollama-sidecar: {} routes are disabled here (policy.deny_classes)",
+                class.as_str()
+            ),
+        );
+        return refuse(app, session, ctx, err).await;
+    }
+    if let Some(k) = key.as_ref().filter(|k| !k.allows_class(class)) {
+        let hint = if class == RouteClass::Management {
+            " (model management needs `admin: true`)"
+        } else {
+            ""
+        };
+        let err = SidecarError::new(
+            403,
+            format!(
+                "ollama-sidecar: key `{}` may not use {} routes{hint}",
+                k.key.name,
+                class.as_str()
+            ),
+        );
+        return refuse(app, session, ctx, err).await;
+    }
+
+    let now = Instant::now();
+    match &key {
+        None => {
+            if let (Some(limiter), Some(ip)) = (&policy.per_client, client_ip(session)) {
+                if let Err(wait) = limiter.take(ip, now) {
+                    let err = too_many(
+                        format!(
+                            "ollama-sidecar: rate limit: client {ip} may send {} requests per minute (policy.requests_per_minute_per_client)",
+                            limiter.per_minute()
+                        ),
+                        wait,
+                    );
+                    return refuse(app, session, ctx, err).await;
+                }
+            }
+        }
+        Some(k) => {
+            if let Some(tokens) = &k.tokens {
+                let checked = lock(tokens).check_positive(now);
+                if let Err(wait) = checked {
+                    let err = too_many(
+                        format!(
+                            "ollama-sidecar: rate limit: key `{}` used its {} tokens per minute (tokens_per_minute)",
+                            k.key.name,
+                            k.key.tokens_per_minute.unwrap_or_default()
+                        ),
+                        wait,
+                    );
+                    return refuse(app, session, ctx, err).await;
+                }
+            }
+            if let Some(requests) = &k.requests {
+                let taken = lock(requests).take(1.0, now);
+                if let Err(wait) = taken {
+                    let err = too_many(
+                        format!(
+                            "ollama-sidecar: rate limit: key `{}` may send {} requests per minute (requests_per_minute)",
+                            k.key.name,
+                            k.key.requests_per_minute.unwrap_or_default()
+                        ),
+                        wait,
+                    );
+                    return refuse(app, session, ctx, err).await;
+                }
+            }
+            let counted = matches!(class, RouteClass::Inference | RouteClass::Management);
+            if let (Some(max), true) = (k.key.max_concurrent, counted) {
+                match k.in_flight.try_enter(max) {
+                    Some(guard) => ctx.policy.in_flight = Some(guard),
+                    None => {
+                        let err = SidecarError::new(
+                            429,
+                            format!(
+                                "ollama-sidecar: key `{}` already has {max} requests in flight (max_concurrent)",
+                                k.key.name
+                            ),
+                        )
+                        .retry_after(1);
+                        return refuse(app, session, ctx, err).await;
+                    }
+                }
+            }
+        }
+    }
+    ctx.policy.key = key.clone().map(KeyStateRef);
+
+    // Non-inference routes that name a model (show, pull, push, create, copy, delete, and
+    // `/v1/models/:model`) are checked here; inference routes once their body is read.
+    if !Policy::models_restricted(access, key.as_deref()) || class == RouteClass::Inference {
+        return Ok(false);
+    }
+    let api_key = key.as_ref().map(|k| &k.key);
+    if ctx.route.name == "/v1/models/:model" {
+        let path = session.req_header().uri.path();
+        let model = path
+            .strip_prefix("/v1/models/")
+            .unwrap_or_default()
+            .to_string();
+        if !model_allowed(access, api_key, &model) {
+            return refuse(app, session, ctx, forbidden_model(&model, api_key)).await;
+        }
+        return Ok(false);
+    }
+    if !ctx.route.has_model_body || !body_may_follow(session.req_header()) {
+        return Ok(false);
+    }
+    let names = match read_small_json_body(session, ctx).await? {
+        SmallBody::Models(names) => names,
+        SmallBody::Refused(err) => return refuse(app, session, ctx, err).await,
+    };
+    if let Some(bad) = names.iter().find(|m| !model_allowed(access, api_key, m)) {
+        let err = forbidden_model(bad, api_key);
+        return refuse(app, session, ctx, err).await;
+    }
+    Ok(false)
+}
+
+fn forbidden_model(model: &str, key: Option<&ApiKey>) -> SidecarError {
+    let shown: String = model.chars().take(200).collect();
+    let message = match key {
+        Some(k) => format!(
+            "ollama-sidecar: model `{shown}` is not allowed for key `{}` (auth.keys[].models, policy.models)",
+            k.name
+        ),
+        None => format!("ollama-sidecar: model `{shown}` is not allowed here (policy.models)"),
+    };
+    SidecarError::new(403, message)
+}
+
+enum SmallBody {
+    Models(Vec<String>),
+    Refused(SidecarError),
+}
+
+/// The model names a management or show body mentions.
+#[derive(serde::Deserialize)]
+struct ModelFields {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    source: Option<String>,
+    #[serde(default)]
+    destination: Option<String>,
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// Reads a small JSON body (kept by Pingora's retry buffer, which sends it upstream) and
+/// returns the model names it mentions.
+async fn read_small_json_body(session: &mut Session, ctx: &mut RequestCtx) -> Result<SmallBody> {
+    let expects_continue = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects_continue {
+        session
+            .as_downstream_mut()
+            .write_continue_response()
+            .await?;
+    }
+    session.as_downstream_mut().enable_retry_buffering();
+    ctx.policy.body_consumed = true;
+    let mut buf = BytesMut::new();
+    loop {
+        let chunk = match session.read_request_body().await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(e) if *e.etype() == ErrorType::ReadTimedout => {
+                session.set_keepalive(None);
+                return Ok(SmallBody::Refused(body_timeout_error(
+                    ctx.route.class,
+                    session.get_read_timeout(),
+                )));
+            }
+            Err(e) => return Err(e),
+        };
+        if buf.len() + chunk.len() > MAX_CHECKED_BODY {
+            session.set_keepalive(None);
+            return Ok(SmallBody::Refused(SidecarError::new(
+                413,
+                "ollama-sidecar: a body over 64 KiB cannot be checked against the model allow-list",
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    ctx.request_bytes = buf.len() as u64;
+    if buf.iter().all(u8::is_ascii_whitespace) {
+        return Ok(SmallBody::Models(Vec::new()));
+    }
+    match serde_json::from_slice::<ModelFields>(&buf) {
+        Ok(f) => Ok(SmallBody::Models(
+            [f.model, f.name, f.source, f.destination, f.from]
+                .into_iter()
+                .flatten()
+                .filter(|m| !m.trim().is_empty())
+                .collect(),
+        )),
+        Err(e) => Ok(SmallBody::Refused(SidecarError::new(
+            400,
+            format!("invalid request body: {e}"),
+        ))),
+    }
+}
+
+/// The 408 for a client that went silent while sending its body.
+pub fn body_timeout_error(
+    _class: RouteClass,
+    timeout: Option<std::time::Duration>,
+) -> SidecarError {
+    SidecarError::new(
+        408,
+        format!(
+            "ollama-sidecar: the request body stopped arriving for {} (limits.body_read_timeout)",
+            humantime::format_duration(timeout.unwrap_or_default())
+        ),
+    )
+}
+
+/// Answers an inference request whose body went silent: 408, connection closed.
+pub async fn on_body_timeout(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+) -> Result<bool> {
+    session.set_keepalive(None);
+    ctx.policy.body_consumed = true;
+    let err = body_timeout_error(ctx.route.class, Some(app.config.limits.body_read_timeout));
+    refuse(app, session, ctx, err).await
+}
+
+/// The inference path's model check, once the body is parsed (`ctx.model`). A model the body
+/// does not name cannot be checked: refused when a restriction applies and the body could not
+/// be read (compressed, or not JSON); let through when a JSON body names none (Ollama answers
+/// `model is required`).
+pub async fn on_inference_body(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    body: &[u8],
+) -> Result<bool> {
+    ctx.policy.body_consumed = true;
+    let compressed = session
+        .req_header()
+        .headers
+        .contains_key(http::header::CONTENT_ENCODING);
+    if ctx.route.has_model_body
+        && !compressed
+        && limits::json_too_deep(body, limits::MAX_JSON_DEPTH)
+    {
+        let err = SidecarError::new(
+            400,
+            format!(
+                "invalid request body: JSON nested deeper than {} levels",
+                limits::MAX_JSON_DEPTH
+            ),
+        );
+        return refuse(app, session, ctx, err).await;
+    }
+    let access = &app.config.access;
+    let key = ctx.policy.key.as_ref().map(|k| k.0.clone());
+    if !Policy::models_restricted(access, key.as_deref()) {
+        return Ok(false);
+    }
+    let api_key = key.as_ref().map(|k| &k.key);
+    match ctx.model.clone() {
+        Some(model) if model_allowed(access, api_key, &model) => Ok(false),
+        Some(model) => refuse(app, session, ctx, forbidden_model(&model, api_key)).await,
+        None => {
+            let unreadable = !ctx.route.has_model_body || compressed;
+            if unreadable {
+                let err = SidecarError::new(
+                    403,
+                    "ollama-sidecar: the model allow-list needs an uncompressed JSON body naming the model",
+                );
+                refuse(app, session, ctx, err).await
+            } else {
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// The upstream request: without the sidecar's own key (a header that carries a configured key
+/// is removed; other `Authorization` values pass) and, for an allowed origin, without `Origin`.
+pub fn on_upstream_request(
+    app: &App,
+    upstream: &mut RequestHeader,
+    ctx: &RequestCtx,
+) -> Result<()> {
+    let access = &app.config.access;
+    if !access.keys.is_empty() {
+        let digests = &Policy::global(app).digests;
+        for name in [
+            http::header::AUTHORIZATION,
+            http::HeaderName::from_static(keys::X_API_KEY),
+        ] {
+            let carries = upstream
+                .headers
+                .get_all(&name)
+                .iter()
+                .any(|v| keys::carries_key(digests, &name, v.as_bytes()));
+            if carries {
+                let others: Vec<http::HeaderValue> = upstream
+                    .headers
+                    .get_all(&name)
+                    .iter()
+                    .filter(|v| !keys::carries_key(digests, &name, v.as_bytes()))
+                    .cloned()
+                    .collect();
+                upstream.remove_header(&name);
+                for v in others {
+                    upstream.append_header(name.clone(), v)?;
+                }
+            }
+        }
+    }
+    if cors::allowed_origin(&access.cors, upstream).is_some() {
+        upstream.remove_header(&http::header::ORIGIN);
+    }
+    if ctx.policy.body_consumed {
+        // The body was read (and `100 Continue` answered) here.
+        upstream.remove_header(&http::header::EXPECT);
+    }
+    Ok(())
+}
+
+/// CORS headers on a relayed response for an allowed origin.
+pub fn on_response(app: &App, session: &Session, response: &mut ResponseHeader) -> Result<()> {
+    if let Some(origin) = cors::allowed_origin(&app.config.access.cors, session.req_header()) {
+        cors::decorate(response, origin)?;
+    }
+    Ok(())
+}
+
+/// The request is over: charge its tokens (prompt + completion, as the tap read them) to the
+/// key's budget and end its in-flight count.
+pub fn on_finish(ctx: &mut RequestCtx) {
+    let policy = std::mem::take(&mut ctx.policy);
+    if let Some(tokens) = policy.key.as_ref().and_then(|k| k.0.tokens.as_ref()) {
+        let tap = ctx.tap.summary();
+        let used = tap.prompt_tokens.unwrap_or(0) + tap.completion_tokens.unwrap_or(0);
+        if used > 0 {
+            lock(tokens).charge(used as f64, Instant::now());
+        }
+    }
+}
+
+/// The admin listener's gate: with an admin token configured, `/metrics` and `/status` need
+/// `Authorization: Bearer <token>`; `/healthz` and `/readyz` stay open for probes. `None`: go on.
+pub fn admin_gate(
+    access: &AccessConfig,
+    req: &RequestHeader,
+    path: &str,
+) -> Option<http::Response<Vec<u8>>> {
+    let token = access.admin_token?;
+    if matches!(path, "/healthz" | "/readyz") {
+        return None;
+    }
+    let ok = req
+        .headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .filter_map(|v| keys::bearer(v.as_bytes()))
+        .any(|secret| keys::find(&[token], secret).is_some());
+    if ok {
+        return None;
+    }
+    let body = b"{\"error\":\"ollama-sidecar: this admin path needs `Authorization: Bearer <admin token>`\"}\n".to_vec();
+    http::Response::builder()
+        .status(401)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .header(
+            http::header::WWW_AUTHENTICATE,
+            "Bearer realm=\"ollama-sidecar admin\"",
+        )
+        .body(body)
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PolicyFile;
+
+    fn key(models: &[&str]) -> ApiKey {
+        ApiKey {
+            name: "k".into(),
+            sha256: [0; 32],
+            priority: 0,
+            max_concurrent: None,
+            requests_per_minute: None,
+            tokens_per_minute: None,
+            models: models.iter().map(|s| s.to_string()).collect(),
+            routes: vec!["inference".into()],
+            admin: false,
+        }
+    }
+
+    #[test]
+    fn models() {
+        let open = AccessConfig::default();
+        assert!(model_allowed(&open, None, "anything"));
+        let k = key(&["llama3.2"]);
+        assert!(model_allowed(&open, Some(&k), "llama3.2"));
+        assert!(model_allowed(&open, Some(&k), "LLAMA3.2"));
+        assert!(!model_allowed(&open, Some(&k), "llama3.2:1b"));
+        let k = key(&["llama3.2:latest"]);
+        assert!(model_allowed(&open, Some(&k), "llama3.2"));
+        let global = AccessConfig {
+            policy: PolicyFile {
+                models: vec!["qwen*".into()],
+                ..PolicyFile::default()
+            },
+            ..AccessConfig::default()
+        };
+        assert!(model_allowed(&global, None, "qwen3:8b"));
+        assert!(!model_allowed(&global, None, "llama3.2"));
+        // Both lists apply.
+        assert!(!model_allowed(&global, Some(&key(&["*"])), "llama3.2"));
+        assert!(!model_allowed(&global, Some(&key(&["llama*"])), "qwen3"));
+    }
+
+    #[test]
+    fn admin_gate_paths() {
+        let access = AccessConfig {
+            admin_token: Some(crate::config::sha256(b"admin-token-0123456789")),
+            ..AccessConfig::default()
+        };
+        let mut req = RequestHeader::build("GET", b"/metrics", None).unwrap();
+        assert!(admin_gate(&access, &req, "/healthz").is_none());
+        assert!(admin_gate(&access, &req, "/readyz").is_none());
+        assert_eq!(admin_gate(&access, &req, "/metrics").unwrap().status(), 401);
+        req.insert_header("authorization", "Bearer admin-token-0123456789")
+            .unwrap();
+        assert!(admin_gate(&access, &req, "/status").is_none());
+        assert!(admin_gate(&AccessConfig::default(), &req, "/status").is_none());
+    }
+}

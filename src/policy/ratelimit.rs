@@ -1,0 +1,198 @@
+//! Rate limits: token buckets (a minute's worth of capacity, refilled continuously), a per-client
+//! map of them, and per-key in-flight counters.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A bucket of `capacity` units refilled at `capacity` per minute. The level may go below zero
+/// when usage is charged after the fact (tokens): the debt is paid off by the refill.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    capacity: f64,
+    per_second: f64,
+    level: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    pub fn per_minute(capacity: u64, now: Instant) -> Bucket {
+        let capacity = capacity.max(1) as f64;
+        Bucket {
+            capacity,
+            per_second: capacity / 60.0,
+            level: capacity,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.level = (self.level + dt * self.per_second).min(self.capacity);
+        self.at = now;
+    }
+
+    /// How long until the level reaches `level`.
+    fn time_to(&self, level: f64) -> Duration {
+        let missing = (level - self.level).max(0.0);
+        Duration::from_secs_f64((missing / self.per_second).min(86_400.0))
+    }
+
+    /// Takes `n` units, or says how long until they are there.
+    pub fn take(&mut self, n: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.level >= n {
+            self.level -= n;
+            Ok(())
+        } else {
+            Err(self.time_to(n))
+        }
+    }
+
+    /// Ok while the level is above zero (some budget left), else how long until it is.
+    pub fn check_positive(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.level > 0.0 {
+            Ok(())
+        } else {
+            // A little past zero, so the client that waits finds budget.
+            Err(self.time_to(self.per_second.min(1.0)))
+        }
+    }
+
+    /// Charges usage measured after the fact; the level may go negative.
+    pub fn charge(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        self.level -= n;
+    }
+
+    /// Full again: nothing to remember.
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.level >= self.capacity
+    }
+}
+
+/// `Retry-After` seconds for a wait: rounded up, at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs_f64().ceil() as u64).max(1)
+}
+
+/// Locks a mutex, recovering the data if a panic poisoned it (a bucket is always consistent).
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Entries past which the per-client map forgets the clients whose bucket is full again.
+const CLIENTS_SWEEP_AT: usize = 10_000;
+
+/// One bucket per client address.
+pub struct ClientLimiter {
+    per_minute: u64,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+impl ClientLimiter {
+    pub fn new(per_minute: u64) -> ClientLimiter {
+        ClientLimiter {
+            per_minute,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn per_minute(&self) -> u64 {
+        self.per_minute
+    }
+
+    pub fn take(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+        let mut map = lock(&self.buckets);
+        if map.len() >= CLIENTS_SWEEP_AT {
+            map.retain(|_, b| !b.is_full(now));
+        }
+        map.entry(client)
+            .or_insert_with(|| Bucket::per_minute(self.per_minute, now))
+            .take(1.0, now)
+    }
+}
+
+/// Requests of one key in flight, bounded.
+#[derive(Debug, Default)]
+pub struct InFlightCounter(AtomicU32);
+
+/// Counts one request in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<InFlightCounter>);
+
+impl InFlightCounter {
+    /// One more in flight, unless `max` already are.
+    pub fn try_enter(self: &Arc<Self>, max: u32) -> Option<InFlight> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(self.clone()))
+    }
+
+    pub fn current(&self) -> u32 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_refill() {
+        let t0 = Instant::now();
+        let mut b = Bucket::per_minute(2, t0);
+        assert!(b.take(1.0, t0).is_ok());
+        assert!(b.take(1.0, t0).is_ok());
+        let wait = b.take(1.0, t0).unwrap_err();
+        assert!((29..=30).contains(&wait.as_secs()), "{wait:?}");
+        assert_eq!(retry_after_secs(wait), 30);
+        assert!(b.take(1.0, t0 + Duration::from_secs(30)).is_ok());
+    }
+
+    #[test]
+    fn charged_debt() {
+        let t0 = Instant::now();
+        let mut b = Bucket::per_minute(60, t0);
+        assert!(b.check_positive(t0).is_ok());
+        b.charge(120.0, t0);
+        let wait = b.check_positive(t0).unwrap_err();
+        assert!((60..=61).contains(&wait.as_secs()), "{wait:?}");
+        assert!(b.check_positive(t0 + Duration::from_secs(62)).is_ok());
+    }
+
+    #[test]
+    fn in_flight_caps() {
+        let c = Arc::new(InFlightCounter::default());
+        let a = c.try_enter(2).unwrap();
+        let _b = c.try_enter(2).unwrap();
+        assert!(c.try_enter(2).is_none());
+        drop(a);
+        assert!(c.try_enter(2).is_some());
+        assert_eq!(c.current(), 1);
+    }
+
+    #[test]
+    fn clients_are_separate() {
+        let l = ClientLimiter::new(1);
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        assert!(l.take(a, t0).is_ok());
+        assert!(l.take(a, t0).is_err());
+        assert!(l.take(b, t0).is_ok());
+    }
+}

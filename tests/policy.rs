@@ -1,0 +1,1013 @@
+//! Access control through the real server: API keys (401), model and route policy (403), request,
+//! concurrency and token rates (429 + Retry-After), CORS answered by the sidecar, the admin token,
+//! and keys that never reach the logs or the upstream. Every wait is bounded; every process
+//! started here is killed by a guard.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+const ALICE: &str = "alice-key-0123456789abcdef";
+const BOB: &str = "bob-key-0123456789abcdefgh";
+const ADMIN: &str = "admin-key-0123456789abcdef";
+
+fn sha(secret: &str) -> String {
+    format!("{:x}", Sha256::digest(secret.as_bytes()))
+}
+
+fn chat_body(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": false})
+        .to_string()
+}
+
+fn openai_body(model: &str) -> String {
+    json!({"model": model, "messages": [{"role": "user", "content": "hi"}]}).to_string()
+}
+
+/// Sends a request, returning status, headers and body.
+fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<String>,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut rb = client().request(method.parse().expect("method"), url);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    if let Some(b) = body {
+        rb = rb.header("content-type", "application/json").body(b);
+    }
+    let resp = rb.send().expect("request");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    (status, headers, resp.text().unwrap_or_default())
+}
+
+fn json_of(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// The error message, checking the body has the shape of the route's API.
+fn error_in_shape(path: &str, status: u16, body: &str) -> String {
+    let v = json_of(body);
+    if path.starts_with("/v1/messages") {
+        assert_eq!(v["type"], "error", "{body}");
+        let kind = match status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            _ => "",
+        };
+        if !kind.is_empty() {
+            assert_eq!(v["error"]["type"], kind, "{body}");
+        }
+        v["error"]["message"].as_str().expect("message").to_string()
+    } else if path.starts_with("/v1/") {
+        let kind = match status {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            400 | 413 => "invalid_request_error",
+            _ => "api_error",
+        };
+        assert_eq!(v["error"]["type"], kind, "{body}");
+        assert!(v["error"]["param"].is_null(), "{body}");
+        v["error"]["message"].as_str().expect("message").to_string()
+    } else {
+        v["error"].as_str().expect("error string").to_string()
+    }
+}
+
+/// Requests the mock served, except the sidecar's own health checks and model polls.
+fn total_requests(mock: &Mock) -> u64 {
+    let stats = mock_stats(mock);
+    let all = stats["total_requests"].as_u64().unwrap_or(0);
+    let own: u64 = ["/api/version", "/api/ps"]
+        .iter()
+        .map(|p| stats["requests"][p].as_u64().unwrap_or(0))
+        .sum();
+    all - own
+}
+
+fn keys_config(extra_key_fields: &str) -> String {
+    format!(
+        "auth:\n  keys:\n    - name: alice\n      sha256: {}\n{extra_key_fields}    - name: bob\n      key_env: TEST_BOB_KEY\n      models: [\"llama3.2*\"]\n    - name: root\n      sha256: {}\n      admin: true\n      models: [\"llama3.2*\", \"tinyllama*\"]\n",
+        sha(ALICE),
+        sha(ADMIN)
+    )
+}
+
+fn start_with_keys(mock: &Mock, extra_key_fields: &str, more: &str) -> Sidecar {
+    let body = format!(
+        "{}{}{}",
+        keys_config(extra_key_fields),
+        more,
+        external_instances(&[mock], 4)
+    );
+    Sidecar::start_with_env(&body, &[("TEST_BOB_KEY", BOB), ("RUST_LOG", "debug")])
+}
+
+#[test]
+fn missing_or_wrong_key_is_401_in_each_shape() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let before = total_requests(&mock);
+    let cases = [
+        ("POST", "/api/chat", Some(chat_body("llama3.2"))),
+        ("POST", "/api/generate", Some(json!({"model":"llama3.2","prompt":"hi"}).to_string())),
+        ("POST", "/v1/chat/completions", Some(openai_body("llama3.2"))),
+        ("POST", "/v1/messages", Some(json!({"model":"llama3.2","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}).to_string())),
+        ("GET", "/api/tags", None),
+        ("GET", "/v1/models", None),
+        ("POST", "/api/pull", Some(json!({"model":"llama3.2"}).to_string())),
+        ("GET", "/no/such/path", None),
+    ];
+    for (method, path, body) in &cases {
+        for auth in [
+            None,
+            Some(("authorization", "Bearer wrong-key-0123456789")),
+            Some(("x-api-key", "wrong-key-0123456789")),
+            Some(("authorization", "Basic YWxpY2U6eA==")),
+        ] {
+            let headers: Vec<(&str, &str)> = auth.into_iter().collect();
+            let (status, h, text) = send(method, &sc.url(path), &headers, body.clone());
+            assert_eq!(status, 401, "{method} {path} {auth:?}: {text}");
+            let msg = error_in_shape(path, status, &text);
+            assert!(msg.contains("API key"), "{msg}");
+            assert!(h
+                .get("www-authenticate")
+                .is_some_and(|v| v.to_str().unwrap_or("").starts_with("Bearer")));
+            assert!(h.get("x-request-id").is_some());
+        }
+    }
+    assert_eq!(
+        total_requests(&mock),
+        before,
+        "a refused request reached Ollama"
+    );
+
+    // The right key, in either header, passes (a key from an environment variable too).
+    for (name, value) in [
+        ("authorization", format!("Bearer {ALICE}")),
+        ("x-api-key", ALICE.to_string()),
+        ("Authorization", format!("bearer {BOB}")),
+    ] {
+        let (status, _, text) = send(
+            "POST",
+            &sc.url("/api/chat"),
+            &[(name, &value)],
+            Some(chat_body("llama3.2")),
+        );
+        assert_eq!(status, 200, "{name}: {text}");
+        let (status, _, _) = send("GET", &sc.url("/api/tags"), &[(name, &value)], None);
+        assert_eq!(status, 200);
+    }
+}
+
+#[test]
+fn keys_never_reach_the_logs_or_the_upstream() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let bearer = format!("Bearer {ALICE}");
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Option<String>);
+    let requests: Vec<Case> = vec![
+        (
+            "POST",
+            "/api/chat",
+            vec![("authorization", &bearer)],
+            Some(chat_body("llama3.2")),
+        ),
+        (
+            "POST",
+            "/v1/chat/completions",
+            vec![("x-api-key", ALICE)],
+            Some(openai_body("llama3.2")),
+        ),
+        ("GET", "/api/tags", vec![("authorization", &bearer)], None),
+        (
+            "POST",
+            "/api/show",
+            vec![("authorization", &bearer)],
+            Some(json!({"model":"llama3.2"}).to_string()),
+        ),
+        // The sidecar key in x-api-key; an Authorization meant for Ollama itself passes on.
+        (
+            "POST",
+            "/api/generate",
+            vec![
+                ("x-api-key", BOB),
+                ("authorization", "Bearer ollama-cloud-token"),
+            ],
+            Some(json!({"model":"llama3.2","prompt":"hi","stream":false}).to_string()),
+        ),
+        (
+            "POST",
+            "/api/chat",
+            vec![("authorization", "Bearer wrong-key-0123456789")],
+            Some(chat_body("llama3.2")),
+        ),
+    ];
+    for (method, path, headers, body) in requests {
+        let (status, _, text) = send(method, &sc.url(path), &headers, body);
+        assert!(status == 200 || status == 401, "{path}: {status} {text}");
+    }
+    let seen = mock_requests(&mock);
+    assert!(seen.len() >= 5, "{seen:?}");
+    for req in &seen {
+        let all = req.to_string();
+        assert!(
+            !all.contains(ALICE) && !all.contains(BOB),
+            "key forwarded: {all}"
+        );
+        if req["path"] != "/api/generate" {
+            assert_eq!(logged_header(req, "authorization"), None, "{all}");
+        }
+        assert_eq!(logged_header(req, "x-api-key"), None, "{all}");
+    }
+    let generate = seen
+        .iter()
+        .find(|r| r["path"] == "/api/generate")
+        .expect("generate forwarded");
+    assert_eq!(
+        logged_header(generate, "authorization").as_deref(),
+        Some("Bearer ollama-cloud-token")
+    );
+    // The access log names the key, never the secret (RUST_LOG=debug).
+    let log = sc.log_text();
+    assert!(
+        log.contains("client=alice") || log.contains("\"client\":\"alice\""),
+        "{log}"
+    );
+    assert!(
+        !log.contains(ALICE) && !log.contains(BOB),
+        "a key in the log:\n{log}"
+    );
+    assert!(
+        !log.contains("wrong-key-0123456789"),
+        "a presented key in the log"
+    );
+}
+
+#[test]
+fn auth_off_leaves_authorization_alone() {
+    let mock = Mock::start(&[]);
+    let sc = Sidecar::start(&external_instances(&[&mock], 2));
+    let (status, _, _) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[("authorization", "Bearer anything"), ("x-api-key", "k")],
+        Some(chat_body("llama3.2")),
+    );
+    assert_eq!(status, 200);
+    let seen = mock_requests(&mock);
+    let chat = seen
+        .iter()
+        .find(|r| r["path"] == "/api/chat")
+        .expect("chat");
+    assert_eq!(
+        logged_header(chat, "authorization").as_deref(),
+        Some("Bearer anything")
+    );
+    assert_eq!(logged_header(chat, "x-api-key").as_deref(), Some("k"));
+}
+
+#[test]
+fn forbidden_model_is_403_in_each_shape() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let bob = format!("Bearer {BOB}");
+    let auth = [("authorization", bob.as_str())];
+    let before = total_requests(&mock);
+    let cases = [
+        ("/api/chat", chat_body("qwen3:8b")),
+        ("/api/chat", chat_body("llama3")),
+        (
+            "/api/generate",
+            json!({"model":"mistral","prompt":"x"}).to_string(),
+        ),
+        (
+            "/api/embed",
+            json!({"model":"nomic-embed-text","input":"x"}).to_string(),
+        ),
+        ("/v1/chat/completions", openai_body("qwen3:8b")),
+        (
+            "/v1/embeddings",
+            json!({"model":"nomic-embed-text","input":"x"}).to_string(),
+        ),
+        (
+            "/v1/messages",
+            json!({"model":"qwen3","max_tokens":8,"messages":[]}).to_string(),
+        ),
+        ("/api/show", json!({"model":"qwen3:8b"}).to_string()),
+        ("/api/show", json!({"name":"qwen3:8b"}).to_string()),
+    ];
+    for (path, body) in &cases {
+        let (status, _, text) = send("POST", &sc.url(path), &auth, Some(body.clone()));
+        assert_eq!(status, 403, "{path} {body}: {text}");
+        let msg = error_in_shape(path, status, &text);
+        assert!(msg.contains("not allowed for key `bob`"), "{msg}");
+    }
+    let (status, _, text) = send("GET", &sc.url("/v1/models/qwen3:8b"), &auth, None);
+    assert_eq!(status, 403, "{text}");
+    // A compressed body cannot be checked: refused while a model restriction applies.
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[
+            ("authorization", bob.as_str()),
+            ("content-encoding", "gzip"),
+        ],
+        Some("\u{1f}binary".to_string()),
+    );
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(
+        total_requests(&mock),
+        before,
+        "a forbidden model reached Ollama"
+    );
+
+    // Allowed: the raw name or its `name:tag` form matches `llama3.2*`.
+    for model in ["llama3.2", "llama3.2:latest", "LLAMA3.2:1b"] {
+        let (status, _, text) = send("POST", &sc.url("/api/chat"), &auth, Some(chat_body(model)));
+        // Ollama (the mock) decides whether it has the model.
+        assert!(status == 200 || status == 404, "{model}: {status} {text}");
+    }
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/v1/chat/completions"),
+        &auth,
+        Some(openai_body("llama3.2")),
+    );
+    assert_eq!(status, 200, "{text}");
+    // Alice's key allows every model.
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[("x-api-key", ALICE)],
+        Some(chat_body("qwen3:8b")),
+    );
+    assert_ne!(status, 403, "{text}");
+}
+
+#[test]
+fn management_needs_an_admin_key() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let before = total_requests(&mock);
+    let alice = format!("Bearer {ALICE}");
+    let root = format!("Bearer {ADMIN}");
+    for (method, path, body) in [
+        ("POST", "/api/pull", json!({"model":"llama3.2"})),
+        ("DELETE", "/api/delete", json!({"model":"llama3.2"})),
+        (
+            "POST",
+            "/api/copy",
+            json!({"source":"llama3.2","destination":"x"}),
+        ),
+        (
+            "POST",
+            "/api/create",
+            json!({"model":"x","from":"llama3.2"}),
+        ),
+        ("POST", "/api/push", json!({"model":"llama3.2"})),
+    ] {
+        let (status, _, text) = send(
+            method,
+            &sc.url(path),
+            &[("authorization", alice.as_str())],
+            Some(body.to_string()),
+        );
+        assert_eq!(status, 403, "{path}: {text}");
+        let msg = error_in_shape(path, status, &text);
+        assert!(
+            msg.contains("management") && msg.contains("admin: true"),
+            "{msg}"
+        );
+    }
+    let (status, _, _) = send(
+        "HEAD",
+        &sc.url("/api/blobs/sha256:0000"),
+        &[("authorization", alice.as_str())],
+        None,
+    );
+    assert_eq!(status, 403);
+    // The admin key's own model list applies to management bodies too.
+    for (method, path, body) in [
+        ("POST", "/api/pull", json!({"model":"qwen3"})),
+        ("DELETE", "/api/delete", json!({"name":"qwen3"})),
+        (
+            "POST",
+            "/api/copy",
+            json!({"source":"llama3.2","destination":"qwen3"}),
+        ),
+        (
+            "POST",
+            "/api/create",
+            json!({"model":"llama3.2-mine","from":"qwen3"}),
+        ),
+    ] {
+        let (status, _, text) = send(
+            method,
+            &sc.url(path),
+            &[("authorization", root.as_str())],
+            Some(body.to_string()),
+        );
+        assert_eq!(status, 403, "{path}: {text}");
+    }
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/api/pull"),
+        &[("authorization", root.as_str())],
+        Some("{not json".to_string()),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(
+        total_requests(&mock),
+        before,
+        "a refused request reached Ollama"
+    );
+
+    // Allowed: the body read for the check still reaches Ollama whole.
+    let body = json!({"model":"tinyllama","stream":false}).to_string();
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/api/pull"),
+        &[("authorization", root.as_str())],
+        Some(body.clone()),
+    );
+    assert_eq!(status, 200, "{text}");
+    let seen = mock_requests(&mock);
+    let pull = seen
+        .iter()
+        .find(|r| r["path"] == "/api/pull")
+        .expect("pull forwarded");
+    assert_eq!(pull["body_len"].as_u64(), Some(body.len() as u64), "{pull}");
+    assert_eq!(pull["model"], "tinyllama", "{pull}");
+}
+
+#[test]
+fn request_rate_is_429_with_retry_after() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "      requests_per_minute: 4\n", "");
+    let alice = format!("Bearer {ALICE}");
+    let auth = [("authorization", alice.as_str())];
+    for _ in 0..4 {
+        let (status, _, text) = send(
+            "POST",
+            &sc.url("/api/chat"),
+            &auth,
+            Some(chat_body("llama3.2")),
+        );
+        assert_eq!(status, 200, "{text}");
+    }
+    let before = total_requests(&mock);
+    for path in ["/api/chat", "/v1/chat/completions", "/api/tags"] {
+        let body = (path != "/api/tags").then(|| chat_body("llama3.2"));
+        let method = if body.is_some() { "POST" } else { "GET" };
+        let (status, h, text) = send(method, &sc.url(path), &auth, body);
+        assert_eq!(status, 429, "{path}: {text}");
+        let msg = error_in_shape(path, status, &text);
+        assert!(msg.contains("4 requests per minute"), "{msg}");
+        let after: u64 = h
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After");
+        assert!((1..=15).contains(&after), "Retry-After {after}");
+    }
+    assert_eq!(total_requests(&mock), before);
+    // Another key has its own budget.
+    let (status, _, _) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[("x-api-key", BOB)],
+        Some(chat_body("llama3.2")),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn concurrency_cap_is_429() {
+    // Each stream takes about 8 x 150 ms.
+    let mock = Mock::start(&[("MOCK_TOKEN_DELAY_MS", "150")]);
+    let sc = start_with_keys(&mock, "      max_concurrent: 1\n", "");
+    let alice = format!("Bearer {ALICE}");
+    let stream_body =
+        json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}).to_string();
+    let first = client()
+        .post(sc.url("/api/chat"))
+        .header("authorization", &alice)
+        .body(stream_body.clone())
+        .send()
+        .expect("first stream");
+    assert_eq!(first.status(), 200);
+    for path in ["/api/chat", "/v1/chat/completions"] {
+        let (status, h, text) = send(
+            "POST",
+            &sc.url(path),
+            &[("authorization", alice.as_str())],
+            Some(chat_body("llama3.2")),
+        );
+        assert_eq!(status, 429, "{path}: {text}");
+        let msg = error_in_shape(path, status, &text);
+        assert!(msg.contains("max_concurrent"), "{msg}");
+        assert_eq!(
+            h.get("retry-after").and_then(|v| v.to_str().ok()),
+            Some("1")
+        );
+    }
+    // Metadata is not counted; another key is not affected.
+    let (status, _, _) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[("authorization", alice.as_str())],
+        None,
+    );
+    assert_eq!(status, 200);
+    let (status, _, _) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[("x-api-key", BOB)],
+        Some(chat_body("llama3.2")),
+    );
+    assert_eq!(status, 200);
+    // Once the stream is over, the key may send again.
+    let text = first.text().expect("stream");
+    assert!(text.contains("\"done\":true"), "{text}");
+    assert!(wait_until(Duration::from_secs(5), || {
+        send(
+            "POST",
+            &sc.url("/api/chat"),
+            &[("authorization", alice.as_str())],
+            Some(chat_body("llama3.2")),
+        )
+        .0 == 200
+    }));
+}
+
+#[test]
+fn token_budget_is_429_after_usage() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "      tokens_per_minute: 20\n", "");
+    let alice = format!("Bearer {ALICE}");
+    let auth = [("authorization", alice.as_str())];
+    // The first answer spends more than the budget (prompt + completion tokens)...
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/api/generate"),
+        &auth,
+        Some(json!({"model":"llama3.2","prompt":"a long prompt to count several tokens in it please","stream":false,"options":{"num_predict":16}}).to_string()),
+    );
+    assert_eq!(status, 200, "{text}");
+    let v = json_of(&text);
+    let used = v["prompt_eval_count"].as_u64().unwrap_or(0) + v["eval_count"].as_u64().unwrap_or(0);
+    assert!(
+        used > 20,
+        "the mock answered with only {used} tokens: {text}"
+    );
+    // ... so the next one waits for the refill, in every shape.
+    for path in ["/api/chat", "/v1/chat/completions"] {
+        let (status, h, text) = send("POST", &sc.url(path), &auth, Some(chat_body("llama3.2")));
+        assert_eq!(status, 429, "{path}: {text}");
+        let msg = error_in_shape(path, status, &text);
+        assert!(msg.contains("tokens per minute"), "{msg}");
+        let after: u64 = h
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After");
+        assert!((1..=300).contains(&after), "Retry-After {after}");
+    }
+    // Streamed usage is counted as well: bob's budget is untouched, alice's stays spent.
+    let (status, _, _) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[("x-api-key", BOB)],
+        Some(chat_body("llama3.2")),
+    );
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn streamed_tokens_are_charged() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "      tokens_per_minute: 5\n", "");
+    let alice = format!("Bearer {ALICE}");
+    let stream_body =
+        json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}).to_string();
+    let resp = client()
+        .post(sc.url("/api/chat"))
+        .header("authorization", &alice)
+        .body(stream_body)
+        .send()
+        .expect("stream");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().expect("body").contains("\"eval_count\""));
+    // Charged when the request ends (after the last chunk reached the client).
+    assert!(wait_until(Duration::from_secs(5), || {
+        send(
+            "POST",
+            &sc.url("/api/chat"),
+            &[("authorization", alice.as_str())],
+            Some(chat_body("llama3.2")),
+        )
+        .0 == 429
+    }));
+}
+
+#[test]
+fn anonymous_metadata_when_allowed() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let (status, _, _) = send("GET", &sc.url("/api/tags"), &[], None);
+    assert_eq!(status, 401, "metadata needs a key by default");
+    drop(sc);
+    let body = format!(
+        "{}  allow_anonymous_metadata: true\n{}",
+        keys_config(""),
+        external_instances(&[&mock], 2)
+    );
+    let sc = Sidecar::start_with_env(&body, &[("TEST_BOB_KEY", BOB)]);
+    for path in ["/", "/api/version", "/api/tags", "/api/ps", "/v1/models"] {
+        let (status, _, text) = send("GET", &sc.url(path), &[], None);
+        assert_eq!(status, 200, "{path}: {text}");
+    }
+    let (status, _, _) = send(
+        "POST",
+        &sc.url("/api/chat"),
+        &[],
+        Some(chat_body("llama3.2")),
+    );
+    assert_eq!(status, 401);
+    // A wrong key is refused even where no key is needed.
+    let (status, _, _) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[("x-api-key", "nope-0123456789abcdef")],
+        None,
+    );
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn policy_without_keys() {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "policy:\n  models: [\"llama3.2*\"]\n  deny_classes: [management]\n  requests_per_minute_per_client: 6\n{}",
+        external_instances(&[&mock], 2)
+    );
+    let sc = Sidecar::start(&body);
+    let before = total_requests(&mock);
+    let (status, _, text) = send("POST", &sc.url("/api/chat"), &[], Some(chat_body("qwen3")));
+    assert_eq!(status, 403);
+    assert!(error_in_shape("/api/chat", 403, &text).contains("policy.models"));
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/v1/chat/completions"),
+        &[],
+        Some(openai_body("qwen3")),
+    );
+    assert_eq!(status, 403);
+    error_in_shape("/v1/chat/completions", 403, &text);
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/api/pull"),
+        &[],
+        Some(json!({"model":"llama3.2"}).to_string()),
+    );
+    assert_eq!(status, 403);
+    assert!(error_in_shape("/api/pull", 403, &text).contains("policy.deny_classes"));
+    assert_eq!(total_requests(&mock), before);
+    // Two of six used (the refused models; a denied route is refused before counting): four
+    // more pass, then 429 for this client address.
+    for _ in 0..4 {
+        let (status, _, text) = send(
+            "POST",
+            &sc.url("/api/chat"),
+            &[],
+            Some(chat_body("llama3.2")),
+        );
+        assert_eq!(status, 200, "{text}");
+    }
+    let (status, h, text) = send("GET", &sc.url("/api/tags"), &[], None);
+    assert_eq!(status, 429, "{text}");
+    assert!(error_in_shape("/api/tags", 429, &text).contains("requests_per_minute_per_client"));
+    assert!(h.get("retry-after").is_some());
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/v1/chat/completions"),
+        &[],
+        Some(openai_body("llama3.2")),
+    );
+    assert_eq!(status, 429);
+    error_in_shape("/v1/chat/completions", 429, &text);
+}
+
+#[test]
+fn cors_answered_by_the_sidecar() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(
+        &mock,
+        "",
+        "cors:\n  origins: [\"https://app.example\"]\n  max_age: 5m\n",
+    );
+    let before = total_requests(&mock);
+    let alice = format!("Bearer {ALICE}");
+    // Preflight: answered here (no key needed), never forwarded.
+    for path in ["/api/chat", "/v1/chat/completions", "/api/tags"] {
+        let (status, h, body) = send(
+            "OPTIONS",
+            &sc.url(path),
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type, x-stainless-os",
+                ),
+            ],
+            None,
+        );
+        assert_eq!(status, 204, "{path}: {body}");
+        let get = |k: &str| {
+            h.get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        assert_eq!(get("access-control-allow-origin"), "https://app.example");
+        assert!(get("access-control-allow-methods").contains("POST"));
+        assert_eq!(
+            get("access-control-allow-headers"),
+            "authorization, content-type, x-stainless-os"
+        );
+        assert_eq!(get("access-control-max-age"), "300");
+        assert_eq!(get("vary"), "Origin");
+        assert!(body.is_empty());
+    }
+    assert_eq!(total_requests(&mock), before, "a preflight was forwarded");
+
+    // Actual requests: the allowed origin gets the header; Ollama never sees the Origin.
+    for (method, path, body) in [
+        ("POST", "/api/chat", Some(chat_body("llama3.2"))),
+        (
+            "POST",
+            "/v1/chat/completions",
+            Some(openai_body("llama3.2")),
+        ),
+        ("GET", "/api/tags", None),
+    ] {
+        let (status, h, text) = send(
+            method,
+            &sc.url(path),
+            &[
+                ("origin", "https://app.example"),
+                ("authorization", alice.as_str()),
+            ],
+            body,
+        );
+        assert_eq!(status, 200, "{path}: {text}");
+        assert_eq!(
+            h.get("access-control-allow-origin")
+                .and_then(|v| v.to_str().ok()),
+            Some("https://app.example"),
+            "{path}"
+        );
+        assert!(h
+            .get_all("vary")
+            .iter()
+            .any(|v| v.to_str().unwrap_or("").contains("Origin")));
+        assert!(h
+            .get("access-control-expose-headers")
+            .is_some_and(|v| v.to_str().unwrap_or("").contains("X-Request-Id")));
+    }
+    let seen = mock_requests(&mock);
+    assert!(
+        seen.iter().all(|r| logged_header(r, "origin").is_none()),
+        "{seen:?}"
+    );
+    // The sidecar's own errors carry the header too, so the page can read them.
+    let (status, h, _) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[("origin", "https://app.example")],
+        None,
+    );
+    assert_eq!(status, 401);
+    assert!(h.get("access-control-allow-origin").is_some());
+
+    // A disallowed origin: no CORS headers, and the request passes as before, Origin included:
+    // Ollama's own origin check (the mock has it too) refuses it.
+    let (status, h, _) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[
+            ("origin", "https://evil.example"),
+            ("authorization", alice.as_str()),
+        ],
+        None,
+    );
+    assert_eq!(status, 403);
+    assert!(h.get("access-control-allow-origin").is_none());
+    let seen = mock_requests(&mock);
+    assert!(seen
+        .iter()
+        .any(|r| logged_header(r, "origin").as_deref() == Some("https://evil.example")));
+    let (status, h, _) = send(
+        "OPTIONS",
+        &sc.url("/api/chat"),
+        &[
+            ("origin", "https://evil.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        None,
+    );
+    assert_eq!(
+        status, 401,
+        "a disallowed preflight is not answered by the sidecar"
+    );
+    assert!(h.get("access-control-allow-origin").is_none());
+}
+
+#[test]
+fn cors_off_passes_through() {
+    let mock = Mock::start(&[]);
+    let sc = Sidecar::start(&external_instances(&[&mock], 2));
+    let before = total_requests(&mock);
+    let (_, h, _) = send(
+        "OPTIONS",
+        &sc.url("/api/tags"),
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "GET"),
+        ],
+        None,
+    );
+    assert!(h.get("access-control-allow-origin").is_none());
+    assert_eq!(
+        total_requests(&mock),
+        before + 1,
+        "the preflight goes to Ollama"
+    );
+    // Origin forwarded: Ollama's own check decides (the reason the sidecar can answer CORS).
+    let (status, _, _) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[("origin", "https://app.example")],
+        None,
+    );
+    assert_eq!(status, 403);
+    let seen = mock_requests(&mock);
+    assert!(seen
+        .iter()
+        .any(|r| logged_header(r, "origin").as_deref() == Some("https://app.example")));
+}
+
+/// A sidecar with an admin token (the `admin` section is not `Sidecar::start`'s to write).
+struct AdminSidecar {
+    admin_port: u16,
+    _proc: Proc,
+    _config: tempfile::NamedTempFile,
+}
+
+fn start_admin_token_sidecar(mock: &Mock, token: &str) -> AdminSidecar {
+    use std::io::Write;
+    let port = free_port();
+    let admin_port = free_port();
+    let mut config = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("config");
+    write!(
+        config,
+        "listen: 127.0.0.1:{port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\n  token_env: TEST_ADMIN_TOKEN\n{}",
+        external_instances(&[mock], 1)
+    )
+    .expect("write");
+    let child = std::process::Command::new(SIDECAR)
+        .arg("--config")
+        .arg(config.path())
+        .env("TEST_ADMIN_TOKEN", token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn sidecar");
+    let proc = Proc { child };
+    assert!(wait_until(Duration::from_secs(15), || port_open(
+        admin_port
+    ) && port_open(port)));
+    AdminSidecar {
+        admin_port,
+        _proc: proc,
+        _config: config,
+    }
+}
+
+#[test]
+fn admin_token_guards_metrics_and_status() {
+    let mock = Mock::start(&[]);
+    let token = "admin-token-0123456789abcdef";
+    let sc = start_admin_token_sidecar(&mock, token);
+    let url = |p: &str| format!("http://127.0.0.1:{}{p}", sc.admin_port);
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            send("GET", &url(path), &[], None).0,
+            200,
+            "{path} stays open"
+        );
+    }
+    for path in ["/metrics", "/status"] {
+        let (status, h, body) = send("GET", &url(path), &[], None);
+        assert_eq!(status, 401, "{path}: {body}");
+        assert!(h.get("www-authenticate").is_some());
+        let (status, _, _) = send(
+            "GET",
+            &url(path),
+            &[("authorization", "Bearer wrong")],
+            None,
+        );
+        assert_eq!(status, 401);
+        let bearer = format!("Bearer {token}");
+        let (status, _, body) = send(
+            "GET",
+            &url(path),
+            &[("authorization", bearer.as_str())],
+            None,
+        );
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+}
+
+#[test]
+fn invalid_access_config_names_the_key() {
+    let cases = [
+        ("auth:\n  keys:\n    - name: a\n      sha256: xyz\n", "auth.keys[0].sha256"),
+        ("auth:\n  keys:\n    - name: a\n", "auth.keys[0]: expected exactly one of"),
+        ("auth:\n  keys:\n    - name: a\n      key_env: TEST_SURELY_UNSET_VAR\n", "auth.keys[0].key_env: environment variable `TEST_SURELY_UNSET_VAR` is not set"),
+        ("auth:\n  keys:\n    - name: a\n      key_file: /nonexistent/key\n", "auth.keys[0].key_file: cannot read"),
+        ("auth:\n  keys:\n    - name: a\n      sha256: abababababababababababababababababababababababababababababababab\n      routes: [management]\n", "auth.keys[0].routes: `management` needs `admin: true`"),
+        ("policy:\n  deny_classes: [everything]\n", "policy.deny_classes[0]: `everything`: expected one of"),
+        ("cors:\n  origins: [\"app.example\"]\n", "cors.origins[0]"),
+        ("limits:\n  max_headers: 1000\n", "limits.max_headers: expected 1 to 256"),
+        ("limits:\n  body_read_timeout: 1ms\n", "limits.body_read_timeout"),
+        ("auth:\n  allow_anonymous_metadata: true\n", "auth.allow_anonymous_metadata"),
+    ];
+    for (yaml, expected) in cases {
+        let mut config = tempfile::Builder::new()
+            .suffix(".yaml")
+            .tempfile()
+            .expect("config");
+        std::io::Write::write_all(
+            &mut config,
+            format!("{yaml}instances:\n  - name: a\n    url: http://127.0.0.1:1\n").as_bytes(),
+        )
+        .expect("write");
+        let out = std::process::Command::new(SIDECAR)
+            .arg("check")
+            .arg("--config")
+            .arg(config.path())
+            .output()
+            .expect("check");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{yaml}: expected `{expected}` in: {stderr}"
+        );
+        assert!(
+            stderr.contains(&config.path().display().to_string()),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn denied_route_class_is_403_in_each_shape() {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "policy:\n  deny_classes: [inference]\n{}",
+        external_instances(&[&mock], 2)
+    );
+    let sc = Sidecar::start(&body);
+    let before = total_requests(&mock);
+    for (path, body) in [
+        ("/api/chat", chat_body("llama3.2")),
+        ("/v1/chat/completions", openai_body("llama3.2")),
+        (
+            "/v1/messages",
+            json!({"model":"llama3.2","max_tokens":8,"messages":[]}).to_string(),
+        ),
+    ] {
+        let (status, _, text) = send("POST", &sc.url(path), &[], Some(body));
+        assert_eq!(status, 403, "{path}: {text}");
+        let msg = error_in_shape(path, status, &text);
+        assert!(msg.contains("inference routes are disabled"), "{msg}");
+    }
+    assert_eq!(total_requests(&mock), before);
+    let (status, _, _) = send("GET", &sc.url("/v1/models"), &[], None);
+    assert_eq!(status, 200);
+}
