@@ -305,3 +305,38 @@ fn an_oversized_body_is_refused_with_413() {
         0
     );
 }
+
+#[test]
+fn a_higher_priority_request_overtakes_the_queue() {
+    // One slot; each request takes about 100 ms (4 tokens x 25 ms).
+    let mock = Mock::start(&[("MOCK_TOKENS", "4"), ("MOCK_TOKEN_DELAY_MS", "25")]);
+    let sidecar = Sidecar::start(&format!(
+        "admission:\n  priority_header: X-Priority\n{}",
+        external_instances(&[&mock], 1)
+    ));
+    let port = sidecar.port;
+    // Returns when the request finished.
+    let send = move |priority: i32| {
+        let r = client()
+            .post(format!("http://127.0.0.1:{port}/api/chat"))
+            .header("X-Priority", priority.to_string())
+            .json(&json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        Instant::now()
+    };
+    // Six low-priority requests from the same client queue up behind the one in service ...
+    let low: Vec<_> = (0..6)
+        .map(|_| std::thread::spawn(move || send(0)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    // ... and a high-priority one goes next.
+    let high = send(10);
+    let lows: Vec<Instant> = low.into_iter().map(|h| h.join().unwrap()).collect();
+    let before = lows.iter().filter(|t| **t < high).count();
+    assert!(
+        before <= 2,
+        "{before} of 6 low-priority requests finished before the high-priority one"
+    );
+}
