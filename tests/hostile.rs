@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 
 /// Requests the mock served, except the sidecar's own health checks and model polls.
 fn total_requests(mock: &Mock) -> u64 {
-    let stats = mock_stats(mock);
-    let all = stats["total_requests"].as_u64().unwrap_or(0);
-    let own: u64 = ["/api/version", "/api/ps"]
+    // Requests from clients: the mock's log less the sidecar's own calls (health checks, model
+    // polls), which say who they are in their User-Agent.
+    mock_requests(mock)
         .iter()
-        .map(|p| stats["requests"][p].as_u64().unwrap_or(0))
-        .sum();
-    all - own
+        .filter(|r| {
+            !logged_header(r, "user-agent").is_some_and(|ua| ua.starts_with("ollama-sidecar"))
+        })
+        .count() as u64
 }
 
 /// Writes `request`, then reads until the connection closes or `limit` passes.
