@@ -12,16 +12,6 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 /// Requests the mock served, except the sidecar's own health checks and model polls.
-fn total_requests(mock: &Mock) -> u64 {
-    // Requests from clients: the mock's log less the sidecar's own calls (health checks, model
-    // polls), which say who they are in their User-Agent.
-    mock_requests(mock)
-        .iter()
-        .filter(|r| {
-            !logged_header(r, "user-agent").is_some_and(|ua| ua.starts_with("ollama-sidecar"))
-        })
-        .count() as u64
-}
 
 /// Writes `request`, then reads until the connection closes or `limit` passes.
 fn raw_exchange(port: u16, request: &[u8], limit: Duration) -> Vec<u8> {
@@ -136,7 +126,7 @@ fn sidecar_for(mock: &Mock, extra: &str) -> Sidecar {
 fn malformed_input_table() {
     let mock = Mock::start(&[]);
     let sc = sidecar_for(&mock, "");
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let deep = format!(
         "{{\"model\":\"m\",\"x\":{}1{}}}",
         "[".repeat(5000),
@@ -227,7 +217,7 @@ fn malformed_input_table() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The sidecar is still fine, and the instance saw none of it.
     assert_eq!(
-        total_requests(&mock),
+        client_requests(&mock),
         before,
         "a malformed request reached the instance"
     );
@@ -242,7 +232,7 @@ fn head_limits_are_configurable() {
         &mock,
         "  max_headers: 10\n  max_header_bytes: 2KiB\n  max_uri_bytes: 512\n",
     );
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let resp = raw_exchange(
         sc.port,
         &with_headers("/api/chat", 12),
@@ -262,7 +252,7 @@ fn head_limits_are_configurable() {
     );
     let resp = raw_exchange(sc.port, long.as_bytes(), Duration::from_secs(5));
     assert_eq!(status_of(&resp), 414);
-    assert_eq!(total_requests(&mock), before);
+    assert_eq!(client_requests(&mock), before);
     // Within the limits: served.
     let resp = raw_exchange(
         sc.port,
@@ -365,7 +355,7 @@ fn trickled_bodies_are_cut_before_admission() {
     assert!(wait_until(Duration::from_secs(10), || port_open(
         sc.admin_port
     )));
-    let before_mock = total_requests(&mock);
+    let before_mock = client_requests(&mock);
     let before = admin_status(&sc)["queue"]["counters"].clone();
 
     for (path, shape) in [
@@ -412,7 +402,7 @@ fn trickled_bodies_are_cut_before_admission() {
     let after = admin_status(&sc)["queue"]["counters"].clone();
     assert_eq!(before, after, "a trickled body reached admission");
     assert_eq!(
-        total_requests(&mock),
+        client_requests(&mock),
         before_mock,
         "a trickled body reached the instance"
     );

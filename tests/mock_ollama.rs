@@ -1195,7 +1195,7 @@ async fn client_disconnect_stops_the_stream() {
 async fn clients_leaving_while_queued_or_waiting_are_counted() {
     let m = spawn(&[
         ("OLLAMA_NUM_PARALLEL", "1"),
-        ("MOCK_FIRST_TOKEN_DELAY_MS", "1000"),
+        ("MOCK_FIRST_TOKEN_DELAY_MS", "3000"),
     ]);
     let body = json!({"model": "llama3.2", "prompt": "x", "stream": false});
     let a = tokio::spawn(m.http.post(m.url("/api/generate")).json(&body).send());
@@ -1204,7 +1204,7 @@ async fn clients_leaving_while_queued_or_waiting_are_counted() {
     // B waits in the queue and gives up.
     let impatient = reqwest::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_millis(100))
+        .timeout(Duration::from_millis(400))
         .build()
         .unwrap();
     assert!(impatient

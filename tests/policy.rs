@@ -83,15 +83,6 @@ fn error_in_shape(path: &str, status: u16, body: &str) -> String {
 }
 
 /// Requests the mock served, except the sidecar's own health checks and model polls.
-fn total_requests(mock: &Mock) -> u64 {
-    let stats = mock_stats(mock);
-    let all = stats["total_requests"].as_u64().unwrap_or(0);
-    let own: u64 = ["/api/version", "/api/ps"]
-        .iter()
-        .map(|p| stats["requests"][p].as_u64().unwrap_or(0))
-        .sum();
-    all - own
-}
 
 fn keys_config(extra_key_fields: &str) -> String {
     format!(
@@ -115,7 +106,7 @@ fn start_with_keys(mock: &Mock, extra_key_fields: &str, more: &str) -> Sidecar {
 fn missing_or_wrong_key_is_401_in_each_shape() {
     let mock = Mock::start(&[]);
     let sc = start_with_keys(&mock, "", "");
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let cases = [
         ("POST", "/api/chat", Some(chat_body("llama3.2"))),
         ("POST", "/api/generate", Some(json!({"model":"llama3.2","prompt":"hi"}).to_string())),
@@ -145,7 +136,7 @@ fn missing_or_wrong_key_is_401_in_each_shape() {
         }
     }
     assert_eq!(
-        total_requests(&mock),
+        client_requests(&mock),
         before,
         "a refused request reached Ollama"
     );
@@ -281,7 +272,7 @@ fn forbidden_model_is_403_in_each_shape() {
     let sc = start_with_keys(&mock, "", "");
     let bob = format!("Bearer {BOB}");
     let auth = [("authorization", bob.as_str())];
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let cases = [
         ("/api/chat", chat_body("qwen3:8b")),
         ("/api/chat", chat_body("llama3")),
@@ -325,7 +316,7 @@ fn forbidden_model_is_403_in_each_shape() {
     );
     assert_eq!(status, 403, "{text}");
     assert_eq!(
-        total_requests(&mock),
+        client_requests(&mock),
         before,
         "a forbidden model reached Ollama"
     );
@@ -357,7 +348,7 @@ fn forbidden_model_is_403_in_each_shape() {
 fn management_needs_an_admin_key() {
     let mock = Mock::start(&[]);
     let sc = start_with_keys(&mock, "", "");
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let alice = format!("Bearer {ALICE}");
     let root = format!("Bearer {ADMIN}");
     for (method, path, body) in [
@@ -426,7 +417,7 @@ fn management_needs_an_admin_key() {
     );
     assert_eq!(status, 400, "{text}");
     assert_eq!(
-        total_requests(&mock),
+        client_requests(&mock),
         before,
         "a refused request reached Ollama"
     );
@@ -464,7 +455,7 @@ fn request_rate_is_429_with_retry_after() {
         );
         assert_eq!(status, 200, "{text}");
     }
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     for path in ["/api/chat", "/v1/chat/completions", "/api/tags"] {
         let body = (path != "/api/tags").then(|| chat_body("llama3.2"));
         let method = if body.is_some() { "POST" } else { "GET" };
@@ -479,7 +470,7 @@ fn request_rate_is_429_with_retry_after() {
             .expect("Retry-After");
         assert!((1..=15).contains(&after), "Retry-After {after}");
     }
-    assert_eq!(total_requests(&mock), before);
+    assert_eq!(client_requests(&mock), before);
     // Another key has its own budget.
     let (status, _, _) = send(
         "POST",
@@ -661,7 +652,7 @@ fn policy_without_keys() {
         external_instances(&[&mock], 2)
     );
     let sc = Sidecar::start(&body);
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let (status, _, text) = send("POST", &sc.url("/api/chat"), &[], Some(chat_body("qwen3")));
     assert_eq!(status, 403);
     assert!(error_in_shape("/api/chat", 403, &text).contains("policy.models"));
@@ -681,7 +672,7 @@ fn policy_without_keys() {
     );
     assert_eq!(status, 403);
     assert!(error_in_shape("/api/pull", 403, &text).contains("policy.deny_classes"));
-    assert_eq!(total_requests(&mock), before);
+    assert_eq!(client_requests(&mock), before);
     // Two of six used (the refused models; a denied route is refused before counting): four
     // more pass, then 429 for this client address.
     for _ in 0..4 {
@@ -715,7 +706,7 @@ fn cors_answered_by_the_sidecar() {
         "",
         "cors:\n  origins: [\"https://app.example\"]\n  max_age: 5m\n",
     );
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let alice = format!("Bearer {ALICE}");
     // Preflight: answered here (no key needed), never forwarded.
     for path in ["/api/chat", "/v1/chat/completions", "/api/tags"] {
@@ -749,7 +740,7 @@ fn cors_answered_by_the_sidecar() {
         assert_eq!(get("vary"), "Origin");
         assert!(body.is_empty());
     }
-    assert_eq!(total_requests(&mock), before, "a preflight was forwarded");
+    assert_eq!(client_requests(&mock), before, "a preflight was forwarded");
 
     // Actual requests: the allowed origin gets the header; Ollama never sees the Origin.
     for (method, path, body) in [
@@ -837,7 +828,7 @@ fn cors_answered_by_the_sidecar() {
 fn cors_off_passes_through() {
     let mock = Mock::start(&[]);
     let sc = Sidecar::start(&external_instances(&[&mock], 2));
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     let (_, h, _) = send(
         "OPTIONS",
         &sc.url("/api/tags"),
@@ -849,7 +840,7 @@ fn cors_off_passes_through() {
     );
     assert!(h.get("access-control-allow-origin").is_none());
     assert_eq!(
-        total_requests(&mock),
+        client_requests(&mock),
         before + 1,
         "the preflight goes to Ollama"
     );
@@ -993,7 +984,7 @@ fn denied_route_class_is_403_in_each_shape() {
         external_instances(&[&mock], 2)
     );
     let sc = Sidecar::start(&body);
-    let before = total_requests(&mock);
+    let before = client_requests(&mock);
     for (path, body) in [
         ("/api/chat", chat_body("llama3.2")),
         ("/v1/chat/completions", openai_body("llama3.2")),
@@ -1007,7 +998,7 @@ fn denied_route_class_is_403_in_each_shape() {
         let msg = error_in_shape(path, status, &text);
         assert!(msg.contains("inference routes are disabled"), "{msg}");
     }
-    assert_eq!(total_requests(&mock), before);
+    assert_eq!(client_requests(&mock), before);
     let (status, _, _) = send("GET", &sc.url("/v1/models"), &[], None);
     assert_eq!(status, 200);
 }

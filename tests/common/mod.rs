@@ -338,3 +338,12 @@ pub fn mock_pid_on(port: u16) -> u32 {
         .and_then(|v| v["pid"].as_u64())
         .expect("mock pid") as u32
 }
+
+/// Requests from clients the mock has seen: the sidecar's own calls (health checks, model
+/// polls) say who they are in their User-Agent and are not counted, so a count taken before and
+/// after a test step is not raced by them.
+pub fn client_requests(mock: &Mock) -> u64 {
+    mock_stats(mock)["client_requests"]
+        .as_u64()
+        .expect("mock stats count client requests")
+}

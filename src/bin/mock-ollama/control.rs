@@ -60,6 +60,7 @@ fn stats(state: &State) -> Value {
         "pid": std::process::id(),
         "version": crate::cli::VERSION,
         "total_requests": s.total_requests.load(Relaxed),
+        "client_requests": s.client_requests.load(Relaxed),
         "requests": by_path,
         "requests_by_method_path": by_mp,
         "inference_in_flight": s.in_flight.load(Relaxed),

@@ -142,7 +142,11 @@ pub async fn handle(
             std::process::exit(2);
         }
     }
-    state.stats.count(req.method(), path);
+    let user_agent = req
+        .headers()
+        .get(hyper::header::USER_AGENT)
+        .map(|v| v.as_bytes());
+    state.stats.count(req.method(), path, user_agent);
     let t0 = Instant::now();
     let (parts, body) = req.into_parts();
     let line = state

@@ -163,6 +163,9 @@ impl Knobs {
 #[derive(Default)]
 pub struct Stats {
     pub total_requests: AtomicU64,
+    /// Requests not made by the sidecar itself (its health checks and polls send a
+    /// `User-Agent` starting with `ollama-sidecar`), so tests can count what clients sent.
+    pub client_requests: AtomicU64,
     by_path: Mutex<HashMap<String, PathCount>>,
     pub in_flight: AtomicUsize,
     pub peak_in_flight: AtomicUsize,
@@ -188,8 +191,11 @@ struct PathCount {
 
 impl Stats {
     /// Count one arriving request (allocates only the first time a path is seen).
-    pub fn count(&self, method: &Method, path: &str) {
+    pub fn count(&self, method: &Method, path: &str, user_agent: Option<&[u8]>) {
         self.total_requests.fetch_add(1, Relaxed);
+        if !user_agent.is_some_and(|ua| ua.starts_with(b"ollama-sidecar")) {
+            self.client_requests.fetch_add(1, Relaxed);
+        }
         let mut map = self.by_path.lock().unwrap();
         let entry = match map.get_mut(path) {
             Some(e) => e,
@@ -214,6 +220,7 @@ impl Stats {
 
     pub fn reset(&self) {
         self.total_requests.store(0, Relaxed);
+        self.client_requests.store(0, Relaxed);
         self.by_path.lock().unwrap().clear();
         self.peak_in_flight
             .store(self.in_flight.load(Relaxed), Relaxed);
