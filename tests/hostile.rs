@@ -11,8 +11,6 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// Requests the mock served, except the sidecar's own health checks and model polls.
-
 /// Writes `request`, then reads until the connection closes or `limit` passes.
 fn raw_exchange(port: u16, request: &[u8], limit: Duration) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");

@@ -82,8 +82,6 @@ fn error_in_shape(path: &str, status: u16, body: &str) -> String {
     }
 }
 
-/// Requests the mock served, except the sidecar's own health checks and model polls.
-
 fn keys_config(extra_key_fields: &str) -> String {
     format!(
         "auth:\n  keys:\n    - name: alice\n      sha256: {}\n{extra_key_fields}    - name: bob\n      key_env: TEST_BOB_KEY\n      models: [\"llama3.2*\"]\n    - name: root\n      sha256: {}\n      admin: true\n      models: [\"llama3.2*\", \"tinyllama*\"]\n",
