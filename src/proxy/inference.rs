@@ -358,6 +358,10 @@ async fn sleep_unless_client_leaves(session: &mut Session, delay: Duration) -> b
     }
 }
 
+/// How long a finished response's subrequest may take to wind down (return its connection to
+/// the pool, log) before it is dropped.
+const SUBREQUEST_WIND_DOWN: Duration = Duration::from_secs(5);
+
 /// How one attempt on one instance ended.
 enum Attempt {
     /// The client has the whole answer (or its in-band end); `instance_ok` feeds passive health.
@@ -398,21 +402,26 @@ async fn attempt_once(
     let tx = handle.tx;
     let mut rx = handle.rx;
     let mut proxy_error = handle.subreq_proxy_error;
-    let subrequest = tokio::spawn(prepared.run());
+    // The subrequest runs inside this task, polled beside the relay: no task hop (and no
+    // cross-thread wake-up) per chunk, and dropping it drops its upstream connection at once.
+    let subrequest = prepared.run();
+    tokio::pin!(subrequest);
+    let mut subrequest_done = false;
 
-    // Feed the buffered body; `tx` stays alive until the relay ends, because dropping it is how
-    // the subrequest learns that the client left.
-    let feeder = tokio::spawn(async move {
-        if !body.is_empty() && tx.send(HttpTask::Body(Some(body), false)).await.is_err() {
-            return Some(tx);
-        }
-        let _ = tx.send(HttpTask::Body(None, true)).await;
-        Some(tx)
-    });
-    let stop_subrequest = |feeder: tokio::task::JoinHandle<_>, sub: tokio::task::JoinHandle<()>| {
-        feeder.abort();
-        sub.abort();
-    };
+    // The buffered body and its end fit in the channel (it holds 4 tasks), so they are queued
+    // before the subrequest first runs. `tx` stays alive until the relay ends, because dropping
+    // it is how the subrequest learns that the client left.
+    let mut queued_body = true;
+    if !body.is_empty() {
+        queued_body = tx.try_send(HttpTask::Body(Some(body), false)).is_ok();
+    }
+    queued_body = queued_body && tx.try_send(HttpTask::Body(None, true)).is_ok();
+    if !queued_body {
+        return Error::e_explain(
+            ErrorType::InternalError,
+            "could not hand the request body to the subrequest",
+        );
+    }
 
     let timeouts = &proxy.app.config.timeouts;
     let retry_allowed = || may_retry && proxy.app.retry_budget.try_spend();
@@ -436,6 +445,9 @@ async fn attempt_once(
         };
         tokio::select! {
             biased;
+            () = &mut subrequest, if !subrequest_done => {
+                subrequest_done = true;
+            }
             task = next => {
                 let task = match task {
                     Ok(Some(task)) => task,
@@ -449,8 +461,7 @@ async fn attempt_once(
                         if let Some(reason) = RetryReason::from_status(status) {
                             let after = retry::retry_after(header.headers.get(http::header::RETRY_AFTER));
                             if after.is_none_or(|d| d <= retry::MAX_RETRY_AFTER) && retry_allowed() {
-                                drop(rx);
-                                stop_subrequest(feeder, subrequest);
+                                // Returning drops the subrequest and its upstream connection.
                                 return Ok(Attempt::Retry { reason, retry_after: after });
                             }
                         }
@@ -495,10 +506,8 @@ async fn attempt_once(
     }
 
     if client_gone {
-        // Dropping both ends makes the subrequest drop its upstream connection, which is what
+        // Returning drops the subrequest and with it the upstream connection, which is what
         // makes Ollama stop generating; the caller releases the slot.
-        drop(rx);
-        stop_subrequest(feeder, subrequest);
         ctx.outcome = if header_sent {
             Outcome::CancelledStreaming
         } else {
@@ -509,14 +518,12 @@ async fn attempt_once(
     }
 
     drop(rx);
-    if timed_out {
-        // A hung instance: cut its connection rather than wait for the subrequest.
-        stop_subrequest(feeder, subrequest);
-    } else {
-        // Let the subrequest finish its own bookkeeping before the slot is released.
-        let _ = subrequest.await;
-        drop(feeder);
+    if !timed_out && !subrequest_done {
+        // Let the subrequest finish its own bookkeeping (the upstream connection goes back to
+        // the pool) before the slot is released. A hung instance's is cut instead (dropped).
+        let _ = tokio::time::timeout(SUBREQUEST_WIND_DOWN, &mut subrequest).await;
     }
+    drop(tx);
 
     if complete {
         ctx.outcome = Outcome::Served;

@@ -7,8 +7,10 @@
 //!   inside a chunk are read in place; only a line split across chunks is copied (the trailing
 //!   part, until its newline arrives). A line longer than [`MAX_LINE`] keeps only its last
 //!   [`TAIL`] bytes, where Ollama writes the counts (after the `context` array).
-//! - **JSON** (`application/json`, non-streamed answers) is kept up to [`MAX_JSON`] and parsed
-//!   once by [`StreamTap::finish`]; past the limit only the tail is kept and scanned for the counts.
+//! - **JSON** (`application/json`, non-streamed answers): a body up to [`TAIL`] bytes (errors,
+//!   short answers) is kept and parsed once by [`StreamTap::finish`]; of a longer one (an
+//!   embedding, a long completion) only the last [`TAIL`] bytes are kept and scanned for the
+//!   counts, which every API writes last. Parsing a whole embedding cost more than relaying it.
 //! - Anything else is ignored.
 //!
 //! What counts as the first token: a native chunk with a non-empty `response`, `thinking`,
@@ -28,8 +30,6 @@ use std::time::Duration;
 
 /// A streamed line longer than this keeps only its tail.
 pub const MAX_LINE: usize = 1 << 20;
-/// A non-streamed JSON body longer than this keeps only its tail.
-pub const MAX_JSON: usize = 1 << 20;
 /// What is kept of an over-long line or body: enough for the counts at its end.
 pub const TAIL: usize = 4096;
 
@@ -96,7 +96,7 @@ impl StreamTap {
     pub fn observe(&mut self, chunk: &[u8], at: Duration) {
         match self.mode {
             Mode::Off => {}
-            Mode::Json => self.keep(chunk, MAX_JSON),
+            Mode::Json => self.keep(chunk, TAIL),
             Mode::Ndjson | Mode::Sse => self.lines(chunk, at),
         }
     }
@@ -844,7 +844,7 @@ mod tests {
     #[test]
     fn a_large_json_body_keeps_only_its_tail() {
         let mut body = b"{\"model\":\"m\",\"embeddings\":[[".to_vec();
-        let nums: Vec<String> = (0..MAX_JSON).map(|i| (i % 10).to_string()).collect();
+        let nums: Vec<String> = (0..(1 << 20)).map(|i| (i % 10).to_string()).collect();
         body.extend_from_slice(nums.join(",").as_bytes());
         body.extend_from_slice(
             b"]],\"total_duration\":1,\"load_duration\":1,\"prompt_eval_count\":77}",
