@@ -21,7 +21,7 @@ use crate::admission::AdmissionSnapshot;
 use crate::app::App;
 use crate::proxy::inference::Outcome;
 use crate::proxy::tap::TapSummary;
-use crate::upstream::{client, model_key, InstanceState, Registry};
+use crate::upstream::{model_key, InstanceState, Registry};
 use prometheus::{
     Counter, CounterVec, Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, TextEncoder,
@@ -866,31 +866,11 @@ pub async fn poll_known_models(registry: Arc<Registry>, metrics: &'static Metric
     loop {
         let mut answered = false;
         for instance in registry.all() {
-            let Some(addr) = instance.addr().filter(|_| instance.is_ready()) else {
-                continue;
-            };
-            let answer = client::request(
-                addr,
-                &instance.host_header,
-                http::Method::GET,
-                "/api/tags",
-                None,
-                timeout,
-            )
-            .await;
-            match answer {
-                Ok(a) if a.status == 200 => {
-                    if let Some(models) = crate::upstream::models::parse_ps(&a.body) {
-                        answered = true;
-                        metrics.set_instance_models(&instance.name, models);
-                    }
-                }
-                Ok(a) => {
-                    tracing::debug!(instance = %instance.name, status = a.status, "/api/tags failed")
-                }
-                Err(e) => {
-                    tracing::debug!(instance = %instance.name, error = %e, "/api/tags failed")
-                }
+            if let Some(models) =
+                crate::upstream::models::model_list(instance, "/api/tags", timeout).await
+            {
+                answered = true;
+                metrics.set_instance_models(&instance.name, models);
             }
         }
         let wait = if answered || !metrics.known_models().is_empty() {

@@ -1,13 +1,13 @@
 //! Which models each instance has loaded, read from `GET /api/ps` (never an inference route), so
 //! dispatch can send a request where its model is already warm. A change re-runs dispatch.
 
-use super::{client, model_key, Registry};
+use super::{client, model_key, Instance, Registry};
 use crate::admission::Admission;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The model names in an `/api/ps` answer, in `model_key` form.
-pub fn parse_ps(body: &[u8]) -> Option<Vec<String>> {
+/// The model names in an `/api/ps` or `/api/tags` answer, in `model_key` form.
+pub fn parse_model_list(body: &[u8]) -> Option<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let models = v.get("models")?.as_array()?;
     let mut names: Vec<String> = models
@@ -20,28 +20,38 @@ pub fn parse_ps(body: &[u8]) -> Option<Vec<String>> {
     Some(names)
 }
 
+/// The models a ready instance lists at `path` (`/api/ps`: loaded; `/api/tags`: installed);
+/// `None` when it is not ready or does not answer well within `timeout`.
+pub async fn model_list(instance: &Instance, path: &str, timeout: Duration) -> Option<Vec<String>> {
+    let addr = instance.addr().filter(|_| instance.is_ready())?;
+    let answer = client::request(
+        addr,
+        &instance.host_header,
+        http::Method::GET,
+        path,
+        None,
+        timeout,
+    )
+    .await;
+    match answer {
+        Ok(a) if a.status == 200 => parse_model_list(&a.body),
+        Ok(a) => {
+            tracing::debug!(instance = %instance.name, path, status = a.status, "model list failed");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(instance = %instance.name, path, error = %e, "model list failed");
+            None
+        }
+    }
+}
+
 /// Polls every ready instance's `/api/ps` each `interval`, forever.
 pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
     let timeout = interval.min(Duration::from_secs(5));
     loop {
         for instance in registry.all() {
-            let Some(addr) = instance.addr().filter(|_| instance.is_ready()) else {
-                continue;
-            };
-            let answer = client::request(
-                addr,
-                &instance.host_header,
-                http::Method::GET,
-                "/api/ps",
-                None,
-                timeout,
-            )
-            .await;
-            let Some(models) = answer
-                .ok()
-                .filter(|a| a.status == 200)
-                .and_then(|a| parse_ps(&a.body))
-            else {
+            let Some(models) = model_list(instance, "/api/ps", timeout).await else {
                 continue;
             };
             let mut current = instance.loaded_models();
@@ -66,16 +76,19 @@ pub async fn poke_on_change(registry: Arc<Registry>, admission: Arc<Admission>) 
 
 #[cfg(test)]
 mod tests {
-    use super::parse_ps;
+    use super::parse_model_list;
 
     #[test]
     fn parses_ps() {
         let body = br#"{"models":[{"name":"llama3.2:latest","model":"llama3.2:latest","size":1},{"name":"qwen","model":"qwen"}]}"#;
         assert_eq!(
-            parse_ps(body).unwrap(),
+            parse_model_list(body).unwrap(),
             vec!["llama3.2:latest".to_string(), "qwen:latest".to_string()]
         );
-        assert_eq!(parse_ps(br#"{"models":[]}"#).unwrap(), Vec::<String>::new());
-        assert!(parse_ps(b"nope").is_none());
+        assert_eq!(
+            parse_model_list(br#"{"models":[]}"#).unwrap(),
+            Vec::<String>::new()
+        );
+        assert!(parse_model_list(b"nope").is_none());
     }
 }
