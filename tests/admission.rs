@@ -340,3 +340,47 @@ fn a_higher_priority_request_overtakes_the_queue() {
         "{before} of 6 low-priority requests finished before the high-priority one"
     );
 }
+
+#[test]
+fn model_management_beyond_its_limit_waits_then_gets_503() {
+    let mock = Mock::start(&[]);
+    let sidecar = Sidecar::start(&format!(
+        "admission:\n  management_concurrency: 1\n  max_wait: 300ms\n{}",
+        external_instances(&[&mock], 1)
+    ));
+    // An upload that has sent half its body holds the only management slot.
+    let mut upload = TcpStream::connect(("127.0.0.1", sidecar.port)).unwrap();
+    std::io::Write::write_all(
+        &mut upload,
+        b"POST /api/blobs/sha256:0000000000000000000000000000000000000000000000000000000000000000 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nhalf",
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let r = client()
+        .post(sidecar.url("/api/copy"))
+        .json(&json!({"source":"llama3.2","destination":"copy"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "it waited: {:?}",
+        t.elapsed()
+    );
+    assert!(r.json::<Value>().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("management_concurrency"));
+    // Metadata never waits for that slot.
+    assert_eq!(
+        client()
+            .get(sidecar.url("/api/tags"))
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(upload);
+}

@@ -132,3 +132,29 @@ fn sigterm_lets_a_stream_in_flight_finish_then_leaves_no_child() {
         "the instance process {pid} is gone (not even a zombie)"
     );
 }
+
+#[test]
+fn warmup_models_are_loaded_before_the_instance_takes_traffic() {
+    let port = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "instances:\n{}    warmup: [\"qwen2.5:0.5b\"]\n    keep_alive: 30m\n",
+        supervised(port, &[("MOCK_LOAD_DELAY_MS", "300")])
+    ));
+    assert!(wait_until(Duration::from_secs(10), || ready(&sidecar)));
+    let stats = client()
+        .get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .send()
+        .unwrap()
+        .json::<Value>()
+        .unwrap();
+    let loaded = stats["loaded"].to_string();
+    assert!(
+        loaded.contains("qwen2.5:0.5b"),
+        "loaded at first ready: {loaded}"
+    );
+    assert!(
+        sidecar.log_text().contains("warming"),
+        "{}",
+        sidecar.log_text()
+    );
+}

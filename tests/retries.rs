@@ -294,3 +294,35 @@ fn with_no_instance_ready_inference_waits_and_metadata_is_refused_at_once() {
     let _late = Mock::start_on(port, &[]);
     assert_eq!(waiter.join().unwrap(), 200);
 }
+
+#[test]
+fn a_stream_silent_past_the_idle_timeout_ends_in_band() {
+    let a = Mock::start(&[("MOCK_TOKENS", "3"), ("MOCK_TOKEN_DELAY_MS", "3000")]);
+    let sidecar = Sidecar::start(&format!(
+        "timeouts:\n  idle: 300ms\n{}",
+        external_instances(&[&a], 1)
+    ));
+    let started = Instant::now();
+    let mut reader = post_raw(
+        sidecar.port,
+        "/api/generate",
+        r#"{"model":"llama3.2","prompt":"slow"}"#,
+        "",
+    );
+    let (objects, ended) = read_json_lines(&mut reader, Duration::from_secs(10));
+    assert!(ended, "the stream ended");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cut at the idle timeout, not after the whole answer: {:?}",
+        started.elapsed()
+    );
+    let last = objects.last().expect("an error line");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timeouts.idle"),
+        "{objects:?}"
+    );
+    assert!(objects.iter().all(|o| o["done"] != true));
+}
