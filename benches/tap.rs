@@ -6,7 +6,9 @@
 //!
 //! - `ndjson_lines/*`: a native `/api/chat` stream, one line per chunk (as Ollama flushes it);
 //! - `sse_events/*`: an OpenAI `/v1/chat/completions` stream with usage, one event per chunk;
-//! - `ndjson_16k/*`: the native stream in 16 KiB chunks (lines split across chunks).
+//! - `ndjson_16k/*`: the native stream in 16 KiB chunks (lines split across chunks);
+//! - `embed_json/*`: a non-streamed `/api/embed` answer (4 × 768 floats, about 40 KiB, in 16 KiB
+//!   chunks): the tap keeps its last 4 KiB and scans them for `prompt_eval_count`.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ollama_sidecar::proxy::tap::StreamTap;
@@ -41,6 +43,15 @@ fn openai_stream() -> Vec<Vec<u8>> {
     chunks
 }
 
+fn embed_answer() -> Vec<u8> {
+    let vector: Vec<String> = (0..768)
+        .map(|i| format!("{:.9}", (i as f64 * 0.37).sin()))
+        .collect();
+    let vector = format!("[{}]", vector.join(","));
+    let vectors = vec![vector; 4].join(",");
+    format!("{{\"model\":\"nomic-embed-text\",\"embeddings\":[{vectors}],\"total_duration\":14143917,\"load_duration\":1019500,\"prompt_eval_count\":{TOKENS}}}").into_bytes()
+}
+
 fn rechunk(chunks: &[Vec<u8>], size: usize) -> Vec<Vec<u8>> {
     let all: Vec<u8> = chunks.concat();
     all.chunks(size).map(<[u8]>::to_vec).collect()
@@ -59,7 +70,7 @@ fn bench(c: &mut Criterion, name: &str, content_type: &str, chunks: &[Vec<u8>]) 
             }
             tap.finish(Duration::from_secs(1));
             let s = tap.summary();
-            assert_eq!(s.completion_tokens, Some(TOKENS as u64));
+            assert_eq!(s.completion_tokens.or(s.prompt_tokens), Some(TOKENS as u64));
             black_box(s.first_token)
         })
     });
@@ -87,6 +98,12 @@ fn tap(c: &mut Criterion) {
         "ndjson_16k",
         "application/x-ndjson",
         &rechunk(&native, 16 * 1024),
+    );
+    bench(
+        c,
+        "embed_json",
+        "application/json",
+        &rechunk(&[embed_answer()], 16 * 1024),
     );
 }
 

@@ -273,29 +273,83 @@ impl StreamTap {
 
     /// The end of an over-long line or body: no JSON to parse, so look for the counts by key.
     fn scan_tail(&mut self, tail: &[u8]) {
+        let found = TailKeys::scan(tail);
+        let number = |key: TailKey| found.numbers[key as usize];
         let s = &mut self.summary;
-        let prompt = number_after(tail, b"\"prompt_eval_count\":")
-            .or_else(|| number_after(tail, b"\"prompt_tokens\":"))
-            .or_else(|| number_after(tail, b"\"input_tokens\":"));
-        let completion = number_after(tail, b"\"eval_count\":")
-            .or_else(|| number_after(tail, b"\"completion_tokens\":"))
-            .or_else(|| number_after(tail, b"\"output_tokens\":"));
+        let prompt = number(TailKey::PromptEvalCount)
+            .or(number(TailKey::PromptTokens))
+            .or(number(TailKey::InputTokens));
+        let completion = number(TailKey::EvalCount)
+            .or(number(TailKey::CompletionTokens))
+            .or(number(TailKey::OutputTokens));
         if prompt.is_some() {
             s.prompt_tokens = prompt;
         }
         if completion.is_some() {
             s.completion_tokens = completion;
         }
-        if let Some(ns) = number_after(tail, b"\"eval_duration\":") {
+        if let Some(ns) = number(TailKey::EvalDuration) {
             s.eval_duration = Some(Duration::from_nanos(ns));
         }
-        if let Some(ns) = number_after(tail, b"\"load_duration\":") {
+        if let Some(ns) = number(TailKey::LoadDuration) {
             s.load_duration = Some(Duration::from_nanos(ns));
         }
         // `done` comes before the `context` array, so it may be gone; the durations are not.
-        if find(tail, b"\"done\":true").is_some() || find(tail, b"\"total_duration\":").is_some() {
+        if found.done || number(TailKey::TotalDuration).is_some() {
             s.done = true;
         }
+    }
+}
+
+/// The keys [`StreamTap::scan_tail`] reads, in [`TAIL_KEYS`]' order.
+#[derive(Clone, Copy)]
+enum TailKey {
+    PromptEvalCount,
+    PromptTokens,
+    InputTokens,
+    EvalCount,
+    CompletionTokens,
+    OutputTokens,
+    EvalDuration,
+    LoadDuration,
+    TotalDuration,
+}
+
+const TAIL_KEYS: [&[u8]; 9] = [
+    b"\"prompt_eval_count\":",
+    b"\"prompt_tokens\":",
+    b"\"input_tokens\":",
+    b"\"eval_count\":",
+    b"\"completion_tokens\":",
+    b"\"output_tokens\":",
+    b"\"eval_duration\":",
+    b"\"load_duration\":",
+    b"\"total_duration\":",
+];
+
+/// What one pass over a tail found: for each key, the number after its last occurrence.
+struct TailKeys {
+    numbers: [Option<u64>; TAIL_KEYS.len()],
+    done: bool,
+}
+
+impl TailKeys {
+    /// One pass over the quotes (few, in an embedding's or a context array's tail) instead of
+    /// a substring search per key: this runs once per long non-streamed answer.
+    fn scan(tail: &[u8]) -> TailKeys {
+        let mut found = TailKeys {
+            numbers: [None; TAIL_KEYS.len()],
+            done: false,
+        };
+        for quote in memchr::memchr_iter(b'"', tail) {
+            let rest = &tail[quote..];
+            if rest.starts_with(b"\"done\":true") {
+                found.done = true;
+            } else if let Some(i) = TAIL_KEYS.iter().position(|key| rest.starts_with(key)) {
+                found.numbers[i] = leading_number(&rest[TAIL_KEYS[i].len()..]);
+            }
+        }
+        found
     }
 }
 
@@ -330,21 +384,12 @@ fn trim(mut b: &[u8]) -> &[u8] {
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    if needle.is_empty() || hay.len() < needle.len() {
-        return None;
-    }
-    hay.windows(needle.len()).position(|w| w == needle)
+    memchr::memmem::find(hay, needle)
 }
 
-/// The unsigned integer after the last occurrence of `key` (which includes the colon).
-fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let mut found = None;
-    let mut from = 0;
-    while let Some(pos) = find(&hay[from..], key) {
-        found = Some(from + pos + key.len());
-        from += pos + 1;
-    }
-    let rest = trim(&hay[found?..]);
+/// The unsigned integer at the start of `bytes` (after whitespace).
+fn leading_number(bytes: &[u8]) -> Option<u64> {
+    let rest = trim(bytes);
     let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
     std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
 }
@@ -896,12 +941,13 @@ mod tests {
     }
 
     #[test]
-    fn number_after_takes_the_last_key() {
-        assert_eq!(
-            number_after(b"\"eval_count\":1,\"eval_count\": 22}", b"\"eval_count\":"),
-            Some(22)
-        );
-        assert_eq!(number_after(b"\"eval_count\":x", b"\"eval_count\":"), None);
-        assert_eq!(number_after(b"", b"\"eval_count\":"), None);
+    fn a_tail_scan_takes_the_last_number_of_each_key() {
+        let eval = |tail: &[u8]| TailKeys::scan(tail).numbers[TailKey::EvalCount as usize];
+        assert_eq!(eval(b"\"eval_count\":1,\"eval_count\": 22}"), Some(22));
+        assert_eq!(eval(b"\"eval_count\":1,\"eval_count\":x"), None);
+        assert_eq!(eval(b"\"prompt_eval_count\":7"), None);
+        assert_eq!(eval(b""), None);
+        assert!(TailKeys::scan(b"3,\"done\":true,\"total_duration\":1").done);
+        assert!(!TailKeys::scan(b"\"done\":false").done);
     }
 }
