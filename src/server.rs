@@ -9,6 +9,8 @@ use crate::proxy::SidecarProxy;
 use crate::supervisor::Supervisor;
 use crate::upstream::{health, models};
 use async_trait::async_trait;
+use pingora_core::listeners::ListenerConfig;
+use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora_core::services::background::{background_service, BackgroundService};
@@ -52,7 +54,12 @@ pub fn run(config: Config) -> Result<(), String> {
         SidecarProxy::new(app.clone()),
         "ollama-sidecar proxy",
     );
-    proxy.add_tcp(&app.config.listen.to_string());
+    // No TLS on this listener, and HTTP/1 reads headers and bodies into buffers of its own: a
+    // 64 KiB read buffer per connection (Pingora's default) would only add a copy and memory.
+    proxy.add_listener(
+        ListenerConfig::tcp(app.config.listen.to_string())
+            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
+    );
     server.add_service(proxy);
     // Build the metrics before the first request records anything.
     let _ = metrics::global();
