@@ -57,10 +57,10 @@ if [ "$(ulimit -n)" -lt 12000 ]; then
 fi
 
 echo "building release binaries"
-cargo build --release --bins --quiet
+cargo build --release --bins --example pingora_floor --quiet
 mkdir -p target/bench
 work=$(mktemp -d -t ollama-sidecar-bench-run.XXXXXX)
-cp target/release/ollama-sidecar target/release/mock-ollama "$work/"
+cp target/release/ollama-sidecar target/release/mock-ollama target/release/examples/pingora_floor "$work/"
 
 bench_pid=
 cleanup() {

@@ -9,6 +9,8 @@ started, and writes the results between markers in docs/benchmarks.md (plus a JS
 Workloads:
   small     wrk, GET /api/tags and POST /api/embed, 16 connections (and 1 connection for latency
             without queueing): req/s, p50/p99, proxy CPU time per request, responses >= 30 ms.
+            Two references join these runs: the sidecar with `threads: 1`, and Pingora alone
+            (examples/pingora_floor.rs, when --bin-dir holds it), the floor under our overhead.
   stream    POST /api/chat, 200 chunks 1 ms apart, one stream at a time, raw sockets: time to the
             first byte, per-chunk delivery latency (arrival minus the mock's `created_at`,
             nanoseconds, same clock), gaps between chunks.
@@ -546,8 +548,23 @@ def run(args, procs, workdir, log):
     }
     order = ["direct", "sidecar", "nginx"]
 
+    # -- references for the small requests only: the sidecar on one thread, and Pingora alone
+    # (examples/pingora_floor.rs: same Pingora and listener settings, none of the sidecar's work)
+    one_thread, one_thread_port, _ = start_sidecar(procs, workdir, args, "sidecar-1t", mock_port, 64,
+                                                   "threads: 1\n")
+    targets["sidecar-1t"] = (one_thread_port, lambda: [one_thread.pid])
+    small_order = ["direct", "sidecar", "sidecar-1t", "nginx"]
+    floor_bin = os.path.join(args.bin_dir, "pingora_floor")
+    if os.path.exists(floor_bin):
+        floor_port = free_port()
+        floor = procs.start("pingora", [floor_bin, f"127.0.0.1:{floor_port}",
+                                        f"127.0.0.1:{mock_port}"])
+        wait_ready(floor_port, "/api/tags", floor, "pingora", workdir)
+        targets["pingora"] = (floor_port, lambda: [floor.pid])
+        small_order.insert(3, "pingora")
+
     # -- warm-up (not recorded): connection pools, allocator, page cache
-    for name in order:
+    for name in small_order:
         run_wrk(f"http://127.0.0.1:{targets[name][0]}/api/tags", args.connections, 2, args.wrk_threads)
         run_wrk(f"http://127.0.0.1:{targets[name][0]}/api/embed", args.connections, 2,
                 args.wrk_threads, "POST", EMBED_BODY)
@@ -559,7 +576,8 @@ def run(args, procs, workdir, log):
         workloads += [("tags-c1", "/api/tags", None, None, 1, args.c1_duration),
                       ("embed-c1", "/api/embed", "POST", EMBED_BODY, 1, args.c1_duration)]
     for rep in range(args.reps):
-        rot = order[rep % 3:] + order[:rep % 3]
+        k = rep % len(small_order)
+        rot = small_order[k:] + small_order[:k]
         for wname, path, method, body, conns, dur in workloads:
             for name in rot:
                 port, pids = targets[name]
@@ -580,6 +598,9 @@ def run(args, procs, workdir, log):
                     f"cpu {r['proxy_cpu_us_per_req']:.1f} us/req  load {load:.2f} busy {busy:.0%}")
 
     results["memory"]["after_small_kib"] = settle_rss([sidecar.pid], 3)
+    procs.stop(one_thread)
+    if "pingora" in targets:
+        procs.stop(floor)
 
     # -- streaming: one stream at a time, rotating targets
     mock_faults(mock_port, tokens=args.stream_tokens, token_delay_ms=args.stream_delay_ms)

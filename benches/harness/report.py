@@ -43,6 +43,16 @@ def us(ns):
     return f"{ns / 1000:.0f}"
 
 
+# The small-request targets, in table order, with their labels.
+SMALL_TARGETS = {
+    "direct": "direct",
+    "sidecar": "sidecar",
+    "sidecar-1t": "sidecar, `threads: 1`",
+    "pingora": "Pingora alone",
+    "nginx": "nginx",
+}
+
+
 def small_table(res):
     rows = res["small"]
     max_busy = res["args"]["max_busy"]
@@ -56,9 +66,10 @@ def small_table(res):
                "responses ≥ 30 ms | runs used |")
     out.append("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     summary = {}
+    present = [t for t in SMALL_TARGETS if any(r["target"] == t for r in rows)]
     for w in workloads:
         agg = {}
-        for t in ("direct", "sidecar", "nginx"):
+        for t in present:
             every = [r for r in rows if r["workload"] == w and r["target"] == t]
             # Runs that started while other work kept the machine busy are left out of the
             # medians when there is a clean run to use instead.
@@ -79,19 +90,20 @@ def small_table(res):
             }
         summary[w] = agg
         d, n = agg["direct"], agg["nginx"]
-        for t in ("direct", "sidecar", "nginx"):
+        for t in present:
             a = agg[t]
             added = a["p99"] - d["p99"] if t != "direct" else None
             n_added = n["p99"] - d["p99"]
-            add_ratio = (f"{added / n_added:.2f}x" if t == "sidecar" and n_added > 0 else
-                         ("n/a (nginx adds none)" if t == "sidecar" else ""))
+            proxied = t not in ("direct", "nginx")
+            add_ratio = (f"{added / n_added:.2f}x" if proxied and n_added > 0 else
+                         ("n/a (nginx adds none)" if proxied else ""))
             cpu_note = " (the mock)" if t == "direct" else ""
             errs = f" ({a['errors']} errors)" if a["errors"] else ""
             runs = (f"{a['reps']} of {a['reps'] + a['noisy']} ({a['noisy']} busy, left out)"
                     if a["noisy"] and a["reps"] else f"{a['reps'] + a['noisy']}"
                     + (" (all busy)" if a["noisy"] else ""))
             out.append(
-                f"| {w} (c={a['conns']}) | {t} | {a['rps']:.0f} | {ratio(a['rps'], d['rps'])} | "
+                f"| {w} (c={a['conns']}) | {SMALL_TARGETS[t]} | {a['rps']:.0f} | {ratio(a['rps'], d['rps'])} | "
                 f"{ratio(a['rps'], n['rps'])} | {ms(a['p50'])} | {ms(a['p99'])} | {ms(a['p999'])} | "
                 f"{'' if added is None else ms(added)} | {add_ratio} | {a['cpu']:.1f}{cpu_note} | "
                 f"{ratio(a['cpu'], n['cpu']) if t != 'direct' else ''} | "
@@ -220,9 +232,13 @@ def results_md(res):
              f"every benchmarked process idle, is below {a['max_busy']:.0%}; the figure it saw is "
              f"kept per run in the JSON (`busy_before`).")
     L.append("")
-    L.append("All three targets serve the same mock on 127.0.0.1 and share the 2 cores with the "
-             "load generator: the mock (2 runtime threads, no request log), the sidecar "
-             "(`threads` defaults to the core count), nginx (`worker_processes 2`).")
+    L.append(f"All targets serve the same mock on 127.0.0.1 and share the {m['nproc']} cores with "
+             f"the load generator: the mock (2 runtime threads, no request log), the sidecar "
+             f"(`threads` defaults to the core count), nginx (`worker_processes {m['nproc']}`). Two "
+             f"references join the small-request runs: the same sidecar with `threads: 1`, and "
+             f"*Pingora alone* (`examples/pingora_floor.rs`: the same Pingora version, server "
+             f"options and listener settings as the sidecar, and none of its work), the floor "
+             f"under the sidecar's overhead.")
     L.append("")
     L.append(f"### Small responses (wrk, {a['reps']} interleaved rounds, medians)")
     L.append("")
@@ -292,6 +308,15 @@ def results_md(res):
     L.append("### Against the targets")
     L.append("")
     L += targets(res, small)
+    floor = [w for w in ("tags", "embed") if w in small and "pingora" in small[w]]
+    if floor:
+        L.append("")
+        L.append("For scale, on the throughput targets: " + "; ".join(
+            f"{w}: Pingora alone {small[w]['pingora']['rps'] / small[w]['nginx']['rps']:.2f}x nginx, "
+            f"the sidecar {small[w]['sidecar']['rps'] / small[w]['pingora']['rps']:.2f}x Pingora alone"
+            + (f", the sidecar on one thread {small[w]['sidecar-1t']['rps'] / small[w]['nginx']['rps']:.2f}x nginx"
+               if "sidecar-1t" in small[w] else "")
+            for w in floor) + ".")
     return "\n".join(L)
 
 
