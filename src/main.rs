@@ -1,5 +1,9 @@
 //! The command line: `ollama-sidecar [run]`, `ollama-sidecar check`, `ollama-sidecar health`.
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use clap::{Args, Parser, Subcommand};
 use ollama_sidecar::config::{self, LogFormat, Overrides};
 use ollama_sidecar::health_check;
