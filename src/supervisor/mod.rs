@@ -219,6 +219,12 @@ async fn sample_loop(
     mut stop: Stop,
     subreaper: bool,
 ) -> Sampler {
+    if instances.is_empty() {
+        // Only external instances: no tree to sample and no child to sweep, so no reason to
+        // read every process in /proc each interval.
+        stop.wait().await;
+        return Sampler::default();
+    }
     let mut slot: Option<Sampler> = None;
     loop {
         tokio::select! {
