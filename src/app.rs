@@ -53,6 +53,8 @@ impl App {
 pub struct Lifecycle {
     draining: AtomicBool,
     active: AtomicUsize,
+    /// The most requests in flight since `take_peak` last ran (see `memory`).
+    peak: AtomicUsize,
     idle: Notify,
 }
 
@@ -71,10 +73,21 @@ impl Lifecycle {
 
     /// Counts a request as in flight until the guard drops.
     pub fn enter(self: &Arc<Self>) -> ActiveGuard {
-        self.active.fetch_add(1, Ordering::AcqRel);
+        let now = self.active.fetch_add(1, Ordering::AcqRel) + 1;
+        // A plain read first: the shared peak is written only when it grows.
+        if now > self.peak.load(Ordering::Relaxed) {
+            self.peak.fetch_max(now, Ordering::Relaxed);
+        }
         ActiveGuard {
             lifecycle: self.clone(),
         }
+    }
+
+    /// The most requests in flight since the last call (at least the current count), and starts
+    /// a new period.
+    pub fn take_peak(&self) -> usize {
+        let now = self.active();
+        self.peak.swap(now, Ordering::Relaxed).max(now)
     }
 
     /// Waits until no request is in flight, or `timeout`; true when drained.

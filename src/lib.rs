@@ -6,6 +6,7 @@ pub mod admission;
 pub mod app;
 pub mod config;
 pub mod health_check;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

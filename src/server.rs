@@ -4,6 +4,7 @@
 
 use crate::app::App;
 use crate::config::Config;
+use crate::memory;
 use crate::metrics;
 use crate::proxy::SidecarProxy;
 use crate::supervisor::Supervisor;
@@ -99,7 +100,7 @@ impl BackgroundService for SupervisorService {
 
 /// Health-checks external instances, learns which models each instance has loaded, and re-runs
 /// dispatch when an instance changes; reads the models each instance lists for the metrics'
-/// model allow-list.
+/// model allow-list; returns freed memory to the system once load falls.
 struct InstanceWatch(Arc<App>);
 
 #[async_trait]
@@ -111,6 +112,7 @@ impl BackgroundService for InstanceWatch {
             models::poll_loaded_models(app.registry.clone(), app.config.health.models_interval),
             models::poke_on_change(app.registry.clone(), app.admission.clone()),
             metrics::poll_known_models(app.registry.clone(), metrics::global()),
+            memory::release_after_load(app.lifecycle.clone()),
         );
     }
 }
