@@ -153,13 +153,13 @@ def memory_table(res):
                f"{kib(d['before_kib'])} → {kib(d['during_kib'])} |")
     out.append(f"| per idle stream | **{s['per_stream_bytes'] / 1024:.1f} KiB** | "
                f"{n['per_stream_bytes'] / 1024:.1f} KiB | {d['per_stream_bytes'] / 1024:.1f} KiB |")
-    out.append(f"| after the streams closed | {kib(s['after_close_kib'])} | {kib(n['after_close_kib'])} | "
+    out.append(f"| 5 s after the streams closed | {kib(s['after_close_kib'])} | {kib(n['after_close_kib'])} | "
                f"{kib(d['after_close_kib'])} |")
     q = m["queued"]
     out.append(f"| {q['n']} queued requests (`num_parallel: 1`): RSS with one stream → with the "
                f"queue | {kib(q['with_one_stream_kib'])} → {kib(q['during_kib'])} | | |")
     out.append(f"| per queued request | **{q['per_request_bytes'] / 1024:.1f} KiB** | | |")
-    out.append(f"| after the queued requests left | {kib(q['after_close_kib'])} | | |")
+    out.append(f"| 5 s after the queued requests left | {kib(q['after_close_kib'])} | | |")
     return out
 
 
