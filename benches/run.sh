@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Overhead of ollama-sidecar against direct Ollama (the mock) and against nginx, on loopback.
 #
-#   benches/run.sh                 full run (about 7 minutes on a quiet machine), results into docs/benchmarks.md
+#   benches/run.sh                 full run (about 10 minutes on a quiet machine), results into docs/benchmarks.md
 #   benches/run.sh --quick         short smoke run (about 2 minutes), into target/bench/quick.md
 #   benches/run.sh --criterion     also run the criterion micro-benchmarks and report them
 #   benches/run.sh --doc FILE      write the report to FILE instead of docs/benchmarks.md
+#   benches/run.sh --features F    build the sidecar with cargo features F (e.g. jemalloc)
 #   benches/run.sh -- --reps 5     anything after -- goes to benches/harness/bench.py (see its --help)
 #
 # Idempotent: installs wrk and nginx with apt when root and missing (else says what to install),
@@ -20,18 +21,25 @@ CMDLINE="benches/run.sh${*:+ $*}"
 quick=0
 criterion=0
 doc=docs/benchmarks.md
+features=
 extra=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --criterion) criterion=1 ;;
         --doc) doc=$2; shift ;;
+        --features) features=$2; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+
+# A build with other features is a comparison, not the reference figures.
+if [ -n "$features" ] && [ "$doc" = docs/benchmarks.md ]; then
+    doc="target/bench/features-${features//[^a-zA-Z0-9_-]/_}.md"
+fi
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
@@ -57,7 +65,7 @@ if [ "$(ulimit -n)" -lt 12000 ]; then
 fi
 
 echo "building release binaries"
-cargo build --release --bins --example pingora_floor --quiet
+cargo build --release --bins --example pingora_floor --quiet ${features:+--features "$features"}
 mkdir -p target/bench
 work=$(mktemp -d -t ollama-sidecar-bench-run.XXXXXX)
 cp target/release/ollama-sidecar target/release/mock-ollama target/release/examples/pingora_floor "$work/"

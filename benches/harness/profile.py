@@ -4,7 +4,8 @@
   profile.py perf   [--path /api/tags | --embed]   perf record (cpu-clock) while wrk -c16 runs
   profile.py strace [--path /api/tags | --embed]   system calls per request, sidecar and nginx
   profile.py massif --streams 300 | --queued 1000   heap allocation sites per connection (valgrind)
-  profile.py rss    --streams 1000 --queued 10000   VmRSS per connection (MALLOC_ARENA_MAX=1 too)
+  profile.py rss    --streams 1000 --queued 10000   VmRSS per connection (MALLOC_ARENA_MAX=1 too;
+                                                   Pingora alone too, when BIN/examples has it)
   profile.py ttfb   [--gaps 0,0.5,2]                 stream TTFB after idle gaps, direct vs sidecar
 
 It builds a profiling copy of the sidecar (symbols, frame pointers; target/profiling, about
@@ -172,6 +173,20 @@ def do_massif(args, procs, bin_dir):
 def do_rss(args, procs, bin_dir):
     _, mock_port = start_mock(procs, bin_dir)
     bench.mock_faults(mock_port, tokens=10, token_delay_ms=600_000)
+    floor_bin = os.path.join(bin_dir, "examples", "pingora_floor")
+    if os.path.exists(floor_bin):
+        # Pingora alone, for comparison: what is left when none of the sidecar's work is done.
+        port = bench.free_port()
+        fl = procs.start("pingora", [floor_bin, f"127.0.0.1:{port}", f"127.0.0.1:{mock_port}"])
+        bench.wait_ready(port, "/api/tags", fl, "pingora", procs.workdir)
+        r0 = bench.settle_rss([fl.pid], 3)
+        socks = bench.open_streams(port, "/api/chat", bench.CHAT_BODY, args.streams, True)
+        time.sleep(1)
+        r1 = bench.settle_rss([fl.pid])
+        bench.close_all(socks)
+        print(f"{'Pingora alone':22} {args.streams:6} {'idle streams':16} RSS {r0} -> {r1} KiB: "
+              f"{(r1 - r0) / args.streams:6.1f} KiB each")
+        procs.stop(fl)
     for arena in (None, "1"):
         env = {"MALLOC_ARENA_MAX": arena} if arena else {}
         label = f"MALLOC_ARENA_MAX={arena}" if arena else "default glibc arenas"
