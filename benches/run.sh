@@ -4,6 +4,7 @@
 #   benches/run.sh                 full run (about 10 minutes on a quiet machine), results into docs/benchmarks.md
 #   benches/run.sh --quick         short smoke run (about 2 minutes), into target/bench/quick.md
 #   benches/run.sh --criterion     also run the criterion micro-benchmarks and report them
+#   benches/run.sh --criterion-only   only the criterion micro-benchmarks (about 4 minutes)
 #   benches/run.sh --doc FILE      write the report to FILE instead of docs/benchmarks.md
 #   benches/run.sh --features F    build the sidecar with cargo features F (e.g. jemalloc)
 #   benches/run.sh -- --reps 5     anything after -- goes to benches/harness/bench.py (see its --help)
@@ -20,6 +21,7 @@ CMDLINE="benches/run.sh${*:+ $*}"
 
 quick=0
 criterion=0
+only_criterion=0
 doc=docs/benchmarks.md
 features=
 extra=()
@@ -27,10 +29,11 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --criterion) criterion=1 ;;
+        --criterion-only) criterion=1; only_criterion=1 ;;
         --doc) doc=$2; shift ;;
         --features) features=$2; shift ;;
         --) shift; extra=("$@"); break ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "unknown option: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -42,8 +45,10 @@ if [ -n "$features" ] && [ "$doc" = docs/benchmarks.md ]; then
 fi
 
 missing=()
-command -v wrk >/dev/null || missing+=(wrk)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ $only_criterion = 0 ]; then
+    command -v wrk >/dev/null || missing+=(wrk)
+    command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+fi
 command -v cmake >/dev/null || missing+=(cmake)   # pingora's zlib-ng build needs it
 command -v python3 >/dev/null || missing+=(python3)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -64,49 +69,52 @@ if [ "$(ulimit -n)" -lt 12000 ]; then
     echo "warning: ulimit -n is $(ulimit -n); the 10,000-request queue test needs about 11,000" >&2
 fi
 
-echo "building release binaries"
-cargo build --release --bins --example pingora_floor --quiet ${features:+--features "$features"}
-mkdir -p target/bench
-work=$(mktemp -d -t ollama-sidecar-bench-run.XXXXXX)
-cp target/release/ollama-sidecar target/release/mock-ollama target/release/examples/pingora_floor "$work/"
+if [ $only_criterion = 0 ]; then
+    echo "building release binaries"
+    cargo build --release --bins --example pingora_floor --quiet ${features:+--features "$features"}
+    mkdir -p target/bench
+    work=$(mktemp -d -t ollama-sidecar-bench-run.XXXXXX)
+    cp target/release/ollama-sidecar target/release/mock-ollama target/release/examples/pingora_floor "$work/"
 
-bench_pid=
-cleanup() {
-    # bench.py stops what it started; this is the backstop if it was killed outright.
-    if [ -n "$bench_pid" ] && kill -0 "$bench_pid" 2>/dev/null; then
-        kill -TERM "$bench_pid" 2>/dev/null || true
-        sleep 2
-    fi
-    if [ -f "$work/pids" ]; then
-        while read -r pid; do
-            kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-        done < "$work/pids"
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+    bench_pid=
+    cleanup() {
+        # bench.py stops what it started; this is the backstop if it was killed outright.
+        if [ -n "$bench_pid" ] && kill -0 "$bench_pid" 2>/dev/null; then
+            kill -TERM "$bench_pid" 2>/dev/null || true
+            sleep 2
+        fi
+        if [ -f "$work/pids" ]; then
+            while read -r pid; do
+                kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+            done < "$work/pids"
+        fi
+        rm -rf "$work"
+    }
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
 
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
-json="target/bench/results-$stamp.json"
-args=(--bin-dir "$work" --pidfile "$work/pids" --json "$json" --command "$CMDLINE")
-if [ $quick = 1 ]; then
-    args+=(--reps 1 --duration 3 --c1-duration 2 --stream-reps 10 --idle-streams 200
-           --queued 1000 --reject-duration 2 --max-wait 30)
-    [ "$doc" = docs/benchmarks.md ] && doc=target/bench/quick.md
+    stamp=$(date -u +%Y%m%dT%H%M%SZ)
+    json="target/bench/results-$stamp.json"
+    args=(--bin-dir "$work" --pidfile "$work/pids" --json "$json" --command "$CMDLINE")
+    if [ $quick = 1 ]; then
+        args+=(--reps 1 --duration 3 --c1-duration 2 --stream-reps 10 --idle-streams 200
+               --queued 1000 --reject-duration 2 --max-wait 30)
+        [ "$doc" = docs/benchmarks.md ] && doc=target/bench/quick.md
+    fi
+    uptime
+    python3 benches/harness/bench.py "${args[@]}" "${extra[@]}" &
+    bench_pid=$!
+    wait "$bench_pid"
+    bench_pid=
+    python3 benches/harness/report.py --json "$json" --doc "$doc"
+    echo "wrote $doc (raw: $json)"
 fi
-uptime
-python3 benches/harness/bench.py "${args[@]}" "${extra[@]}" &
-bench_pid=$!
-wait "$bench_pid"
-bench_pid=
-python3 benches/harness/report.py --json "$json" --doc "$doc"
-echo "wrote $doc (raw: $json)"
 
 if [ $criterion = 1 ]; then
+    mkdir -p target/bench
     crit_args=()
     loads=
-    for b in admission tap; do
+    for b in admission tap parse; do
         if grep -q "^name = \"$b\"" Cargo.toml && [ -f "benches/$b.rs" ]; then
             echo "cargo bench --bench $b"
             loads="$loads \`$b\`: $(uptime | sed 's/.*load average: //');"
