@@ -200,13 +200,7 @@ pub async fn refuse(
     ctx.outcome = Outcome::Refused;
     ctx.refusal = refusal_reason(err.status);
     ctx.status = err.status;
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
+    crate::proxy::write_whole_response(session, header, body).await?;
     Ok(true)
 }
 

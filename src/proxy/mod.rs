@@ -95,6 +95,16 @@ pub async fn respond_error(
 ) -> Result<()> {
     let body = errors::error_body(shape, err.status, &err.message);
     let header = errors::error_header(err, body.len(), request_id)?;
+    write_whole_response(session, header, body).await
+}
+
+/// Writes a response the sidecar answers itself: the header and its whole body, or the header
+/// alone for a HEAD request.
+pub async fn write_whole_response(
+    session: &mut Session,
+    header: ResponseHeader,
+    body: bytes::Bytes,
+) -> Result<()> {
     let head_only = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(header), head_only)
