@@ -1,7 +1,8 @@
 //! Pingora alone, as a plain reverse proxy: the floor under the sidecar's overhead in
 //! `benches/run.sh`. Same Pingora version, server options and listener settings as the sidecar
-//! (`src/server.rs`), and nothing else: no routing, admission, policy, metrics or logging. What
-//! the sidecar costs above this is ours; what this costs above nginx is Pingora's.
+//! (`server::server_conf`, `server::proxy_listener`), and nothing else: no routing, admission,
+//! policy, metrics or logging. What the sidecar costs above this is ours; what this costs above
+//! nginx is Pingora's.
 //!
 //!   cargo run --release --example pingora_floor -- LISTEN UPSTREAM [THREADS]
 //!
@@ -9,9 +10,7 @@
 //! default). Stop it with SIGKILL or SIGINT.
 
 use async_trait::async_trait;
-use pingora_core::listeners::ListenerConfig;
-use pingora_core::protocols::l4::stream::{L4BufferSettings, DEFAULT_L4_WRITE_BUFFER_SIZE};
-use pingora_core::server::configuration::ServerConf;
+use ollama_sidecar::server;
 use pingora_core::server::Server;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
@@ -64,13 +63,7 @@ fn main() {
         }
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let conf = ServerConf {
-        threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut server = Server::new_with_opt_and_conf(None, server::server_conf(threads));
     server.bootstrap();
     let mut proxy = pingora_proxy::http_proxy_service(
         &server.configuration,
@@ -78,10 +71,7 @@ fn main() {
             upstream: upstream.clone(),
         },
     );
-    proxy.add_listener(
-        ListenerConfig::tcp(listen.clone())
-            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
-    );
+    proxy.add_listener(server::proxy_listener(listen.clone()));
     server.add_service(proxy);
     server.run_forever();
 }

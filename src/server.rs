@@ -40,14 +40,7 @@ pub fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot start the startup runtime: {e}"))?
         .block_on(health::initial_check(&app.registry, &app.config.health));
 
-    let conf = ServerConf {
-        threads: app.config.threads,
-        // Our own shutdown watch drains; Pingora must not sleep a further grace period.
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(1),
-        ..ServerConf::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let mut server = Server::new_with_opt_and_conf(None, server_conf(app.config.threads));
     server.bootstrap();
 
     let mut proxy = pingora_proxy::http_proxy_service_with_name(
@@ -55,12 +48,7 @@ pub fn run(config: Config) -> Result<(), String> {
         SidecarProxy::new(app.clone()),
         "ollama-sidecar proxy",
     );
-    // No TLS on this listener, and HTTP/1 reads headers and bodies into buffers of its own: a
-    // 64 KiB read buffer per connection (Pingora's default) would only add a copy and memory.
-    proxy.add_listener(
-        ListenerConfig::tcp(app.config.listen.to_string())
-            .l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE)),
-    );
+    proxy.add_listener(proxy_listener(app.config.listen.to_string()));
     server.add_service(proxy);
     // Build the metrics before the first request records anything.
     let _ = metrics::global();
@@ -87,6 +75,24 @@ pub fn run(config: Config) -> Result<(), String> {
     });
     tracing::info!("ollama-sidecar stopped");
     Ok(())
+}
+
+/// The Pingora server options (also used by `examples/pingora_floor.rs`, which must match).
+pub fn server_conf(threads: usize) -> ServerConf {
+    ServerConf {
+        threads,
+        // Our own shutdown watch drains; Pingora must not sleep a further grace period.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    }
+}
+
+/// The proxy's listener (also used by `examples/pingora_floor.rs`). No TLS on it, and HTTP/1
+/// reads headers and bodies into buffers of its own: a 64 KiB read buffer per connection
+/// (Pingora's default) would only add a copy and memory.
+pub fn proxy_listener(addr: String) -> ListenerConfig {
+    ListenerConfig::tcp(addr).l4_buffer(L4BufferSettings::new(0, DEFAULT_L4_WRITE_BUFFER_SIZE))
 }
 
 struct SupervisorService(Arc<Supervisor>);
