@@ -766,7 +766,7 @@ impl Metrics {
         self.queue_clients.set(snap.clients_queued as i64);
         self.queue_oldest_wait
             .set(snap.oldest_wait.map(|d| d.as_secs_f64()).unwrap_or(0.0));
-        advance_int(&self.admitted, snap.counters.admitted);
+        advance(&self.admitted, snap.counters.admitted);
         for slot in &snap.slots {
             set(&self.instance_busy_slots, &[&slot.name], slot.busy as i64);
             set(&self.instance_slots, &[&slot.name], slot.slots as i64);
@@ -798,12 +798,12 @@ impl Metrics {
                 .instance_ejections
                 .get_metric_with_label_values(&[name])
             {
-                advance_int(&c, inst.ejections());
+                advance(&c, inst.ejections());
             }
             if inst.supervised {
                 let p = inst.process_info();
                 if let Ok(c) = self.instance_restarts.get_metric_with_label_values(&[name]) {
-                    advance_int(&c, p.restarts);
+                    advance(&c, p.restarts);
                 }
                 if let Ok(c) = self
                     .instance_cpu_seconds
@@ -836,26 +836,22 @@ fn set(v: &IntGaugeVec, labels: &[&str], value: i64) {
 }
 
 /// Moves a mirrored counter to `value` (a smaller value is a reset, as Prometheus reads it).
-fn advance_int(c: &IntCounter, value: u64) {
+fn advance<P: prometheus::core::Atomic>(c: &prometheus::core::GenericCounter<P>, value: P::T) {
     let now = c.get();
     if value < now {
         c.reset();
         c.inc_by(value);
     } else if value > now {
-        c.inc_by(value - now);
+        let mut delta = value;
+        delta -= now;
+        c.inc_by(delta);
     }
 }
 
+/// [`advance`] for a float, which may be NaN or negative: such a sample is skipped.
 fn advance_float(c: &Counter, value: f64) {
-    if !value.is_finite() || value < 0.0 {
-        return;
-    }
-    let now = c.get();
-    if value < now {
-        c.reset();
-        c.inc_by(value);
-    } else if value > now {
-        c.inc_by(value - now);
+    if value.is_finite() && value >= 0.0 {
+        advance(c, value);
     }
 }
 
@@ -1008,10 +1004,10 @@ mod tests {
     #[test]
     fn mirrored_counters_follow_resets() {
         let c = IntCounter::new("x_total", "x").unwrap();
-        advance_int(&c, 5);
-        advance_int(&c, 7);
+        advance(&c, 5);
+        advance(&c, 7);
         assert_eq!(c.get(), 7);
-        advance_int(&c, 2);
+        advance(&c, 2);
         assert_eq!(c.get(), 2);
     }
 }
