@@ -154,31 +154,28 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
-def rss_kib(pids):
+def proc_kib(pids, name, field):
+    """The sum over pids of a `field:  N kB` line of /proc/PID/name (a process that is gone
+    counts 0)."""
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/status") as f:
+            with open(f"/proc/{pid}/{name}") as f:
                 for line in f:
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(field):
                         total += int(line.split()[1])
         except OSError:
             pass
     return total
+
+
+def rss_kib(pids):
+    return proc_kib(pids, "status", "VmRSS:")
 
 
 def pss_kib(pids):
     """Proportional set size: shared pages split between the processes (nginx's workers)."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
+    return proc_kib(pids, "smaps_rollup", "Pss:")
 
 
 def loadavg():
