@@ -7,8 +7,8 @@
 //! `malloc_trim(0)` returns the free pages (on a blocking thread: it walks the heap). Steady load
 //! never triggers it, and a burst pays one trim when it ends.
 //!
-//! jemalloc (`--features jemalloc`) and other allocators manage this themselves: there the loop
-//! only samples.
+//! With jemalloc (`--features jemalloc`) or another C library there is nothing to call, and the
+//! loop does not run.
 
 use crate::app::Lifecycle;
 use std::sync::Arc;
@@ -18,8 +18,18 @@ pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(2);
 /// A fall of this many requests in flight frees some 3-7 MiB (28-69 KiB each): worth a trim.
 pub const TRIM_AFTER_DROP: usize = 100;
 
-/// Runs until the process exits.
+/// Whether this build's allocator is glibc's, which `malloc_trim` belongs to.
+const GLIBC_MALLOC: bool = cfg!(all(
+    target_os = "linux",
+    target_env = "gnu",
+    not(feature = "jemalloc")
+));
+
+/// Runs until the process exits (returns at once when there is nothing to trim).
 pub async fn release_after_load(lifecycle: Arc<Lifecycle>) {
+    if !GLIBC_MALLOC {
+        return;
+    }
     loop {
         tokio::time::sleep(SAMPLE_INTERVAL).await;
         let now = lifecycle.active();
