@@ -47,6 +47,20 @@ fn send(
     (status, headers, resp.text().unwrap_or_default())
 }
 
+/// `send`s a non-streamed `/api/chat` for `model` with `headers`.
+fn post_chat(
+    sc: &Sidecar,
+    headers: &[(&str, &str)],
+    model: &str,
+) -> (u16, reqwest::header::HeaderMap, String) {
+    send(
+        "POST",
+        &sc.url("/api/chat"),
+        headers,
+        Some(chat_body(model)),
+    )
+}
+
 fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
 }
@@ -145,12 +159,7 @@ fn missing_or_wrong_key_is_401_in_each_shape() {
         ("x-api-key", ALICE.to_string()),
         ("Authorization", format!("bearer {BOB}")),
     ] {
-        let (status, _, text) = send(
-            "POST",
-            &sc.url("/api/chat"),
-            &[(name, &value)],
-            Some(chat_body("llama3.2")),
-        );
+        let (status, _, text) = post_chat(&sc, &[(name, &value)], "llama3.2");
         assert_eq!(status, 200, "{name}: {text}");
         let (status, _, _) = send("GET", &sc.url("/api/tags"), &[(name, &value)], None);
         assert_eq!(status, 200);
@@ -245,11 +254,10 @@ fn keys_never_reach_the_logs_or_the_upstream() {
 fn auth_off_leaves_authorization_alone() {
     let mock = Mock::start(&[]);
     let sc = Sidecar::start(&external_instances(&[&mock], 2));
-    let (status, _, _) = send(
-        "POST",
-        &sc.url("/api/chat"),
+    let (status, _, _) = post_chat(
+        &sc,
         &[("authorization", "Bearer anything"), ("x-api-key", "k")],
-        Some(chat_body("llama3.2")),
+        "llama3.2",
     );
     assert_eq!(status, 200);
     let seen = mock_requests(&mock);
@@ -321,7 +329,7 @@ fn forbidden_model_is_403_in_each_shape() {
 
     // Allowed: the raw name or its `name:tag` form matches `llama3.2*`.
     for model in ["llama3.2", "llama3.2:latest", "LLAMA3.2:1b"] {
-        let (status, _, text) = send("POST", &sc.url("/api/chat"), &auth, Some(chat_body(model)));
+        let (status, _, text) = post_chat(&sc, &auth, model);
         // Ollama (the mock) decides whether it has the model.
         assert!(status == 200 || status == 404, "{model}: {status} {text}");
     }
@@ -333,12 +341,7 @@ fn forbidden_model_is_403_in_each_shape() {
     );
     assert_eq!(status, 200, "{text}");
     // Alice's key allows every model.
-    let (status, _, text) = send(
-        "POST",
-        &sc.url("/api/chat"),
-        &[("x-api-key", ALICE)],
-        Some(chat_body("qwen3:8b")),
-    );
+    let (status, _, text) = post_chat(&sc, &[("x-api-key", ALICE)], "qwen3:8b");
     assert_ne!(status, 403, "{text}");
 }
 
@@ -445,12 +448,7 @@ fn request_rate_is_429_with_retry_after() {
     let alice = format!("Bearer {ALICE}");
     let auth = [("authorization", alice.as_str())];
     for _ in 0..4 {
-        let (status, _, text) = send(
-            "POST",
-            &sc.url("/api/chat"),
-            &auth,
-            Some(chat_body("llama3.2")),
-        );
+        let (status, _, text) = post_chat(&sc, &auth, "llama3.2");
         assert_eq!(status, 200, "{text}");
     }
     let before = client_requests(&mock);
@@ -470,12 +468,7 @@ fn request_rate_is_429_with_retry_after() {
     }
     assert_eq!(client_requests(&mock), before);
     // Another key has its own budget.
-    let (status, _, _) = send(
-        "POST",
-        &sc.url("/api/chat"),
-        &[("x-api-key", BOB)],
-        Some(chat_body("llama3.2")),
-    );
+    let (status, _, _) = post_chat(&sc, &[("x-api-key", BOB)], "llama3.2");
     assert_eq!(status, 200);
 }
 
@@ -517,24 +510,13 @@ fn concurrency_cap_is_429() {
         None,
     );
     assert_eq!(status, 200);
-    let (status, _, _) = send(
-        "POST",
-        &sc.url("/api/chat"),
-        &[("x-api-key", BOB)],
-        Some(chat_body("llama3.2")),
-    );
+    let (status, _, _) = post_chat(&sc, &[("x-api-key", BOB)], "llama3.2");
     assert_eq!(status, 200);
     // Once the stream is over, the key may send again.
     let text = first.text().expect("stream");
     assert!(text.contains("\"done\":true"), "{text}");
     assert!(wait_until(Duration::from_secs(5), || {
-        send(
-            "POST",
-            &sc.url("/api/chat"),
-            &[("authorization", alice.as_str())],
-            Some(chat_body("llama3.2")),
-        )
-        .0 == 200
+        post_chat(&sc, &[("authorization", alice.as_str())], "llama3.2").0 == 200
     }));
 }
 
@@ -572,12 +554,7 @@ fn token_budget_is_429_after_usage() {
         assert!((1..=300).contains(&after), "Retry-After {after}");
     }
     // Streamed usage is counted as well: bob's budget is untouched, alice's stays spent.
-    let (status, _, _) = send(
-        "POST",
-        &sc.url("/api/chat"),
-        &[("x-api-key", BOB)],
-        Some(chat_body("llama3.2")),
-    );
+    let (status, _, _) = post_chat(&sc, &[("x-api-key", BOB)], "llama3.2");
     assert_eq!(status, 200);
 }
 
@@ -598,13 +575,7 @@ fn streamed_tokens_are_charged() {
     assert!(resp.text().expect("body").contains("\"eval_count\""));
     // Charged when the request ends (after the last chunk reached the client).
     assert!(wait_until(Duration::from_secs(5), || {
-        send(
-            "POST",
-            &sc.url("/api/chat"),
-            &[("authorization", alice.as_str())],
-            Some(chat_body("llama3.2")),
-        )
-        .0 == 429
+        post_chat(&sc, &[("authorization", alice.as_str())], "llama3.2").0 == 429
     }));
 }
 
@@ -625,12 +596,7 @@ fn anonymous_metadata_when_allowed() {
         let (status, _, text) = send("GET", &sc.url(path), &[], None);
         assert_eq!(status, 200, "{path}: {text}");
     }
-    let (status, _, _) = send(
-        "POST",
-        &sc.url("/api/chat"),
-        &[],
-        Some(chat_body("llama3.2")),
-    );
+    let (status, _, _) = post_chat(&sc, &[], "llama3.2");
     assert_eq!(status, 401);
     // A wrong key is refused even where no key is needed.
     let (status, _, _) = send(
@@ -651,7 +617,7 @@ fn policy_without_keys() {
     );
     let sc = Sidecar::start(&body);
     let before = client_requests(&mock);
-    let (status, _, text) = send("POST", &sc.url("/api/chat"), &[], Some(chat_body("qwen3")));
+    let (status, _, text) = post_chat(&sc, &[], "qwen3");
     assert_eq!(status, 403);
     assert!(error_in_shape("/api/chat", 403, &text).contains("policy.models"));
     let (status, _, text) = send(
@@ -674,12 +640,7 @@ fn policy_without_keys() {
     // Two of six used (the refused models; a denied route is refused before counting): four
     // more pass, then 429 for this client address.
     for _ in 0..4 {
-        let (status, _, text) = send(
-            "POST",
-            &sc.url("/api/chat"),
-            &[],
-            Some(chat_body("llama3.2")),
-        );
+        let (status, _, text) = post_chat(&sc, &[], "llama3.2");
         assert_eq!(status, 200, "{text}");
     }
     let (status, h, text) = send("GET", &sc.url("/api/tags"), &[], None);
