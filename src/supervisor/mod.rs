@@ -289,6 +289,26 @@ mod tests {
         App::new(parse(&yaml, "test", &Overrides::default()).unwrap())
     }
 
+    /// Only external instances: nothing to sample, so the process table is never read.
+    #[tokio::test]
+    async fn the_sampler_reads_no_process_table_when_nothing_is_supervised() {
+        let (control, receiver) = watch::channel(Control::default());
+        let sampling = tokio::spawn(sample_loop(
+            Vec::new(),
+            Arc::new(OwnedPids::default()),
+            Stop(receiver),
+            false,
+        ));
+        // Past the first sample, which would have read every process on the host.
+        tokio::time::sleep(stats::SAMPLE_INTERVAL + Duration::from_millis(500)).await;
+        control.send_modify(|c| c.stopping = true);
+        let sampler = tokio::time::timeout(Duration::from_secs(5), sampling)
+            .await
+            .expect("the sampler stops")
+            .expect("the sampler task");
+        assert_eq!(sampler.processes_read(), 0);
+    }
+
     #[tokio::test]
     async fn stop_before_run_means_run_never_starts() {
         let app = app("/bin/sh", "['-c', 'exec sleep 30']");

@@ -106,6 +106,12 @@ impl Sampler {
         );
     }
 
+    /// How many processes the last refresh read (none before the first).
+    #[cfg(test)]
+    pub fn processes_read(&self) -> usize {
+        self.sys.processes().len()
+    }
+
     /// Sums each root's tree from the last refresh (`None`: the root is gone), and remembers the
     /// descendants for the stray sweep (for as long as they exist).
     pub fn trees(&mut self, roots: &[u32]) -> Vec<Option<TreeStats>> {
