@@ -1,6 +1,8 @@
 //! The admin listener (`admin.listen`, default 127.0.0.1:11435), separate from the proxy port:
 //!
 //! - `GET /metrics`: Prometheus text format ([`crate::metrics`]);
+//! - `GET /metrics/gateway`: only the queue, running and slot-utilization gauges an inference
+//!   gateway's endpoint picker scrapes; open like the probes (the picker sends no token);
 //! - `GET /healthz`: the process is alive: 200 `ok`;
 //! - `GET /readyz`: 200 when at least one instance can serve inference, else 503 with a JSON
 //!   reason (also 503 while shutting down);
@@ -23,7 +25,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// The paths the admin listener answers.
-pub const PATHS: &[&str] = &["/metrics", "/healthz", "/readyz", "/status"];
+pub const PATHS: &[&str] = &[
+    "/metrics",
+    metrics::GATEWAY_PATH,
+    "/healthz",
+    "/readyz",
+    "/status",
+];
+
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// How long `/status` waits for an instance's `/api/ps` (it falls back to the model names the
 /// sidecar last learned).
@@ -98,16 +108,28 @@ impl ServeHttp for AdminApp {
                 .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
             return resp;
         }
-        if let Some(denied) =
-            crate::policy::admin_gate(&self.app.config.access, session.req_header(), &path)
+        // The endpoint picker's scraper can present no bearer token (llm-d/llm-d-router
+        // `pkg/epp/framework/plugins/datalayer/source/metrics/datasource.go`: TLS options only),
+        // and these three load gauges say no more than /readyz.
+        let gated = path != metrics::GATEWAY_PATH;
+        if let Some(denied) = gated
+            .then(|| {
+                crate::policy::admin_gate(&self.app.config.access, session.req_header(), &path)
+            })
+            .flatten()
         {
             return denied;
         }
         match path.as_str() {
             "/metrics" => respond(
                 StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
+                PROMETHEUS_TEXT,
                 self.metrics.render(&self.app).into_bytes(),
+            ),
+            metrics::GATEWAY_PATH => respond(
+                StatusCode::OK,
+                PROMETHEUS_TEXT,
+                self.metrics.render_gateway(&self.app).into_bytes(),
             ),
             "/healthz" => respond(
                 StatusCode::OK,

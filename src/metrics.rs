@@ -8,6 +8,9 @@
 //!   refreshed from the admission snapshot and the registry on each scrape ([`Metrics::render`]).
 //! - **Events recorded elsewhere**: [`Metrics::retry`] (the retry path) and
 //!   [`Metrics::health_check`] (active health checks).
+//! - **The inference gateway's gauges** ([`GATEWAY_PATH`]): the three gauges the Gateway API
+//!   Inference Extension's endpoint picker scrapes from each model server (queued, running, cache
+//!   utilization), also served alone so that a 50 ms scrape costs little ([`Metrics::render_gateway`]).
 //!
 //! Labels are bounded: route names come from the route table (`other` for the rest), status is a
 //! class (`2xx`), instance names come from the configuration, and a `model` label takes only names
@@ -17,7 +20,7 @@
 //! The registry is process-wide ([`global`]), like the `prometheus` crate's default registry: any
 //! module can record an event without plumbing, and a process has one `/metrics`.
 
-use crate::admission::AdmissionSnapshot;
+use crate::admission::{AdmissionSnapshot, SlotUse};
 use crate::app::App;
 use crate::proxy::inference::Outcome;
 use crate::proxy::tap::TapSummary;
@@ -73,6 +76,26 @@ pub const TOKENS_PER_SECOND_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0, 500.0,
     1000.0, 2500.0,
 ];
+
+/// The admin path that serves only the gateway gauges.
+pub const GATEWAY_PATH: &str = "/metrics/gateway";
+
+/// The Model Server Protocol's gauges (kubernetes-sigs/gateway-api-inference-extension,
+/// `docs/proposals/003-model-server-protocol/README.md`) under the names this sidecar gives them;
+/// the endpoint picker is told these names in its `engineConfigs`
+/// (`docker/kubernetes/inference-pool/endpoint-picker.yaml`).
+///
+/// TotalQueuedRequests: inference requests waiting in the admission queue for a slot.
+pub const GATEWAY_QUEUED: &str = "ollama_sidecar_queue_requests";
+/// TotalRunningRequests: inference requests holding a slot (sent to an instance, being served).
+pub const GATEWAY_RUNNING: &str = "ollama_sidecar_running_requests";
+/// KVCacheUtilization, a fraction 0..1 as the picker reads vLLM's `vllm:kv_cache_usage_perc`
+/// (its kv-cache-utilization scorer scores `1 - value`). Ollama reports no cache use; what it
+/// does is split its KV cache into `num_parallel` equal slots and give each running sequence one
+/// whole slot (ollama/ollama `runner/ollamarunner/cache.go`, `NewInputCache` and
+/// `LoadCacheSlot`), so the share of slots held is the share of the cache held by running
+/// requests: the closest honest signal, an upper bound of the tokens actually stored.
+pub const GATEWAY_UTILIZATION: &str = "ollama_sidecar_busy_slots_ratio";
 
 static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
 
@@ -184,6 +207,10 @@ pub struct Metrics {
     queue_bytes: IntGauge,
     queue_clients: IntGauge,
     queue_oldest_wait: Gauge,
+    running_requests: IntGauge,
+    busy_slots_ratio: Gauge,
+    /// The gateway gauges alone (the same collectors as in `registry`).
+    gateway: prometheus::Registry,
     admitted: IntCounter,
     instance_up: IntGaugeVec,
     instance_state: IntGaugeVec,
@@ -439,6 +466,22 @@ impl Metrics {
                 IntGauge,
                 opts("queue_requests", "Inference requests waiting for a slot.")
             ),
+            running_requests: metric!(
+                r,
+                IntGauge,
+                opts(
+                    "running_requests",
+                    "Inference requests holding a slot: sent to an instance and being served."
+                )
+            ),
+            busy_slots_ratio: metric!(
+                r,
+                Gauge,
+                opts(
+                    "busy_slots_ratio",
+                    "Share (0 to 1) of the inference slots of the instances in rotation that requests hold; Ollama gives each running request one num_parallel share of its KV cache, so this is the share of KV cache in use. 1 when no instance can take a request."
+                )
+            ),
             queue_bytes: metric!(
                 r,
                 IntGauge,
@@ -583,12 +626,20 @@ impl Metrics {
                 Gauge,
                 opts("uptime_seconds", "Seconds since the sidecar started.")
             ),
+            gateway: prometheus::Registry::new(),
             registry: r,
             scrape: Mutex::new(()),
             known_models: RwLock::new(KnownModels::default()),
             last_health: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
         };
+        for gauge in [
+            Box::new(m.queue_requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.running_requests.clone()),
+            Box::new(m.busy_slots_ratio.clone()),
+        ] {
+            m.gateway.register(gauge).expect("unique metric name");
+        }
         for reason in REJECTION_REASONS {
             let _ = m.rejections.get_metric_with_label_values(&[reason]);
         }
@@ -748,20 +799,33 @@ impl Metrics {
         self.encode()
     }
 
+    /// Only the gateway gauges ([`GATEWAY_PATH`]), brought up to date.
+    pub fn render_gateway(&self, app: &App) -> String {
+        let _one_at_a_time = self.scrape.lock();
+        self.refresh_gateway(&app.admission.snapshot(), &app.registry);
+        encode(&self.gateway, 1024)
+    }
+
     /// The text format of the registry as it is.
     pub fn encode(&self) -> String {
-        let mut out = Vec::with_capacity(64 * 1024);
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "cannot encode metrics");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        encode(&self.registry, 64 * 1024)
+    }
+
+    /// Mirrors the queue and the slots into the gateway gauges.
+    pub fn refresh_gateway(&self, snap: &AdmissionSnapshot, registry: &Registry) {
+        self.queue_requests.set(snap.queued as i64);
+        self.running_requests.set(snap.held() as i64);
+        self.busy_slots_ratio
+            .set(busy_slots_ratio(&snap.slots, |i| {
+                registry.all().get(i).map_or(0, |inst| inst.slot_limit())
+            }));
     }
 
     /// Mirrors the queue, slot and instance state into their gauges and counters.
     pub fn refresh(&self, snap: AdmissionSnapshot, registry: &Registry, in_flight: usize) {
         self.uptime.set(self.started.elapsed().as_secs_f64());
         self.in_flight.set(in_flight as i64);
-        self.queue_requests.set(snap.queued as i64);
+        self.refresh_gateway(&snap, registry);
         self.queue_bytes.set(snap.queued_bytes as i64);
         self.queue_clients.set(snap.clients_queued as i64);
         self.queue_oldest_wait
@@ -815,6 +879,26 @@ impl Metrics {
             }
         }
     }
+}
+
+fn encode(registry: &prometheus::Registry, capacity: usize) -> String {
+    let mut out = Vec::with_capacity(capacity);
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "cannot encode metrics");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Held slots over the slots instances can serve now (`capacity` of an instance index: its
+/// `slot_limit`, 0 out of rotation), at most 1; 1 when no instance can serve (nothing more
+/// fits). A request still finishing on an instance that left rotation keeps counting as held.
+pub fn busy_slots_ratio(slots: &[SlotUse], capacity: impl Fn(usize) -> usize) -> f64 {
+    let busy: usize = slots.iter().map(|s| s.busy).sum();
+    let open: usize = slots.iter().map(|s| capacity(s.index)).sum();
+    if open == 0 {
+        return 1.0;
+    }
+    (busy as f64 / open as f64).min(1.0)
 }
 
 fn inc(v: &IntCounterVec, labels: &[&str], n: u64) {
@@ -999,6 +1083,43 @@ mod tests {
         t.first_token = Some(Duration::from_secs(1));
         t.last_token = Some(Duration::from_secs(4));
         assert_eq!(tokens_per_second(&t), Some(3.0));
+    }
+
+    #[test]
+    fn busy_slots_ratio_counts_instances_in_rotation() {
+        let slot = |index, busy, slots| SlotUse {
+            index,
+            name: format!("i{index}"),
+            busy,
+            slots,
+        };
+        let two = [slot(0, 1, 2), slot(1, 2, 2)];
+        assert_eq!(busy_slots_ratio(&two, |_| 2), 0.75);
+        assert_eq!(busy_slots_ratio(&[slot(0, 0, 2)], |_| 2), 0.0);
+        // The second instance left rotation: its requests still finish, capacity is 2.
+        assert_eq!(busy_slots_ratio(&two, |i| if i == 0 { 2 } else { 0 }), 1.0);
+        assert_eq!(busy_slots_ratio(&[slot(0, 0, 2)], |_| 0), 1.0);
+        // A half-open instance takes one trial request.
+        assert_eq!(busy_slots_ratio(&[slot(0, 0, 4)], |_| 1), 0.0);
+    }
+
+    #[test]
+    fn gateway_registry_holds_the_three_gauges() {
+        let m = Metrics::new();
+        let names: Vec<String> = m
+            .gateway
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec![GATEWAY_UTILIZATION, GATEWAY_QUEUED, GATEWAY_RUNNING]
+        );
+        let all = m.encode();
+        for name in [GATEWAY_QUEUED, GATEWAY_RUNNING, GATEWAY_UTILIZATION] {
+            assert!(all.contains(&format!("# TYPE {name} gauge")), "{name}");
+        }
     }
 
     #[test]

@@ -376,9 +376,17 @@ impl Gen {
         }
     }
 
+    /// `stream_options.include_usage`: one more chunk with no choices and the usage, before
+    /// `[DONE]`, on chat and on completions alike (Ollama `middleware/openai.go`,
+    /// `ChatWriter.writeResponse` and `CompleteWriter.writeResponse`).
     fn usage_chunk(&self, buf: &mut Vec<u8>) {
         buf.extend_from_slice(b"data: ");
-        self.oa_head(buf, "chat.completion.chunk");
+        let object = if self.kind == Kind::OaCompletion {
+            "text_completion"
+        } else {
+            "chat.completion.chunk"
+        };
+        self.oa_head(buf, object);
         buf.extend_from_slice(b"],");
         self.usage(buf);
         buf.extend_from_slice(b"}\n\n");
@@ -580,7 +588,7 @@ impl GenStream {
                         s.finish(true);
                     }
                     self.stage = match self.gen.kind {
-                        Kind::OaChat if self.gen.include_usage => Stage::Usage,
+                        Kind::OaChat | Kind::OaCompletion if self.gen.include_usage => Stage::Usage,
                         Kind::OaChat | Kind::OaCompletion | Kind::Anthropic => Stage::Done,
                         _ => Stage::End,
                     };
