@@ -250,14 +250,6 @@ fn scrape_as_picker(
     })
 }
 
-fn status(sc: &Sidecar) -> Value {
-    client()
-        .get(format!("http://127.0.0.1:{}/status", sc.admin_port))
-        .send()
-        .and_then(|r| r.json())
-        .expect("status")
-}
-
 /// The gauges as the sidecar's own state says they must be: from `/status`.
 fn expected_from(status: &Value) -> PodMetrics {
     let queue = &status["queue"];
@@ -295,10 +287,10 @@ fn settled_scrape(sc: &Sidecar, n: u64) -> (PodMetrics, PodMetrics) {
     let http = client();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let before = status(sc);
+        let before = sc.status();
         if load_of(&before) == n {
             let got = scrape_as_picker(&http, sc.admin_port, GATEWAY_PATH).expect("scrape");
-            let after = status(sc);
+            let after = sc.status();
             if expected_from(&before) == expected_from(&after) {
                 return (got, expected_from(&after));
             }
@@ -338,7 +330,7 @@ fn gateway_gauges_follow_the_queue_and_the_slots() {
     ));
     assert!(
         wait_until(Duration::from_secs(15), || {
-            status(&sc)["instances"]
+            sc.status()["instances"]
                 .as_array()
                 .is_some_and(|a| a.iter().all(|i| i["ready"] == json!(true)))
         }),
@@ -491,7 +483,7 @@ fn gateway_gauges_need_no_admin_token() {
 fn requests_shaped_by_the_gateway_are_served_with_usage() {
     let mock = Mock::start(&[]);
     let sc = Sidecar::start(&external_instances(&[&mock], 2));
-    assert!(wait_until(Duration::from_secs(15), || status(&sc)
+    assert!(wait_until(Duration::from_secs(15), || sc.status()
         ["instances"][0]["ready"]
         == json!(true)));
     let cases = [

@@ -179,6 +179,15 @@ impl Sidecar {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The admin listener's `/status` document.
+    pub fn status(&self) -> serde_json::Value {
+        client()
+            .get(format!("http://127.0.0.1:{}/status", self.admin_port))
+            .send()
+            .and_then(|r| r.json())
+            .expect("admin /status")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
