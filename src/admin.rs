@@ -111,14 +111,11 @@ impl ServeHttp for AdminApp {
         // The endpoint picker's scraper can present no bearer token (llm-d/llm-d-router
         // `pkg/epp/framework/plugins/datalayer/source/metrics/datasource.go`: TLS options only),
         // and these three load gauges say no more than /readyz.
-        let gated = path != metrics::GATEWAY_PATH;
-        if let Some(denied) = gated
-            .then(|| {
-                crate::policy::admin_gate(&self.app.config.access, session.req_header(), &path)
-            })
-            .flatten()
-        {
-            return denied;
+        if path != metrics::GATEWAY_PATH {
+            let access = &self.app.config.access;
+            if let Some(denied) = crate::policy::admin_gate(access, session.req_header(), &path) {
+                return denied;
+            }
         }
         match path.as_str() {
             "/metrics" => respond(

@@ -817,7 +817,11 @@ impl Metrics {
         self.running_requests.set(snap.held() as i64);
         self.busy_slots_ratio
             .set(busy_slots_ratio(&snap.slots, |i| {
-                registry.all().get(i).map_or(0, |inst| inst.slot_limit())
+                registry
+                    .all()
+                    .iter()
+                    .find(|inst| inst.index == i)
+                    .map_or(0, |inst| inst.slot_limit())
             }));
     }
 
