@@ -443,6 +443,56 @@ fn gateway_gauges_follow_the_queue_and_the_slots() {
     assert_eq!(scrape_as_picker(&http, sc.admin_port, "/metrics"), Ok(idle));
 }
 
+/// Real streams that finish on their own: eight on two slots, scraped at the picker's pace.
+/// Every scrape is consistent (at most two running, utilization running/2), the queue is seen
+/// to fill, and everything is back at 0 once the streams end.
+#[test]
+fn gateway_gauges_drain_as_streams_finish() {
+    let mock = Mock::start(&[("MOCK_TOKENS", "10"), ("MOCK_TOKEN_DELAY_MS", "25")]);
+    let sc = Sidecar::start(&external_instances(&[&mock], 2));
+    assert!(wait_until(Duration::from_secs(15), || sc.status()
+        ["instances"][0]["ready"]
+        == json!(true)));
+    let port = sc.port;
+    let streams: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let body =
+                    json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]});
+                let mut reader = post_raw(port, "/api/chat", &body.to_string(), "");
+                let (lines, ended) = read_json_lines(&mut reader, Duration::from_secs(30));
+                ended && lines.last().is_some_and(|l| l["done"] == json!(true))
+            })
+        })
+        .collect();
+    let http = client();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while streams.iter().any(|s| !s.is_finished()) && Instant::now() < deadline {
+        seen.push(scrape_as_picker(&http, sc.admin_port, GATEWAY_PATH).expect("scrape"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for s in streams {
+        assert!(s.join().expect("stream"), "a stream did not complete");
+    }
+    for m in &seen {
+        assert!(m.running <= 2.0 && m.queued + m.running <= 8.0, "{m:?}");
+        assert_eq!(m.utilization, m.running / 2.0, "{m:?}");
+    }
+    assert!(
+        seen.iter().any(|m| m.queued > 0.0 && m.running == 2.0),
+        "never saw a full box with a queue: {seen:?}"
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        scrape_as_picker(&http, sc.admin_port, GATEWAY_PATH)
+            == Ok(PodMetrics {
+                queued: 0.0,
+                running: 0.0,
+                utilization: 0.0,
+            })
+    }));
+}
+
 /// `/metrics/gateway` stays open when the admin token guards `/metrics` and `/status`: the
 /// picker's scraper sends no token.
 #[test]
