@@ -374,7 +374,7 @@ impl ProxyHttp for SidecarProxy {
                 None => timeouts.response_header,
             })
         };
-        ctx.upstream = Some(instance.track());
+        ctx.upstream = Some(instance.track(addr));
         Ok(Box::new(peer))
     }
 
@@ -385,7 +385,7 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(guard) = &ctx.upstream {
-            upstream_request.insert_header(http::header::HOST, &guard.instance().host_header)?;
+            upstream_request.insert_header(http::header::HOST, guard.host_header())?;
         }
         upstream_request.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
         if ctx.is_subrequest() {
@@ -424,6 +424,12 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        if let Some(guard) = &ctx.upstream {
+            // The next attempt tries the name's next address; the name is resolved again.
+            self.app
+                .registry
+                .connect_failed(guard.instance(), guard.addr());
+        }
         if ctx.is_subrequest() {
             // The parent owns retries (and health reports) for admitted requests.
             return e;
