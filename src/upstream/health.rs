@@ -148,7 +148,7 @@ pub async fn initial_check(registry: &Registry, config: &HealthFile) {
         if c.instance.state() != InstanceState::Ready {
             let problem = c.instance.problem().unwrap_or_default();
             tracing::warn!(instance = %c.instance.name, url = %c.instance.upstream, %problem,
-                "instance did not answer GET /api/version at startup; out of rotation until it does");
+                "instance is not ready at startup; out of rotation until its health checks pass");
             c.instance.set_state(InstanceState::Unhealthy);
         }
     }
