@@ -196,6 +196,49 @@ impl Names {
     }
 }
 
+/// One instance `a` named `ollama-a.test`, which `/etc/hosts` maps to `entries`, a mock on
+/// `mock_ip`, and the sidecar checking it every `interval`, ready.
+struct OneNamed {
+    names: Names,
+    port: u16,
+    mock: Proc,
+    sidecar: Sidecar,
+}
+
+fn one_named(test: &str, entries: &[&str], mock_ip: &str, interval: &str) -> Option<OneNamed> {
+    let names = Names::new(test)?;
+    let port = free_port();
+    let entries: Vec<(&str, &str)> = entries.iter().map(|ip| (*ip, "ollama-a.test")).collect();
+    names.map(&entries);
+    let mock = mock_at(mock_ip, port);
+    let sidecar = names.sidecar(&format!(
+        "health:\n  interval: {interval}\ninstances:\n  - name: a\n    url: http://ollama-a.test:{port}\n"
+    ));
+    let (status, ready) = wait_ready(&sidecar, Duration::from_secs(10));
+    assert_eq!(status, 200, "{ready}");
+    Some(OneNamed {
+        names,
+        port,
+        mock,
+        sidecar,
+    })
+}
+
+impl OneNamed {
+    /// The instance restarts on `ip` (same port); `/etc/hosts` is left as it is.
+    fn restart_at(&mut self, ip: &str) {
+        self.mock.signal(libc::SIGKILL);
+        self.mock.wait_exit(Duration::from_secs(5));
+        self.mock = mock_at(ip, self.port);
+    }
+
+    /// The instance restarts on `ip` and its name now resolves there (a restarted container).
+    fn move_to(&mut self, ip: &str) {
+        self.restart_at(ip);
+        self.names.map(&[(ip, "ollama-a.test")]);
+    }
+}
+
 fn count(text: &str, needle: &str) -> usize {
     text.lines().filter(|l| l.contains(needle)).count()
 }
@@ -353,37 +396,29 @@ fn a_name_that_does_not_resolve_is_reported_and_the_other_instance_serves() {
 
 #[test]
 fn a_moved_instance_is_followed_within_one_health_interval() {
-    let Some(names) = Names::new("a_moved_instance_is_followed_within_one_health_interval") else {
+    let test = "a_moved_instance_is_followed_within_one_health_interval";
+    let Some(mut a) = one_named(test, &["127.0.0.2"], "127.0.0.2", "1s") else {
         return;
     };
-    let port = free_port();
-    names.map(&[("127.0.0.2", "ollama-a.test")]);
-    let mut first = mock_at("127.0.0.2", port);
-    let interval = Duration::from_secs(1);
-    let sidecar = names.sidecar(&format!(
-        "health:\n  interval: 1s\ninstances:\n  - name: a\n    url: http://ollama-a.test:{port}\n"
-    ));
-    assert_eq!(wait_ready(&sidecar, Duration::from_secs(10)).0, 200);
-    assert_streamed_chat(&sidecar);
-    let pid = sidecar.proc.pid();
+    let (port, interval) = (a.port, Duration::from_secs(1));
+    assert_streamed_chat(&a.sidecar);
+    let pid = a.sidecar.proc.pid();
 
     // The container restarts on a new address: no traffic in between, only the health checks.
-    first.signal(libc::SIGKILL);
-    first.wait_exit(Duration::from_secs(5));
-    let _second = mock_at("127.0.0.3", port);
-    names.map(&[("127.0.0.3", "ollama-a.test")]);
+    a.move_to("127.0.0.3");
+    let sidecar = &a.sidecar;
     let moved = Instant::now();
     let expected = format!("127.0.0.3:{port}");
     assert!(
-        wait_until(interval + Duration::from_millis(500), || status_of(
-            &sidecar, "a"
+        wait_until(interval + Duration::from_secs(1), || status_of(
+            sidecar, "a"
         )["address"]
             == expected.as_str()),
         "followed within one health interval: {}",
-        status_of(&sidecar, "a")
+        status_of(sidecar, "a")
     );
     eprintln!("followed the move in {:?}", moved.elapsed());
-    assert_streamed_chat(&sidecar);
+    assert_streamed_chat(sidecar);
     let seen = hosts_seen("127.0.0.3", port);
     assert!(
         seen.iter()
@@ -397,34 +432,69 @@ fn a_moved_instance_is_followed_within_one_health_interval() {
 
 #[test]
 fn a_connect_failure_resolves_the_name_again_at_once() {
-    let Some(names) = Names::new("a_connect_failure_resolves_the_name_again_at_once") else {
+    // Checks so rare that only the connect failure can make the sidecar look again.
+    let test = "a_connect_failure_resolves_the_name_again_at_once";
+    let Some(mut a) = one_named(test, &["127.0.0.2"], "127.0.0.2", "1h") else {
         return;
     };
-    let port = free_port();
-    names.map(&[("127.0.0.2", "ollama-a.test")]);
-    let mut first = mock_at("127.0.0.2", port);
-    // Checks so rare that only the connect failure can make the sidecar look again.
-    let sidecar = names.sidecar(&format!(
-        "health:\n  interval: 1h\ninstances:\n  - name: a\n    url: http://ollama-a.test:{port}\n"
-    ));
-    assert_eq!(wait_ready(&sidecar, Duration::from_secs(10)).0, 200);
+    let port = a.port;
 
-    first.signal(libc::SIGKILL);
-    first.wait_exit(Duration::from_secs(5));
-    let _second = mock_at("127.0.0.3", port);
-    names.map(&[("127.0.0.3", "ollama-a.test")]);
+    a.move_to("127.0.0.3");
+    let sidecar = &a.sidecar;
     // The old address refuses: this request fails (it is the only instance)...
     let (status, _) = get_json(&sidecar.url("/api/version"));
     assert_eq!(status, 502);
     // ... and the name is resolved again at once.
     let expected = format!("127.0.0.3:{port}");
     assert!(
-        wait_until(Duration::from_secs(2), || status_of(&sidecar, "a")
+        wait_until(Duration::from_secs(2), || status_of(sidecar, "a")
             ["address"]
             == expected.as_str()),
         "{}",
-        status_of(&sidecar, "a")
+        status_of(sidecar, "a")
     );
     assert_eq!(get_json(&sidecar.url("/api/version")).0, 200);
-    assert_streamed_chat(&sidecar);
+    assert_streamed_chat(sidecar);
+}
+
+#[test]
+fn of_several_addresses_the_one_that_answers_is_used_then_the_next_after_a_connect_failure() {
+    // No periodic check after the first: only real traffic can move the instance.
+    let test =
+        "of_several_addresses_the_one_that_answers_is_used_then_the_next_after_a_connect_failure";
+    let Some(mut a) = one_named(test, &["127.0.0.2", "127.0.0.3"], "127.0.0.3", "1h") else {
+        return;
+    };
+    let port = a.port;
+    let status = status_of(&a.sidecar, "a");
+    let (two, three) = (format!("127.0.0.2:{port}"), format!("127.0.0.3:{port}"));
+    assert_eq!(
+        status["addresses"],
+        serde_json::json!([two, three]),
+        "{status}"
+    );
+    assert_eq!(
+        status["address"], three,
+        "the address that answered: {status}"
+    );
+
+    // The instance moves to its other address: a request that finds the old one refusing is
+    // retried on the next, and the client sees nothing of it.
+    a.restart_at("127.0.0.2");
+    let sidecar = &a.sidecar;
+    let (status, tags) = get_json(&sidecar.url("/api/tags"));
+    assert_eq!(status, 200, "{tags}");
+    assert!(hosts_seen("127.0.0.2", port)
+        .iter()
+        .any(|(p, _)| p == "/api/tags"));
+    assert_eq!(status_of(sidecar, "a")["address"], two);
+
+    // The same on the inference path (the retry is the parent request's).
+    a.restart_at("127.0.0.3");
+    let sidecar = &a.sidecar;
+    assert_streamed_chat(sidecar);
+    assert!(hosts_seen("127.0.0.3", port)
+        .iter()
+        .any(|(p, h)| p == "/api/chat" && *h == format!("localhost:{port}")));
+    assert_eq!(status_of(sidecar, "a")["address"], three);
 }

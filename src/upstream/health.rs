@@ -44,6 +44,7 @@ impl Checker {
         check.consecutive_success = config.rise;
         check.consecutive_failure = config.fall;
         if instance.upstream.tls {
+            // The same SNI as the proxied requests' (`target::http_peer`): the name as written.
             check.peer_template.sni = instance.upstream.host.clone();
         }
         Some(Checker {

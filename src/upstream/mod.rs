@@ -87,15 +87,17 @@ impl Registry {
     }
 
     /// A connection to `addr` of `instance` failed: the next request tries its next address,
-    /// and the instance watch resolves its name again.
-    pub fn connect_failed(&self, instance: &Instance, addr: SocketAddr) {
-        if let Some(next) = instance.connect_failed(addr) {
-            tracing::info!(instance = %instance.name, failed = %addr, next = %next,
+    /// and the instance watch resolves its name again. Returns whether there is a next address.
+    pub fn connect_failed(&self, instance: &Instance, addr: SocketAddr) -> bool {
+        let next = instance.connect_failed(addr);
+        if let Some(next) = next {
+            tracing::info!(instance = %instance.name, failed = %addr, %next,
                 "connection failed: moving to the name's next address");
         }
         if instance.is_named() {
             self.resolve_wanted.notify_one();
         }
+        next.is_some()
     }
 
     pub fn resolve_wanted(&self) -> &Notify {

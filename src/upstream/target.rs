@@ -7,7 +7,14 @@
 //! first.
 
 use crate::config::UpstreamAddress;
+use pingora_core::upstreams::peer::HttpPeer;
 use std::net::SocketAddr;
+
+/// The Pingora peer for a request to `addr`: TLS when the URL says `https`, with the host as
+/// written for SNI and certificate verification (a name, not the address it resolved to).
+pub fn http_peer(upstream: &UpstreamAddress, addr: SocketAddr) -> HttpPeer {
+    HttpPeer::new(addr, upstream.tls, upstream.host.clone())
+}
 
 /// The `Host` headers of one instance: the authority as written, and the one sent when the
 /// instance is reached on a loopback address.
@@ -154,47 +161,77 @@ mod tests {
 
     #[test]
     fn host_header_follows_ollamas_loopback_check() {
-        let lo = a("127.0.0.2:11434");
-        let lo6 = a("[::1]:11434");
-        let remote = a("10.1.2.3:11434");
-        // Names Ollama refuses on loopback are replaced there, kept elsewhere.
-        let r = rule("http://ollama:11434", "box");
-        assert_eq!(r.for_addr(lo), "localhost:11434");
-        assert_eq!(r.for_addr(lo6), "localhost:11434");
-        assert_eq!(r.for_addr(remote), "ollama:11434");
-        // Names it accepts go as written.
-        for url in [
-            "http://localhost:11434",
-            "http://gpu.local:11434",
-            "http://a.b.internal:11434",
-            "http://x.localhost:11434",
-            "http://box:11434",
-        ] {
-            let written = parse_instance_url(url).unwrap().host_header();
-            assert_eq!(rule(url, "box").for_addr(lo), written, "{url}");
+        // (url, the machine's hostname, the address, the Host sent)
+        let cases = [
+            // Names Ollama refuses on loopback are replaced there, kept elsewhere.
+            (
+                "http://ollama:11434",
+                "box",
+                "127.0.0.2:11434",
+                "localhost:11434",
+            ),
+            (
+                "http://ollama:11434",
+                "box",
+                "[::1]:11434",
+                "localhost:11434",
+            ),
+            (
+                "http://ollama:11434",
+                "box",
+                "10.1.2.3:11434",
+                "ollama:11434",
+            ),
+            // Names it accepts go as written.
+            ("http://localhost:7", "box", "127.0.0.1:7", "localhost:7"),
+            ("http://gpu.local:7", "box", "127.0.0.1:7", "gpu.local:7"),
+            (
+                "http://a.b.internal:7",
+                "box",
+                "127.0.0.1:7",
+                "a.b.internal:7",
+            ),
+            (
+                "http://x.localhost:7",
+                "box",
+                "127.0.0.1:7",
+                "x.localhost:7",
+            ),
+            ("http://box:7", "box", "127.0.0.1:7", "box:7"),
+            // Case-sensitive (older Ollamas); a final dot is not the TLD; no hostname known.
+            ("http://LOCALHOST:1", "box", "127.0.0.1:1", "localhost:1"),
+            (
+                "http://ollama.local.:1",
+                "box",
+                "127.0.0.1:1",
+                "localhost:1",
+            ),
+            ("http://box:1", "", "127.0.0.1:1", "localhost:1"),
+            // IP literals are always accepted.
+            ("http://[::1]:5", "box", "[::1]:5", "[::1]:5"),
+            ("http://127.0.0.1:5", "box", "127.0.0.1:5", "127.0.0.1:5"),
+        ];
+        for (url, hostname, addr, host) in cases {
+            assert_eq!(
+                rule(url, hostname).for_addr(a(addr)),
+                host,
+                "{url} at {addr}"
+            );
         }
-        // Case-sensitive (older Ollamas), and a final dot is not the TLD.
-        assert_eq!(
-            rule("http://LOCALHOST:1", "box").for_addr(a("127.0.0.1:1")),
-            "localhost:1"
+    }
+
+    #[test]
+    fn tls_peers_verify_the_name() {
+        let upstream = parse_instance_url("https://gpu-3.internal:11434").unwrap();
+        let peer = http_peer(&upstream, a("10.0.0.3:11434"));
+        assert!(peer.is_tls());
+        assert_eq!(peer.sni, "gpu-3.internal");
+        assert_eq!(peer._address.to_string(), "10.0.0.3:11434");
+        let plain = http_peer(
+            &parse_instance_url("http://ollama:11434").unwrap(),
+            a("172.18.0.2:11434"),
         );
-        assert_eq!(
-            rule("http://ollama.local.:1", "box").for_addr(a("127.0.0.1:1")),
-            "localhost:1"
-        );
-        assert_eq!(
-            rule("http://box:1", "").for_addr(a("127.0.0.1:1")),
-            "localhost:1"
-        );
-        // IP literals are always accepted.
-        assert_eq!(
-            rule("http://[::1]:5", "box").for_addr(a("[::1]:5")),
-            "[::1]:5"
-        );
-        assert_eq!(
-            rule("http://127.0.0.1:5", "box").for_addr(a("127.0.0.1:5")),
-            "127.0.0.1:5"
-        );
+        assert!(!plain.is_tls());
     }
 
     #[test]
