@@ -90,7 +90,7 @@ fn hosts_seen(ip: &str, port: u16) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A mock Ollama listening on `ip:port` (any 127.0.0.0/8 address).
+/// A mock Ollama listening on `ip:port`, `ip` a loopback address (`127.0.0.2`, `[::1]`).
 fn mock_at(ip: &str, port: u16) -> Proc {
     let child = Command::new(MOCK)
         .arg("serve")
@@ -294,6 +294,28 @@ fn localhost_url_serves_chat_tags_and_metadata() {
 }
 
 #[test]
+fn ipv6_literal_url_serves() {
+    let port = free_port();
+    let _mock = mock_at("[::1]", port);
+    let sidecar = Sidecar::start(&format!(
+        "instances:\n  - name: v6\n    url: http://[::1]:{port}\n"
+    ));
+    let (status, ready) = wait_ready(&sidecar, Duration::from_secs(10));
+    assert_eq!(status, 200, "{ready}");
+    assert_streamed_chat(&sidecar);
+    let seen = hosts_seen("[::1]", port);
+    assert!(
+        seen.iter()
+            .any(|(p, h)| p == "/api/chat" && *h == format!("[::1]:{port}")),
+        "{seen:?}"
+    );
+    assert_eq!(
+        status_of(&sidecar, "v6")["address"],
+        format!("[::1]:{port}")
+    );
+}
+
+#[test]
 fn a_name_that_does_not_resolve_is_reported_and_the_other_instance_serves() {
     let Some(names) =
         Names::new("a_name_that_does_not_resolve_is_reported_and_the_other_instance_serves")
@@ -317,14 +339,17 @@ fn a_name_that_does_not_resolve_is_reported_and_the_other_instance_serves() {
         "/readyz says why: {ready}"
     );
 
-    // a serves; its name resolves to loopback and is not one Ollama accepts there.
+    // a serves; its name resolves to loopback and is not one Ollama accepts there, so its
+    // health checks and the proxied requests say `localhost`.
     assert_streamed_chat(&sidecar);
     let seen = hosts_seen("127.0.0.2", port_a);
-    assert!(
-        seen.iter()
-            .any(|(p, h)| p == "/api/chat" && *h == format!("localhost:{port_a}")),
-        "{seen:?}"
-    );
+    for path in ["/api/version", "/api/chat"] {
+        assert!(
+            seen.iter()
+                .any(|(p, h)| p == path && *h == format!("localhost:{port_a}")),
+            "{path}: {seen:?}"
+        );
+    }
 
     // Several checks later: still one log line, the reason in /status, the metric counting.
     std::thread::sleep(interval * 5);
