@@ -83,7 +83,10 @@ impl Checker {
             .req
             .insert_header(http::header::HOST, self.instance.host_header_for(addr))
             .map_err(|e| failed(&e))?;
-        self.check.check(&backend).await.map_err(|e| failed(&e))
+        self.check
+            .check(&backend)
+            .await
+            .map_err(|e| failed(&describe(&e)))
     }
 
     /// Runs one check and applies the thresholds; returns whether the state changed.
@@ -121,6 +124,20 @@ impl Checker {
             }
             _ => false,
         }
+    }
+}
+
+/// A check's failure in a few words (Pingora's own text repeats the address and its contexts):
+/// the status that was not 200, or the error type and its root cause.
+fn describe(e: &pingora_error::Error) -> String {
+    if let pingora_error::ErrorType::CustomCode(_, status) = e.etype() {
+        return format!("answered {status}");
+    }
+    let root = e.root_cause();
+    if root.is::<pingora_error::Error>() {
+        e.root_etype().as_str().to_string()
+    } else {
+        format!("{}: {root}", e.etype().as_str())
     }
 }
 
