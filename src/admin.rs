@@ -156,40 +156,63 @@ pub fn readiness(app: &App) -> (bool, Value) {
         .iter()
         .map(|i| (i.name.clone(), json!(health(i))))
         .collect();
-    if app.lifecycle.is_draining() {
-        return (
-            false,
-            json!({"ready": false, "reason": "shutting down", "instances": states}),
-        );
-    }
-    let ready = app.registry.all().iter().filter(|i| i.is_ready()).count();
-    if ready == 0 {
-        let detail: Vec<String> = app
-            .registry
-            .all()
-            .iter()
-            .map(|i| format!("{}: {}", i.name, health(i)))
-            .collect();
-        return (
-            false,
+    // Why each instance that is not healthy is not, as far as the health checker knows.
+    let detail: serde_json::Map<String, Value> = app
+        .registry
+        .all()
+        .iter()
+        .filter(|i| health(i) != "healthy")
+        .filter_map(|i| Some((i.name.clone(), json!(problem(i)?))))
+        .collect();
+    let mut body = if app.lifecycle.is_draining() {
+        json!({"ready": false, "reason": "shutting down", "instances": states})
+    } else {
+        let ready = app.registry.all().iter().filter(|i| i.is_ready()).count();
+        if ready == 0 {
+            let each: Vec<String> = app
+                .registry
+                .all()
+                .iter()
+                .map(|i| match problem(i) {
+                    Some(p) => format!("{}: {} ({p})", i.name, health(i)),
+                    None => format!("{}: {}", i.name, health(i)),
+                })
+                .collect();
             json!({
                 "ready": false,
-                "reason": format!("no instance can serve inference ({})", detail.join(", ")),
+                "reason": format!("no instance can serve inference ({})", each.join(", ")),
                 "instances": states,
-            }),
-        );
+            })
+        } else {
+            json!({"ready": true, "instances_ready": ready, "instances": states})
+        }
+    };
+    if let (Value::Object(map), false) = (&mut body, detail.is_empty()) {
+        map.insert("detail".into(), Value::Object(detail));
     }
-    (
-        true,
-        json!({"ready": true, "instances_ready": ready, "instances": states}),
-    )
+    let ready = body["ready"].as_bool().unwrap_or(false);
+    (ready, body)
+}
+
+/// Why an instance cannot serve, when known: its name does not resolve, or its last health
+/// check failed.
+fn problem(inst: &Instance) -> Option<String> {
+    inst.resolve_error().or_else(|| inst.problem())
 }
 
 /// An instance's health in one word: `healthy` (ready, in rotation), `ejected` or `half_open`
-/// (passive health took it out), `unhealthy` (failing checks), `starting` (starting or warming),
+/// (passive health took it out), `unresolved` (out of rotation, and its host name does not
+/// resolve or has not yet), `unhealthy` (failing checks), `starting` (starting or warming),
 /// `down` (exited, backing off, crash-looping or stopped).
 pub fn health(inst: &Instance) -> &'static str {
-    match inst.state() {
+    let state = inst.state();
+    if state != InstanceState::Ready
+        && inst.is_named()
+        && (inst.resolve_error().is_some() || inst.addr().is_none())
+    {
+        return "unresolved";
+    }
+    match state {
         InstanceState::Ready => {
             if inst.addr().is_none() {
                 return "unresolved";
@@ -215,18 +238,11 @@ fn unix_seconds(t: SystemTime) -> Option<f64> {
 /// `/api/ps` of a ready instance: each loaded model with its sizes, or `None` when it did not
 /// answer in time.
 async fn loaded_models(inst: &Instance) -> Option<Vec<Value>> {
-    let addr = inst.addr().filter(|_| inst.is_ready())?;
-    let answer = client::request(
-        addr,
-        &inst.host_header,
-        Method::GET,
-        "/api/ps",
-        None,
-        PS_TIMEOUT,
-    )
-    .await
-    .ok()
-    .filter(|a| a.status == 200)?;
+    let (addr, host) = inst.target().filter(|_| inst.is_ready())?;
+    let answer = client::request(addr, host, Method::GET, "/api/ps", None, PS_TIMEOUT)
+        .await
+        .ok()
+        .filter(|a| a.status == 200)?;
     let v: Value = serde_json::from_slice(&answer.body).ok()?;
     let models = v.get("models")?.as_array()?;
     Some(
@@ -272,6 +288,10 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 "state_age_seconds": inst.state_age().as_secs_f64(),
                 "ready": inst.is_ready(),
                 "health": health(inst),
+                "reason": problem(inst),
+                "address": inst.addr().map(|a| a.to_string()),
+                "addresses": inst.addresses().all().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "host_header": inst.addr().map(|a| inst.host_header_for(a)),
                 "last_health_check": last_check,
                 "ejections": inst.ejections(),
                 "loaded_models": models,

@@ -1075,16 +1075,18 @@ pub struct InstanceConfig {
     pub supervised: Option<SupervisedSpec>,
 }
 
-/// Where to reach an instance.
+/// Where to reach an instance, as the operator wrote it: an IP address or a host name (resolved
+/// by the instance watch, `src/upstream/resolve.rs`), a port, and whether it speaks TLS.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamAddress {
+    /// An IP literal (IPv6 without brackets) or a DNS name.
     pub host: String,
     pub port: u16,
     pub tls: bool,
 }
 
 impl UpstreamAddress {
-    /// The `Host` header Ollama accepts (its loopback host check wants a local or its own name).
+    /// The `host:port` authority as written (`[v6]:port` for IPv6), the default `Host` header.
     pub fn host_header(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -1092,6 +1094,34 @@ impl UpstreamAddress {
             format!("{}:{}", self.host, self.port)
         }
     }
+
+    /// The address itself when the host is an IP literal (nothing to resolve).
+    pub fn literal(&self) -> Option<std::net::SocketAddr> {
+        self.host
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .map(|ip| std::net::SocketAddr::new(ip, self.port))
+    }
+}
+
+/// Checks a host written in an instance URL: an IPv4 address or a DNS name (letters, digits, `-`,
+/// `_`; labels of 1 to 63 characters, 253 in all, an optional final dot). IPv6 goes in brackets.
+fn check_host_name(host: &str) -> Result<(), String> {
+    if host.contains(':') {
+        return Err(format!("an IPv6 address goes in brackets: `[{host}]:port`"));
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "`{host}` is not a host name (letters, digits, `-` and `_` in dot-separated labels) or an IP address"
+        ));
+    }
+    Ok(())
 }
 
 impl fmt::Display for UpstreamAddress {
@@ -1568,6 +1598,9 @@ pub fn parse_instance_url(url: &str) -> Result<UpstreamAddress, String> {
             None if after.is_empty() => default_port,
             None => return Err("expected `]:port` after an IPv6 address".to_string()),
         };
+        if h.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("`[{h}]` is not an IPv6 address"));
+        }
         (h.to_string(), port)
     } else {
         match authority.rsplit_once(':') {
@@ -1580,6 +1613,9 @@ pub fn parse_instance_url(url: &str) -> Result<UpstreamAddress, String> {
     };
     if host.is_empty() {
         return Err("expected a host name or address".to_string());
+    }
+    if !authority.starts_with('[') {
+        check_host_name(&host)?;
     }
     if port == 0 {
         return Err("port must be between 1 and 65535".to_string());
@@ -1694,6 +1730,24 @@ mod tests {
         assert!(parse_instance_url("ftp://h").is_err());
         assert!(parse_instance_url("http://h:1/api").is_err());
         assert!(parse_instance_url("http://h:99999").is_err());
+        let named = parse_instance_url("https://gpu-3.internal:11434").unwrap();
+        assert_eq!((named.host.as_str(), named.tls), ("gpu-3.internal", true));
+        assert_eq!(named.literal(), None);
+        assert_eq!(v6.literal(), Some("[::1]:5".parse().unwrap()));
+        assert_eq!(
+            parse_instance_url("10.0.0.5:7").unwrap().literal(),
+            Some("10.0.0.5:7".parse().unwrap())
+        );
+        assert!(parse_instance_url("http://ollama.:1").is_ok());
+        for bad in [
+            "http://::1:5",
+            "http://[nope]:5",
+            "http://a b:1",
+            "http://a..b:1",
+            "http://ollama%:1",
+        ] {
+            assert!(parse_instance_url(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -201,6 +201,7 @@ pub struct Metrics {
     retries: IntCounterVec,
     cancellations: IntCounterVec,
     health_checks: IntCounterVec,
+    resolve_failures: IntCounterVec,
     // Mirrored on each scrape.
     in_flight: IntGauge,
     queue_requests: IntGauge,
@@ -452,6 +453,15 @@ impl Metrics {
                     "Active health checks of instances, by result."
                 ),
                 &["instance", "result"]
+            ),
+            resolve_failures: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "instance_resolve_failures_total",
+                    "Lookups of an instance's host name that failed (the instance watch resolves it before each health check)."
+                ),
+                &["instance"]
             ),
             in_flight: metric!(
                 r,
@@ -780,6 +790,11 @@ impl Metrics {
         }
     }
 
+    /// Counts one failed lookup of `instance`'s host name.
+    pub fn resolve_failure(&self, instance: &str) {
+        inc(&self.resolve_failures, &[instance], 1);
+    }
+
     /// The last active health check of `instance`, if any.
     pub fn last_health_check(&self, instance: &str) -> Option<HealthRecord> {
         self.last_health
@@ -857,6 +872,10 @@ impl Metrics {
                 g.set(inst.state_age().as_secs_f64());
             }
             set(&self.instance_in_flight, &[name], inst.in_flight() as i64);
+            if inst.is_named() {
+                // The series exists (at 0) before the first failure.
+                inc(&self.resolve_failures, &[name], 0);
+            }
             set(
                 &self.instance_loaded_models,
                 &[name],

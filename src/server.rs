@@ -34,11 +34,14 @@ pub fn run(config: Config) -> Result<(), String> {
     supervisor.preflight()?;
     // External instances get their first health check before any request arrives. (A runtime
     // of its own, dropped before Pingora starts its own.)
-    tokio::runtime::Builder::new_current_thread()
+    let startup = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the startup runtime: {e}"))?
-        .block_on(health::initial_check(&app.registry, &app.config.health));
+        .map_err(|e| format!("cannot start the startup runtime: {e}"))?;
+    startup.block_on(health::initial_check(&app.registry, &app.config.health));
+    // A host-name lookup still waiting on a slow DNS server must not hold up the start (a
+    // dropped runtime would wait for it).
+    startup.shutdown_background();
 
     let mut server = Server::new_with_opt_and_conf(None, server_conf(app.config.threads));
     server.bootstrap();

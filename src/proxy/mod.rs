@@ -10,7 +10,7 @@ pub mod route;
 pub mod tap;
 
 use crate::app::{ActiveGuard, App};
-use crate::upstream::{select, InFlightGuard};
+use crate::upstream::{select, target, InFlightGuard};
 use async_trait::async_trait;
 use errors::SidecarError;
 use inference::{Dispatch, Outcome};
@@ -359,8 +359,7 @@ impl ProxyHttp for SidecarProxy {
             ));
         };
         ctx.tried.push(instance.index);
-        // A resolved `SocketAddr` never fails Pingora's address conversion.
-        let mut peer = HttpPeer::new(addr, instance.upstream.tls, instance.upstream.host.clone());
+        let mut peer = target::http_peer(&instance.upstream, addr);
         let timeouts = &self.app.config.timeouts;
         peer.options.connection_timeout = Some(timeouts.connect);
         // Pingora's read timeout bounds each read, the response header's included; it must be
@@ -374,7 +373,7 @@ impl ProxyHttp for SidecarProxy {
                 None => timeouts.response_header,
             })
         };
-        ctx.upstream = Some(instance.track());
+        ctx.upstream = Some(instance.track(addr));
         Ok(Box::new(peer))
     }
 
@@ -385,7 +384,7 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         if let Some(guard) = &ctx.upstream {
-            upstream_request.insert_header(http::header::HOST, &guard.instance().host_header)?;
+            upstream_request.insert_header(http::header::HOST, guard.host_header())?;
         }
         upstream_request.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
         if ctx.is_subrequest() {
@@ -424,6 +423,13 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // The next attempt goes to the name's next address, if it has one; the name is resolved
+        // again in the background.
+        let moved = ctx.upstream.as_ref().is_some_and(|guard| {
+            self.app
+                .registry
+                .connect_failed(guard.instance(), guard.addr())
+        });
         if ctx.is_subrequest() {
             // The parent owns retries (and health reports) for admitted requests.
             return e;
@@ -431,14 +437,15 @@ impl ProxyHttp for SidecarProxy {
         if let Some(guard) = &ctx.upstream {
             self.app.registry.report(guard.instance(), false);
         }
-        // Nothing reached the instance: another ready instance may serve the request.
+        // Nothing reached the instance: another ready instance, or its next address, may serve
+        // the request.
         let untried = self
             .app
             .registry
             .all()
             .iter()
             .any(|i| i.is_ready() && !ctx.tried.contains(&i.index));
-        if untried {
+        if untried || moved {
             e.set_retry(true);
             ctx.retries += 1;
             crate::metrics::global().retry(retry::RetryReason::ConnectError.as_str());

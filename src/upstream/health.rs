@@ -2,27 +2,40 @@
 //! `GET /api/version` (cheap, never inference), `fall` failures in a row take an instance out of
 //! rotation, `rise` successes bring it back. Supervised instances are checked by the
 //! supervisor's liveness probe, which also restarts them.
+//!
+//! Each check first resolves an instance named by a host name again (`resolve.rs`), then asks
+//! the address in use; when it does not answer, the name's other addresses in order, and the
+//! first that answers carries the traffic from then on.
 
+use super::resolve::Resolver;
 use super::{Instance, InstanceState, Registry};
 use crate::config::HealthFile;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// A connect failure in real traffic resolves the name again, at most this often.
+const RESOLVE_AFTER_FAILURE_GAP: Duration = Duration::from_secs(1);
 
 /// One instance's checker and its run of results.
 struct Checker {
     instance: Arc<Instance>,
     check: HttpHealthCheck,
+    resolver: Resolver,
+    timeout: Duration,
     /// Positive: successes in a row; negative: failures in a row.
     streak: i64,
 }
 
 impl Checker {
     fn new(instance: Arc<Instance>, config: &HealthFile) -> Option<Checker> {
-        let mut check = HttpHealthCheck::new(&instance.host_header, instance.upstream.tls);
+        let written = instance.upstream.host_header();
+        let mut check = HttpHealthCheck::new(&written, instance.upstream.tls);
         let mut req = pingora_http::RequestHeader::build("GET", b"/api/version", None).ok()?;
-        req.insert_header(http::header::HOST, &instance.host_header)
-            .ok()?;
+        // The Host header is set per address when a check runs.
+        req.insert_header(http::header::HOST, &written).ok()?;
         req.insert_header(http::header::USER_AGENT, "ollama-sidecar-health")
             .ok()?;
         check.req = req;
@@ -31,24 +44,59 @@ impl Checker {
         check.consecutive_success = config.rise;
         check.consecutive_failure = config.fall;
         if instance.upstream.tls {
+            // The same SNI as the proxied requests' (`target::http_peer`): the name as written.
             check.peer_template.sni = instance.upstream.host.clone();
         }
         Some(Checker {
+            resolver: Resolver::new(instance.clone()),
             instance,
             check,
+            timeout: config.timeout,
             streak: 0,
         })
     }
 
+    /// Resolves the name, then checks the address in use and, when it fails, the others in
+    /// order; `Err` says why none answered.
+    async fn probe(&mut self) -> Result<(), String> {
+        self.resolver.refresh(self.timeout).await?;
+        let mut failure = format!("{} has no address", self.instance.upstream.host);
+        for addr in self.instance.addresses().in_trial_order() {
+            match self.check_at(addr).await {
+                Ok(()) => {
+                    if self.instance.prefer_addr(addr) {
+                        tracing::info!(instance = %self.instance.name, address = %addr,
+                            "instance answers on another of its addresses: using it");
+                    }
+                    return Ok(());
+                }
+                Err(e) => failure = e,
+            }
+        }
+        Err(failure)
+    }
+
+    async fn check_at(&mut self, addr: SocketAddr) -> Result<(), String> {
+        let failed = |e: &dyn std::fmt::Display| format!("GET /api/version at {addr}: {e}");
+        let backend = Backend::new(&addr.to_string()).map_err(|e| failed(&e))?;
+        self.check
+            .req
+            .insert_header(http::header::HOST, self.instance.host_header_for(addr))
+            .map_err(|e| failed(&e))?;
+        self.check
+            .check(&backend)
+            .await
+            .map_err(|e| failed(&describe(&e)))
+    }
+
     /// Runs one check and applies the thresholds; returns whether the state changed.
     async fn run_once(&mut self) -> bool {
-        let ok = match self.instance.addr() {
-            Some(addr) => match Backend::new(&addr.to_string()) {
-                Ok(backend) => self.check.check(&backend).await.is_ok(),
-                Err(_) => false,
-            },
-            None => false,
-        };
+        let result = self.probe().await;
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            tracing::debug!(instance = %self.instance.name, error = %e, "health check failed");
+        }
+        self.instance.set_problem(result.err());
         crate::metrics::global()
             .health_check(&self.instance.name, if ok { "success" } else { "failure" });
         self.streak = match (ok, self.streak) {
@@ -79,6 +127,20 @@ impl Checker {
     }
 }
 
+/// A check's failure in a few words (Pingora's own text repeats the address and its contexts):
+/// the status that was not 200, or the error type and its root cause.
+fn describe(e: &pingora_error::Error) -> String {
+    if let pingora_error::ErrorType::CustomCode(_, status) = e.etype() {
+        return format!("answered {status}");
+    }
+    let root = e.root_cause();
+    if root.is::<pingora_error::Error>() {
+        e.root_etype().as_str().to_string()
+    } else {
+        format!("{}: {root}", e.etype().as_str())
+    }
+}
+
 fn checkers(registry: &Registry, config: &HealthFile) -> Vec<Checker> {
     registry
         .all()
@@ -102,14 +164,16 @@ pub async fn initial_check(registry: &Registry, config: &HealthFile) {
     check_all(&mut checkers).await;
     for c in &checkers {
         if c.instance.state() != InstanceState::Ready {
-            tracing::warn!(instance = %c.instance.name, url = %c.instance.upstream,
-                "instance did not answer GET /api/version at startup; out of rotation until it does");
+            let problem = c.instance.problem().unwrap_or_default();
+            tracing::warn!(instance = %c.instance.name, url = %c.instance.upstream, %problem,
+                "instance is not ready at startup; out of rotation until its health checks pass");
             c.instance.set_state(InstanceState::Unhealthy);
         }
     }
 }
 
-/// Checks every external instance every `interval`, forever.
+/// Checks every external instance every `interval`, forever; between checks, resolves a name
+/// again when a connection to its instance failed.
 pub async fn check_external_instances(registry: Arc<Registry>, config: HealthFile) {
     let mut checkers = checkers(&registry, &config);
     if checkers.is_empty() {
@@ -119,9 +183,23 @@ pub async fn check_external_instances(registry: Arc<Registry>, config: HealthFil
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
-        tick.tick().await;
-        if check_all(&mut checkers).await {
-            registry.notify_changed();
+        tokio::select! {
+            _ = tick.tick() => {
+                if check_all(&mut checkers).await {
+                    registry.notify_changed();
+                }
+            }
+            _ = registry.resolve_wanted().notified() => {
+                for c in &mut checkers {
+                    if c.resolver.answered_within(RESOLVE_AFTER_FAILURE_GAP)
+                        || !c.instance.take_resolve_wanted()
+                    {
+                        continue;
+                    }
+                    // A failure here is the next check's to count.
+                    let _ = c.resolver.refresh(c.timeout).await;
+                }
+            }
         }
     }
 }

@@ -1,9 +1,10 @@
 //! One Ollama instance as the request path sees it: where it is, whether it may take traffic,
 //! how busy it is, and the process facts the supervisor records for `/status` and metrics.
 
+use super::target::{Addresses, HostRule};
 use crate::config::{InstanceConfig, PassiveFile, UpstreamAddress};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -84,16 +85,22 @@ pub struct Instance {
     pub index: usize,
     pub name: String,
     pub upstream: UpstreamAddress,
-    /// The `Host` header sent upstream (Ollama's loopback host check).
-    pub host_header: String,
+    /// The `Host` header sent upstream, by address (Ollama's loopback host check).
+    host_rule: HostRule,
     pub num_parallel: usize,
     pub supervised: bool,
     state: AtomicU8,
     /// When the state last changed.
     state_since: Mutex<Instant>,
     in_flight: AtomicUsize,
-    /// The resolved socket address; `None` until resolution succeeds.
-    addr: RwLock<Option<SocketAddr>>,
+    /// What the name resolved to last and the address in use; empty until it resolves.
+    addresses: RwLock<Addresses>,
+    /// Set by a connect failure: the instance watch resolves the name again soon.
+    resolve_wanted: AtomicBool,
+    /// Why the last resolution failed, while it keeps failing.
+    resolve_error: Mutex<Option<String>>,
+    /// Why the last active health check failed, until one succeeds.
+    problem: Mutex<Option<String>>,
     pub process: Mutex<ProcessInfo>,
     /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
     /// normalised with `model_key`.
@@ -145,29 +152,26 @@ impl Instance {
         } else {
             InstanceState::Starting
         };
-        let addr = format!("{}:{}", config.upstream.host, config.upstream.port)
-            .parse::<SocketAddr>()
-            .ok()
-            .or_else(|| {
-                if config.upstream.host.contains(':') {
-                    format!("[{}]:{}", config.upstream.host, config.upstream.port)
-                        .parse()
-                        .ok()
-                } else {
-                    None
-                }
-            });
+        // A name has no address until the instance watch resolves it.
+        let addresses = config
+            .upstream
+            .literal()
+            .map(Addresses::fixed)
+            .unwrap_or_default();
         Instance {
             index,
             name: config.name.clone(),
-            host_header: config.upstream.host_header(),
+            host_rule: HostRule::new(&config.upstream, &super::target::machine_hostname()),
             upstream: config.upstream.clone(),
             num_parallel: config.num_parallel,
             supervised,
             state: AtomicU8::new(initial as u8),
             state_since: Mutex::new(Instant::now()),
             in_flight: AtomicUsize::new(0),
-            addr: RwLock::new(addr),
+            addresses: RwLock::new(addresses),
+            resolve_wanted: AtomicBool::new(false),
+            resolve_error: Mutex::new(None),
+            problem: Mutex::new(None),
             process: Mutex::new(ProcessInfo::default()),
             loaded_models: RwLock::new(Vec::new()),
             passive_config: passive.clone(),
@@ -269,13 +273,82 @@ impl Instance {
         Some(cooldown)
     }
 
+    /// The address requests go to now; `None` while the name has not resolved.
     pub fn addr(&self) -> Option<SocketAddr> {
-        self.addr.read().ok().and_then(|a| *a)
+        self.addresses.read().ok().and_then(|a| a.current())
     }
 
-    pub fn set_addr(&self, addr: Option<SocketAddr>) {
-        if let Ok(mut a) = self.addr.write() {
-            *a = addr;
+    /// Whether the host is a name (resolved by the instance watch) rather than an IP literal.
+    pub fn is_named(&self) -> bool {
+        self.upstream.literal().is_none()
+    }
+
+    pub fn addresses(&self) -> Addresses {
+        self.addresses.read().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// Takes a new resolution; returns the address in use before and after when it changed.
+    pub fn set_addresses(
+        &self,
+        list: Vec<SocketAddr>,
+    ) -> Option<(Option<SocketAddr>, Option<SocketAddr>)> {
+        let mut a = self.addresses.write().ok()?;
+        let before = a.current();
+        a.replace(list).then(|| (before, a.current()))
+    }
+
+    /// `addr` answered a health check: requests go there from now on.
+    pub fn prefer_addr(&self, addr: SocketAddr) -> bool {
+        let Ok(mut a) = self.addresses.write() else {
+            return false;
+        };
+        let before = a.current();
+        a.prefer(addr) && before != Some(addr)
+    }
+
+    /// A connection to `addr` failed: requests move to the next address, if any, and the name is
+    /// resolved again soon. Returns the new address in use when it changed.
+    pub fn connect_failed(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        self.resolve_wanted.store(true, Ordering::Release);
+        self.addresses.write().ok()?.failed(addr)
+    }
+
+    /// Whether a connect failure asked for a new resolution since the last call.
+    pub fn take_resolve_wanted(&self) -> bool {
+        self.resolve_wanted.swap(false, Ordering::AcqRel)
+    }
+
+    /// The `Host` header for a request sent to `addr` (Ollama's loopback host check).
+    pub fn host_header_for(&self, addr: SocketAddr) -> &str {
+        self.host_rule.for_addr(addr)
+    }
+
+    /// Where a request to this instance goes now, with its `Host` header.
+    pub fn target(&self) -> Option<(SocketAddr, &str)> {
+        self.addr().map(|a| (a, self.host_header_for(a)))
+    }
+
+    /// Why the name does not resolve, while it does not.
+    pub fn resolve_error(&self) -> Option<String> {
+        self.resolve_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Records the outcome of a resolution; returns the previous error.
+    pub fn set_resolve_error(&self, error: Option<String>) -> Option<String> {
+        self.resolve_error
+            .lock()
+            .ok()
+            .and_then(|mut e| std::mem::replace(&mut *e, error))
+    }
+
+    /// Why the last active health check failed, until one succeeds.
+    pub fn problem(&self) -> Option<String> {
+        self.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    pub fn set_problem(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.problem.lock() {
+            *p = problem;
         }
     }
 
@@ -283,11 +356,13 @@ impl Instance {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    /// Counts a request in flight until the guard drops (exactly once, on every path).
-    pub fn track(self: &std::sync::Arc<Self>) -> InFlightGuard {
+    /// Counts a request sent to `addr` in flight until the guard drops (exactly once, on every
+    /// path).
+    pub fn track(self: &std::sync::Arc<Self>, addr: SocketAddr) -> InFlightGuard {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlightGuard {
             instance: self.clone(),
+            addr,
         }
     }
 
@@ -330,11 +405,22 @@ impl Instance {
 /// Decrements the instance's in-flight count when dropped.
 pub struct InFlightGuard {
     instance: std::sync::Arc<Instance>,
+    addr: SocketAddr,
 }
 
 impl InFlightGuard {
     pub fn instance(&self) -> &std::sync::Arc<Instance> {
         &self.instance
+    }
+
+    /// The address the request was sent to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The `Host` header for that address.
+    pub fn host_header(&self) -> &str {
+        self.instance.host_header_for(self.addr)
     }
 }
 

@@ -4,11 +4,14 @@ pub mod client;
 pub mod health;
 pub mod instance;
 pub mod models;
+pub mod resolve;
 pub mod select;
+pub mod target;
 
 pub use instance::{model_key, Gate, InFlightGuard, Instance, InstanceState, ProcessInfo};
 
 use crate::config::Config;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
@@ -17,6 +20,8 @@ pub struct Registry {
     instances: Vec<Arc<Instance>>,
     /// Woken whenever an instance's state or load changes, so waiters can look again.
     changed: Notify,
+    /// Woken by a connect failure, so the instance watch resolves that instance's name again.
+    resolve_wanted: Notify,
 }
 
 impl Registry {
@@ -29,6 +34,7 @@ impl Registry {
                 .map(|(i, c)| Arc::new(Instance::new(i, c, &config.health.passive)))
                 .collect(),
             changed: Notify::new(),
+            resolve_wanted: Notify::new(),
         }
     }
 
@@ -78,5 +84,23 @@ impl Registry {
 
     pub fn changed(&self) -> &Notify {
         &self.changed
+    }
+
+    /// A connection to `addr` of `instance` failed: the next request tries its next address,
+    /// and the instance watch resolves its name again. Returns whether there is a next address.
+    pub fn connect_failed(&self, instance: &Instance, addr: SocketAddr) -> bool {
+        let next = instance.connect_failed(addr);
+        if let Some(next) = next {
+            tracing::info!(instance = %instance.name, failed = %addr, %next,
+                "connection failed: moving to the name's next address");
+        }
+        if instance.is_named() {
+            self.resolve_wanted.notify_one();
+        }
+        next.is_some()
+    }
+
+    pub fn resolve_wanted(&self) -> &Notify {
+        &self.resolve_wanted
     }
 }

@@ -23,16 +23,8 @@ pub fn parse_model_list(body: &[u8]) -> Option<Vec<String>> {
 /// The models a ready instance lists at `path` (`/api/ps`: loaded; `/api/tags`: installed);
 /// `None` when it is not ready or does not answer well within `timeout`.
 pub async fn model_list(instance: &Instance, path: &str, timeout: Duration) -> Option<Vec<String>> {
-    let addr = instance.addr().filter(|_| instance.is_ready())?;
-    let answer = client::request(
-        addr,
-        &instance.host_header,
-        http::Method::GET,
-        path,
-        None,
-        timeout,
-    )
-    .await;
+    let (addr, host) = instance.target().filter(|_| instance.is_ready())?;
+    let answer = client::request(addr, host, http::Method::GET, path, None, timeout).await;
     match answer {
         Ok(a) if a.status == 200 => parse_model_list(&a.body),
         Ok(a) => {

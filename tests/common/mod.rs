@@ -132,6 +132,23 @@ impl Sidecar {
     }
 
     pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        Self::start_with_command(body, |config| {
+            let mut cmd = Command::new(SIDECAR);
+            cmd.arg("--config").arg(config).env("RUST_LOG", "info");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            cmd
+        })
+    }
+
+    /// Starts the sidecar with the command `command` makes from the configuration file's path
+    /// (to run it under a wrapper such as `unshare`; the command must end by exec-ing
+    /// [`SIDECAR`], so the child is the sidecar); its output goes to the log file.
+    pub fn start_with_command(
+        body: &str,
+        command: impl FnOnce(&std::path::Path) -> Command,
+    ) -> Sidecar {
         let port = free_port();
         let admin_port = free_port();
         let mut config = tempfile::Builder::new()
@@ -146,15 +163,8 @@ impl Sidecar {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("sidecar.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = Command::new(SIDECAR);
-        cmd.arg("--config")
-            .arg(config.path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
+        let mut cmd = command(config.path());
+        cmd.stdout(Stdio::null()).stderr(log_file);
         let child = cmd.spawn().expect("spawn ollama-sidecar");
         let mut sidecar = Sidecar {
             port,
