@@ -55,6 +55,8 @@ struct Rig {
     client: RawConn,
     control: RawConn,
     next_case: u64,
+    /// What became of the cases: the mock's outcomes, and refusals by status.
+    tally: std::collections::BTreeMap<String, u64>,
 }
 
 impl Rig {
@@ -76,6 +78,7 @@ impl Rig {
             client,
             control,
             next_case: 0,
+            tally: Default::default(),
         };
         // The sidecar must see the instance ready before the cases start.
         let ready = wait_until(std::time::Duration::from_secs(15), || {
@@ -129,15 +132,21 @@ impl Rig {
             )));
         };
         if executed.is_empty() {
+            *self
+                .tally
+                .entry(format!("sidecar {}", answer.status))
+                .or_default() += 1;
             // Refused by the sidecar (or never routed by it): an error answer, never a success.
             prop_assert!(
                 answer.status >= 400,
                 "{case:?}: the mock saw nothing but the client got {}",
                 answer.status
             );
+            self.check_refusal(case, &answer)?;
         }
         for e in executed {
             let outcome = e["outcome"].as_str().unwrap_or("?");
+            *self.tally.entry(format!("mock {outcome}")).or_default() += 1;
             prop_assert!(
                 [
                     "handled",
@@ -178,6 +187,49 @@ impl Rig {
                 );
             }
         }
+        Ok(())
+    }
+}
+
+impl Rig {
+    /// No more than Ollama: a refusal that claims Go's view (a bad escape Go rejects too, a
+    /// management route) is checked against what the mock does with the same bytes.
+    fn check_refusal(&mut self, case: &Case, answer: &RawResponse) -> Result<(), TestCaseError> {
+        let text = answer.text();
+        let bad_escape = answer.status == 400 && text.contains("percent-escape");
+        let management = answer.status == 403 && text.contains("may not use management routes");
+        if !bad_escape && !management {
+            return Ok(());
+        }
+        self.next_case += 1;
+        let id = self.next_case.to_string();
+        let headers = [
+            ("x-case", id.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        let req = raw_request(&case.method, &case.target, &headers, &case.body);
+        let direct = self.control.exchange(&req, case.method == "HEAD");
+        let log = self.take_mock_log();
+        let seen = log
+            .iter()
+            .find(|e| logged_header(e, "x-case").as_deref() == Some(id.as_str()));
+        if bad_escape {
+            let outcome = seen.and_then(|e| e["outcome"].as_str());
+            prop_assert!(
+                outcome == Some("bad_request") || direct.as_ref().is_some_and(|r| r.status == 400),
+                "{case:?}: refused as a bad escape, but Go reads it ({seen:?})"
+            );
+        } else {
+            let route = seen.and_then(|e| e["route"].as_str());
+            prop_assert!(
+                route.map(class_of_pattern) == Some(RouteClass::Management),
+                "{case:?}: refused as management, but Ollama would run {route:?} ({seen:?})"
+            );
+        }
+        *self
+            .tally
+            .entry("refusal confirmed by the mock".to_string())
+            .or_default() += 1;
         Ok(())
     }
 }
@@ -545,9 +597,10 @@ fn run_property(strategy: impl Strategy<Value = Case>, known: &[Case]) {
     let started = std::time::Instant::now();
     let result = runner().run(&strategy, |case| rig.borrow_mut().check(&case));
     eprintln!(
-        "{} cases in {:.1} s",
-        cases(),
-        started.elapsed().as_secs_f64()
+        "{} cases in {:.1} s: {:?}",
+        rig.borrow().next_case,
+        started.elapsed().as_secs_f64(),
+        rig.borrow().tally
     );
     if let Err(e) = result {
         panic!("{e}");

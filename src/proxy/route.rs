@@ -3,7 +3,8 @@
 //! (`proxy/canonical.rs`): the decoded `URL.Path` gin routes on, matched exactly as gin v1.10's
 //! tree (`tree.go` `getValue`) matches Ollama's routes (server/routes.go `GenerateRoutes`):
 //! static routes byte for byte, `:param` segments as one non-empty run of bytes without `/`.
-//! Nothing is cleaned here: `/api/chat/` is another path, which gin answers with a redirect.
+//! Nothing is cleaned here: `/api/chat/` is another path, which gin answers with a redirect, and
+//! a method with no handler for the path (gin's 405) is `other` too: no Ollama handler runs.
 
 use super::body::Field;
 use http::Method;
@@ -71,49 +72,72 @@ const SHOW_DELETE: &[Field] = &[Model, Name];
 const CREATE: &[Field] = &[Model, Name, From, Stream];
 const COPY: &[Field] = &[Source, Destination];
 
-/// Ollama's gin routes (server/routes.go `GenerateRoutes`), every method's together: a path
-/// whose method has no handler gets gin's 404/405 and runs nothing, so classing it by its
-/// path is only ever stricter.
-const STATIC: &[(&str, RouteClass, &[Field])] = &[
-    ("/", RouteClass::Metadata, &[]),
-    ("/api/version", RouteClass::Metadata, &[]),
-    ("/api/status", RouteClass::Metadata, &[]),
-    ("/api/tags", RouteClass::Metadata, &[]),
-    ("/api/ps", RouteClass::Metadata, &[]),
-    ("/api/show", RouteClass::Metadata, SHOW_DELETE),
-    ("/api/generate", RouteClass::Inference, INFERENCE),
-    ("/api/chat", RouteClass::Inference, INFERENCE),
-    ("/api/embed", RouteClass::Inference, INFERENCE),
-    ("/api/embeddings", RouteClass::Inference, INFERENCE),
-    ("/api/pull", RouteClass::Management, PULL_PUSH),
-    ("/api/push", RouteClass::Management, PULL_PUSH),
-    ("/api/create", RouteClass::Management, CREATE),
-    ("/api/delete", RouteClass::Management, SHOW_DELETE),
-    ("/api/copy", RouteClass::Management, COPY),
-    ("/api/me", RouteClass::Other, &[]),
-    ("/api/signout", RouteClass::Other, &[]),
-    ("/api/experimental/web_search", RouteClass::Other, &[]),
-    ("/api/experimental/web_fetch", RouteClass::Other, &[]),
+const GET: &[&str] = &["GET"];
+const GET_HEAD: &[&str] = &["GET", "HEAD"];
+const POST: &[&str] = &["POST"];
+const POST_HEAD: &[&str] = &["POST", "HEAD"];
+const DELETE: &[&str] = &["DELETE"];
+
+/// Ollama's gin routes (server/routes.go `GenerateRoutes`): the methods with a handler, the
+/// pattern, its class and body fields. Any other method gets gin's 405 (or 404) and runs
+/// nothing: it is classed `other`, like an unknown path.
+const STATIC: &[(&[&str], &str, RouteClass, &[Field])] = &[
+    (GET_HEAD, "/", RouteClass::Metadata, &[]),
+    (GET_HEAD, "/api/version", RouteClass::Metadata, &[]),
+    (GET, "/api/status", RouteClass::Metadata, &[]),
+    (GET_HEAD, "/api/tags", RouteClass::Metadata, &[]),
+    (GET, "/api/ps", RouteClass::Metadata, &[]),
+    (POST, "/api/show", RouteClass::Metadata, SHOW_DELETE),
+    (POST, "/api/generate", RouteClass::Inference, INFERENCE),
+    (POST, "/api/chat", RouteClass::Inference, INFERENCE),
+    (POST, "/api/embed", RouteClass::Inference, INFERENCE),
+    (POST, "/api/embeddings", RouteClass::Inference, INFERENCE),
+    (POST, "/api/pull", RouteClass::Management, PULL_PUSH),
+    (POST, "/api/push", RouteClass::Management, PULL_PUSH),
+    (POST, "/api/create", RouteClass::Management, CREATE),
+    (DELETE, "/api/delete", RouteClass::Management, SHOW_DELETE),
+    (POST, "/api/copy", RouteClass::Management, COPY),
+    (POST, "/api/me", RouteClass::Other, &[]),
+    (POST, "/api/signout", RouteClass::Other, &[]),
+    (POST, "/api/experimental/web_search", RouteClass::Other, &[]),
+    (POST, "/api/experimental/web_fetch", RouteClass::Other, &[]),
     (
+        GET,
         "/api/experimental/model-recommendations",
         RouteClass::Metadata,
         &[],
     ),
-    ("/v1/chat/completions", RouteClass::Inference, INFERENCE),
-    ("/v1/completions", RouteClass::Inference, INFERENCE),
-    ("/v1/embeddings", RouteClass::Inference, INFERENCE),
-    ("/v1/responses", RouteClass::Inference, INFERENCE),
-    ("/v1/messages", RouteClass::Inference, INFERENCE),
+    (
+        POST,
+        "/v1/chat/completions",
+        RouteClass::Inference,
+        INFERENCE,
+    ),
+    (POST, "/v1/completions", RouteClass::Inference, INFERENCE),
+    (POST, "/v1/embeddings", RouteClass::Inference, INFERENCE),
+    (POST, "/v1/responses", RouteClass::Inference, INFERENCE),
+    (POST, "/v1/messages", RouteClass::Inference, INFERENCE),
     // A multipart form: its model cannot be read.
-    ("/v1/audio/transcriptions", RouteClass::Inference, &[]),
-    ("/v1/models", RouteClass::Metadata, &[]),
+    (POST, "/v1/audio/transcriptions", RouteClass::Inference, &[]),
+    (GET, "/v1/models", RouteClass::Metadata, &[]),
 ];
 
-/// Routes ending in one `:param` segment: (prefix, name, class).
-const PARAM: &[(&str, &str, RouteClass)] = &[
-    ("/api/blobs/", "/api/blobs/:digest", RouteClass::Management),
-    ("/v1/models/", "/v1/models/:model", RouteClass::Metadata),
+/// Routes ending in one `:param` segment: (methods, prefix, name, class).
+const PARAM: &[(&[&str], &str, &str, RouteClass)] = &[
     (
+        POST_HEAD,
+        "/api/blobs/",
+        "/api/blobs/:digest",
+        RouteClass::Management,
+    ),
+    (
+        GET,
+        "/v1/models/",
+        "/v1/models/:model",
+        RouteClass::Metadata,
+    ),
+    (
+        DELETE,
         "/api/user/keys/",
         "/api/user/keys/:encodedKey",
         RouteClass::Other,
@@ -123,7 +147,7 @@ const PARAM: &[(&str, &str, RouteClass)] = &[
 /// The `:param` of a parameterised route, decoded, when `path` matches one (gin: a non-empty
 /// segment with no `/`).
 pub fn param<'a>(route: &Route, path: &'a [u8]) -> Option<&'a [u8]> {
-    let (prefix, _, _) = PARAM.iter().find(|(_, name, _)| *name == route.name)?;
+    let (_, prefix, _, _) = PARAM.iter().find(|(_, _, name, _)| *name == route.name)?;
     path.strip_prefix(prefix.as_bytes())
 }
 
@@ -148,11 +172,16 @@ pub fn unrouted(path: &[u8]) -> Route {
     }
 }
 
-/// Classifies a request by method and decoded path (`URL.Path`, without the query string).
-pub fn classify(_method: &Method, path: impl AsRef<[u8]>) -> Route {
+/// Classifies a request by method and decoded path (`URL.Path`, without the query string):
+/// the gin route whose handler runs for it, or `other` when none does.
+pub fn classify(method: &Method, path: impl AsRef<[u8]>) -> Route {
     let path = path.as_ref();
     let shape = shape_of(path);
-    if let Some((name, class, fields)) = STATIC.iter().find(|(p, _, _)| p.as_bytes() == path) {
+    let method = method.as_str();
+    if let Some((_, name, class, fields)) = STATIC
+        .iter()
+        .find(|(methods, p, _, _)| p.as_bytes() == path && methods.contains(&method))
+    {
         return Route {
             shape,
             class: *class,
@@ -160,9 +189,9 @@ pub fn classify(_method: &Method, path: impl AsRef<[u8]>) -> Route {
             fields,
         };
     }
-    for (prefix, name, class) in PARAM {
+    for (methods, prefix, name, class) in PARAM {
         if let Some(value) = path.strip_prefix(prefix.as_bytes()) {
-            if !value.is_empty() && !value.contains(&b'/') {
+            if !value.is_empty() && !value.contains(&b'/') && methods.contains(&method) {
                 return Route {
                     shape,
                     class: *class,
@@ -179,13 +208,13 @@ pub fn classify(_method: &Method, path: impl AsRef<[u8]>) -> Route {
 pub fn class_of_pattern(pattern: &str) -> RouteClass {
     STATIC
         .iter()
-        .find(|(p, _, _)| *p == pattern)
-        .map(|(_, c, _)| *c)
+        .find(|(_, p, _, _)| *p == pattern)
+        .map(|(_, _, c, _)| *c)
         .or_else(|| {
             PARAM
                 .iter()
-                .find(|(_, n, _)| *n == pattern)
-                .map(|(_, _, c)| *c)
+                .find(|(_, _, n, _)| *n == pattern)
+                .map(|(_, _, _, c)| *c)
         })
         .unwrap_or(RouteClass::Other)
 }
@@ -233,6 +262,17 @@ mod tests {
     fn params_are_one_non_empty_segment() {
         assert_eq!(classify(&Method::POST, "/api/blobs/").name, "other");
         assert_eq!(classify(&Method::POST, "/api/blobs/a/b").name, "other");
+        // A method without a handler runs nothing (gin's 405): `other`.
+        assert_eq!(classify(&Method::GET, "/api/blobs/sha256:a").name, "other");
+        assert_eq!(classify(&Method::GET, "/api/pull").class, RouteClass::Other);
+        assert_eq!(
+            classify(&Method::DELETE, "/api/delete").class,
+            RouteClass::Management
+        );
+        assert_eq!(
+            classify(&Method::POST, "/api/delete").class,
+            RouteClass::Other
+        );
         let r = classify(&Method::GET, b"/v1/models/q\xffwen".as_slice());
         assert_eq!(r.name, "/v1/models/:model");
         assert_eq!(param(&r, b"/v1/models/q\xffwen"), Some(&b"q\xffwen"[..]));
