@@ -1045,3 +1045,56 @@ fn encoded_paths_and_folded_keys_are_decided_as_ollama_reads_them() {
         sc.log_text()
     );
 }
+
+/// Blob uploads keep working whether the client encodes the digest's colon or not (Go decodes
+/// `%3A` before gin binds `:digest`), and stay management routes either way.
+#[test]
+fn blob_uploads_with_and_without_an_encoded_colon() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let root = format!("Bearer {ADMIN}");
+    let alice = format!("Bearer {ALICE}");
+    let digest = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    let mut conn = RawConn::new(sc.port);
+    for target in [
+        format!("/api/blobs/sha256:{digest}"),
+        format!("/api/blobs/sha256%3A{digest}"),
+        format!("/api/blobs/sha256%3a{digest}"),
+    ] {
+        let before = client_requests(&mock);
+        let req = raw_request(
+            "POST",
+            target.as_bytes(),
+            &[("Authorization", &alice)],
+            b"hello",
+        );
+        let resp = conn.exchange(&req, false).expect("an answer");
+        assert_eq!(resp.status, 403, "{target}: {}", resp.text());
+        assert!(resp.text().contains("management routes"), "{}", resp.text());
+        assert_eq!(client_requests(&mock), before, "{target} reached Ollama");
+
+        let req = raw_request(
+            "POST",
+            target.as_bytes(),
+            &[("Authorization", &root)],
+            b"hello",
+        );
+        let resp = conn.exchange(&req, false).expect("an answer");
+        assert_ne!(resp.status, 403, "{target}: {}", resp.text());
+        assert_eq!(client_requests(&mock), before + 1, "{target} not forwarded");
+        let req = raw_request("HEAD", target.as_bytes(), &[("Authorization", &root)], b"");
+        let resp = conn.exchange(&req, true).expect("an answer");
+        assert_ne!(resp.status, 403, "HEAD {target}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            sc.log_text()
+                .lines()
+                .filter(|l| l.contains("/api/blobs/:digest") && l.contains("sha256%3"))
+                .count()
+                >= 4
+        }),
+        "access log: {}",
+        sc.log_text()
+    );
+}
