@@ -51,7 +51,10 @@ fn sha(secret: &str) -> String {
 /// One sidecar in front of one mock, reused by every case of a property.
 struct Rig {
     _mock: Mock,
-    _sc: Sidecar,
+    sc: Sidecar,
+    /// How far the sidecar's log has been read, and what was read but not yet matched.
+    log_offset: u64,
+    log_pending: String,
     client: RawConn,
     control: RawConn,
     next_case: u64,
@@ -64,7 +67,7 @@ impl Rig {
         // Fast answers: one token, no delays.
         let mock = Mock::start(&[("MOCK_TOKENS", "1"), ("OLLAMA_NUM_PARALLEL", "8")]);
         let config = format!(
-            "threads: 2\nlog:\n  access: false\nretries:\n  max_attempts: 1\nhealth:\n  passive:\n    failures: 1000000\nadmission:\n  management_concurrency: 8\nauth:\n  keys:\n    - name: alice\n      sha256: {}\n      models: [\"{ALLOWED_MODELS}\"]\n    - name: ops\n      sha256: {}\n      admin: true\n      models: [\"{ALLOWED_MODELS}\"]\n{}",
+            "threads: 2\nretries:\n  max_attempts: 1\nhealth:\n  passive:\n    failures: 1000000\nadmission:\n  management_concurrency: 8\nauth:\n  keys:\n    - name: alice\n      sha256: {}\n      models: [\"{ALLOWED_MODELS}\"]\n    - name: ops\n      sha256: {}\n      admin: true\n      models: [\"{ALLOWED_MODELS}\"]\n{}",
             sha(ALICE),
             sha(OPS),
             external_instances(&[&mock], 8)
@@ -74,7 +77,9 @@ impl Rig {
         let control = RawConn::new(mock.port);
         let mut rig = Rig {
             _mock: mock,
-            _sc: sc,
+            sc,
+            log_offset: 0,
+            log_pending: String::new(),
             client,
             control,
             next_case: 0,
@@ -114,9 +119,11 @@ impl Rig {
         self.next_case += 1;
         let id = self.next_case.to_string();
         let bearer = format!("Bearer {}", case.key.secret());
+        let request_id = format!("case-{id}");
         let mut headers = vec![
             ("x-case", id.as_str()),
             ("Content-Type", "application/json"),
+            ("X-Request-Id", request_id.as_str()),
         ];
         headers.push(("Authorization", bearer.as_str()));
         let req = raw_request(&case.method, &case.target, &headers, &case.body);
@@ -172,6 +179,18 @@ impl Rig {
                 .flatten()
                 .filter(|m| !m.trim().is_empty())
                 .collect();
+            // The sidecar classed the request as the route Ollama ran (its metrics label and
+            // access log say so): admission, slots and limits applied to the real route.
+            let classed = self.access_log_route(&request_id);
+            prop_assert_eq!(
+                classed.as_deref(),
+                Some(route),
+                "{:?}: the sidecar classed it {:?}, Ollama ran {}; mock: {}",
+                case,
+                classed,
+                route,
+                e
+            );
             let class = class_of_pattern(route);
             prop_assert!(
                 case.key.may_use(class),
@@ -192,6 +211,40 @@ impl Rig {
 }
 
 impl Rig {
+    /// The `route` of the sidecar's access-log line for `request_id` (bounded wait: the line is
+    /// written once the response is complete).
+    fn access_log_route(&mut self, request_id: &str) -> Option<String> {
+        use std::io::{Read, Seek};
+        let needle = format!("request_id={request_id} ");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Ok(mut f) = std::fs::File::open(&self.sc.log) {
+                if f.seek(std::io::SeekFrom::Start(self.log_offset)).is_ok() {
+                    let mut more = String::new();
+                    if let Ok(n) = f.read_to_string(&mut more) {
+                        self.log_offset += n as u64;
+                        self.log_pending.push_str(&more);
+                    }
+                }
+            }
+            let found = self.log_pending.find(&needle).and_then(|at| {
+                // Only a whole line: the log may be read while the line is being written.
+                self.log_pending[at..].find('\n').map(|i| (at, at + i))
+            });
+            if let Some((at, end)) = found {
+                let line = self.log_pending[at..end].to_string();
+                self.log_pending.drain(..end);
+                let route = line.split(" route=").nth(1)?;
+                let route = route.strip_prefix('"')?.split('"').next()?;
+                return Some(route.to_string());
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
     /// No more than Ollama: a refusal that claims Go's view (a bad escape Go rejects too, a
     /// management route) is checked against what the mock does with the same bytes.
     fn check_refusal(&mut self, case: &Case, answer: &RawResponse) -> Result<(), TestCaseError> {
