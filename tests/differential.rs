@@ -98,6 +98,19 @@ impl Rig {
                 .is_some_and(|r| r.status == 200)
         });
         assert!(ready, "the sidecar never served /api/version");
+        // The oracle must be the Go-faithful mock: it reports the route it ran on Go's decoded path.
+        rig.take_mock_log();
+        let probe = raw_request("POST", b"/api/%73how", &[("x-case", "probe")], b"{}");
+        rig.control.exchange(&probe, false).expect("mock answer");
+        let log = rig.take_mock_log();
+        let probe = log
+            .iter()
+            .find(|e| logged_header(e, "x-case").as_deref() == Some("probe"));
+        assert_eq!(
+            probe.and_then(|e| e["route"].as_str()),
+            Some("/api/show"),
+            "the mock does not report the gin route it ran on Go's decoded path (`route` in /mock/requests): {probe:?}"
+        );
         rig
     }
 
