@@ -961,3 +961,140 @@ fn denied_route_class_is_403_in_each_shape() {
     let (status, _, _) = send("GET", &sc.url("/v1/models"), &[], None);
     assert_eq!(status, 200);
 }
+
+/// Issue 14: a percent-encoded path and a case-folded body key name a route and a model for
+/// Ollama (Go decodes `URL.Path`; `encoding/json` matches keys case-insensitively), so the
+/// sidecar decides on what Ollama will run, not on the bytes as sent.
+#[test]
+fn encoded_paths_and_folded_keys_are_decided_as_ollama_reads_them() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "      models: [\"qwen*\"]\n", "");
+    let alice = format!("Bearer {ALICE}");
+    let auth = [
+        ("Authorization", alice.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let mut conn = RawConn::new(sc.port);
+    let before = client_requests(&mock);
+    let pull = json!({"model": "qwen2.5:0.5b"}).to_string();
+    // Management for Ollama, so 403 for a key without `admin`, however it is spelled.
+    for target in [
+        "/api/pull",
+        "/api/%70ull",
+        "/api%2Fpull",
+        "/api/%70%75%6C%6C?x=1",
+    ] {
+        let req = raw_request("POST", target.as_bytes(), &auth, pull.as_bytes());
+        let resp = conn.exchange(&req, false).expect("an answer");
+        assert_eq!(resp.status, 403, "{target}: {}", resp.text());
+        assert!(resp.text().contains("management routes"), "{}", resp.text());
+    }
+    // An inference route behind an escape is still inference: its model is checked.
+    let chat = chat_body("llama3.2");
+    let req = raw_request("POST", b"/api/%63hat", &auth, chat.as_bytes());
+    let resp = conn.exchange(&req, false).expect("an answer");
+    assert_eq!(resp.status, 403, "{}", resp.text());
+    assert!(resp.text().contains("llama3.2"), "{}", resp.text());
+    // Keys Go binds to `model`: checked as the model Ollama would run.
+    for body in [
+        r#"{"Model":"llama3.2","messages":[]}"#,
+        r#"{"MODEL":"llama3.2","messages":[]}"#,
+        r#"{"moDel":"llama3.2","stream":false}"#,
+    ] {
+        let req = raw_request("POST", b"/api/chat", &auth, body.as_bytes());
+        let resp = conn.exchange(&req, false).expect("an answer");
+        assert_eq!(resp.status, 403, "{body}: {}", resp.text());
+    }
+    // Two keys that bind `model` to different values: Ollama takes the last, the sidecar refuses.
+    let body = r#"{"model":"qwen2.5:0.5b","MODEL":"llama3.2","messages":[]}"#;
+    let req = raw_request("POST", b"/api/chat", &auth, body.as_bytes());
+    let resp = conn.exchange(&req, false).expect("an answer");
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(resp.text().contains("ambiguous"), "{}", resp.text());
+    // A target Go itself rejects (a bad escape) is refused here, in the route's shape.
+    let req = raw_request("POST", b"/v1/chat/%zzompletions", &auth, b"{}");
+    let resp = conn.exchange(&req, false).expect("an answer");
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(error_in_shape("/v1/x", 400, &resp.text()).contains("percent-escape"));
+    assert_eq!(
+        client_requests(&mock),
+        before,
+        "a refused request reached Ollama"
+    );
+
+    // What passes is forwarded byte for byte and logged under its real route.
+    let body = r#"{"Model":"qwen2.5:0.5b","messages":[],"stream":false}"#;
+    let req = raw_request("POST", b"/api/%63hat?t=1", &auth, body.as_bytes());
+    let resp = conn.exchange(&req, false).expect("an answer");
+    assert_ne!(resp.status, 403, "{}", resp.text());
+    let seen = mock_requests(&mock);
+    let last = seen.last().expect("the mock saw the request");
+    let logged = last["path"].as_str().unwrap_or_default().to_string()
+        + last["raw_path"].as_str().unwrap_or_default()
+        + last["target"].as_str().unwrap_or_default()
+        + last["uri"].as_str().unwrap_or_default();
+    assert!(logged.contains("%63hat"), "not forwarded as sent: {last}");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            sc.log_text().lines().any(|l| {
+                l.contains("/api/%63hat") && l.contains("route=\"/api/chat\"")
+                    || l.contains("/api/%63hat") && l.contains("route=/api/chat")
+            })
+        }),
+        "access log: {}",
+        sc.log_text()
+    );
+}
+
+/// Blob uploads keep working whether the client encodes the digest's colon or not (Go decodes
+/// `%3A` before gin binds `:digest`), and stay management routes either way.
+#[test]
+fn blob_uploads_with_and_without_an_encoded_colon() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(&mock, "", "");
+    let root = format!("Bearer {ADMIN}");
+    let alice = format!("Bearer {ALICE}");
+    let digest = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    let mut conn = RawConn::new(sc.port);
+    for target in [
+        format!("/api/blobs/sha256:{digest}"),
+        format!("/api/blobs/sha256%3A{digest}"),
+        format!("/api/blobs/sha256%3a{digest}"),
+    ] {
+        let before = client_requests(&mock);
+        let req = raw_request(
+            "POST",
+            target.as_bytes(),
+            &[("Authorization", &alice)],
+            b"hello",
+        );
+        let resp = conn.exchange(&req, false).expect("an answer");
+        assert_eq!(resp.status, 403, "{target}: {}", resp.text());
+        assert!(resp.text().contains("management routes"), "{}", resp.text());
+        assert_eq!(client_requests(&mock), before, "{target} reached Ollama");
+
+        let req = raw_request(
+            "POST",
+            target.as_bytes(),
+            &[("Authorization", &root)],
+            b"hello",
+        );
+        let resp = conn.exchange(&req, false).expect("an answer");
+        assert_ne!(resp.status, 403, "{target}: {}", resp.text());
+        assert_eq!(client_requests(&mock), before + 1, "{target} not forwarded");
+        let req = raw_request("HEAD", target.as_bytes(), &[("Authorization", &root)], b"");
+        let resp = conn.exchange(&req, true).expect("an answer");
+        assert_ne!(resp.status, 403, "HEAD {target}");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            sc.log_text()
+                .lines()
+                .filter(|l| l.contains("/api/blobs/:digest") && l.contains("sha256%3"))
+                .count()
+                >= 4
+        }),
+        "access log: {}",
+        sc.log_text()
+    );
+}

@@ -8,7 +8,8 @@
 
 use ollama_sidecar::config::LimitsFile;
 use ollama_sidecar::policy::{glob, keys, limits};
-use ollama_sidecar::proxy::body::inspect;
+use ollama_sidecar::proxy::body::{inspect, inspect_fields, key_binds, Field};
+use ollama_sidecar::proxy::canonical::{path_view, PathView};
 use ollama_sidecar::proxy::route::{classify, ApiShape, RouteClass};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
@@ -49,7 +50,7 @@ fn json_value() -> impl Strategy<Value = Value> {
 fn extra_fields() -> impl Strategy<Value = Map<String, Value>> {
     prop::collection::btree_map(
         any::<String>().prop_filter("not a routing field", |k| {
-            !matches!(k.as_str(), "model" | "name" | "stream")
+            !["model", "name", "stream"].iter().any(|f| key_binds(k, f))
         }),
         json_value(),
         0..8,
@@ -96,18 +97,20 @@ proptest! {
         prop_assert_eq!(r.shape, expected_shape);
         if r.name == "other" {
             prop_assert_eq!(r.class, RouteClass::Other);
-            prop_assert!(!r.has_model_body);
+            prop_assert!(!r.has_model_body());
         } else {
-            prop_assert!(r.name == path || r.name.ends_with(":digest") || r.name.ends_with(":model"));
+            prop_assert!(r.name == path || r.name.ends_with(":digest") || r.name.ends_with(":model") || r.name.ends_with(":encodedKey"));
         }
     }
 
     #[test]
     fn classify_known_prefixes(suffix in "[a-zA-Z0-9:._/-]{0,40}") {
-        let blob = classify(&http::Method::POST, &format!("/api/blobs/{suffix}"));
-        prop_assert_eq!(blob.class, RouteClass::Management);
-        let model = classify(&http::Method::GET, &format!("/v1/models/{suffix}"));
-        prop_assert_eq!(model.class, RouteClass::Metadata);
+        // gin's `:param`: one non-empty segment, no `/`.
+        let one_segment = !suffix.is_empty() && !suffix.contains('/');
+        let blob = classify(&http::Method::POST, format!("/api/blobs/{suffix}"));
+        prop_assert_eq!(blob.class == RouteClass::Management, one_segment);
+        let model = classify(&http::Method::GET, format!("/v1/models/{suffix}"));
+        prop_assert_eq!(model.class == RouteClass::Metadata, one_segment);
         prop_assert_eq!(model.shape, ApiShape::OpenAi);
     }
 
@@ -135,7 +138,7 @@ proptest! {
             obj.insert("stream".to_string(), Value::Bool(s));
         }
         let text = serde_json::to_vec(&Value::Object(obj)).expect("serialise");
-        let facts = inspect(&text).expect("a valid body");
+        let facts = inspect_fields(&text, &[Field::Model, Field::Name, Field::Stream]).expect("a valid body");
         prop_assert_eq!(facts.model.as_deref(), Some(model.as_str()));
         prop_assert_eq!(facts.stream, stream);
     }
@@ -184,6 +187,35 @@ proptest! {
         let limits = LimitsFile::default();
         if let Some(err) = limits::check(&limits, &req) {
             prop_assert!(matches!(err.status, 400 | 414 | 431));
+        }
+    }
+
+    #[test]
+    fn path_view_never_panics(method in "[A-Z]{1,8}", target in prop::collection::vec(any::<u8>(), 0..128)) {
+        let m = http::Method::from_bytes(method.as_bytes()).unwrap_or(http::Method::GET);
+        let _ = path_view(&m, &target);
+    }
+
+    #[test]
+    fn percent_encoding_never_changes_the_route(
+        path in "(/[a-z:._-]{1,12}){1,4}",
+        mask in prop::collection::vec(any::<bool>(), 64),
+    ) {
+        // gin routes on Go's decoded path: encoding any byte (the slashes included) names the
+        // same path, and a clean path never redirects.
+        let encoded: String = path
+            .bytes()
+            .enumerate()
+            .map(|(i, b)| if mask[i % mask.len()] && i > 0 { format!("%{b:02X}") } else { (b as char).to_string() })
+            .collect();
+        let plain = path_view(&http::Method::POST, path.as_bytes());
+        let clean = !path.split('/').any(|s| s == "." || s == "..");
+        if clean {
+            prop_assert_eq!(plain, Ok(PathView::Routed(path.as_bytes().to_vec())));
+            let view = path_view(&http::Method::POST, encoded.as_bytes());
+            prop_assert_eq!(view.map(|v| v.decoded().to_vec()), Ok(path.as_bytes().to_vec()));
+        } else {
+            prop_assert!(matches!(plain, Ok(PathView::Redirect(_))));
         }
     }
 }

@@ -402,17 +402,18 @@ pub async fn on_request(app: &App, session: &mut Session, ctx: &mut RequestCtx) 
     }
     let api_key = key.as_ref().map(|k| &k.key);
     if ctx.route.name == "/v1/models/:model" {
-        let path = session.req_header().uri.path();
-        let model = path
-            .strip_prefix("/v1/models/")
-            .unwrap_or_default()
-            .to_string();
+        // The model as gin binds the `:model` parameter: from the decoded path.
+        let decoded = ctx.path.as_ref().map(|p| p.decoded()).unwrap_or_default();
+        let model = String::from_utf8_lossy(
+            crate::proxy::route::param(&ctx.route, decoded).unwrap_or_default(),
+        )
+        .into_owned();
         if !model_allowed(access, api_key, &model) {
             return refuse(app, session, ctx, forbidden_model(&model, api_key)).await;
         }
         return Ok(false);
     }
-    if !ctx.route.has_model_body || !body_may_follow(session.req_header()) {
+    if !ctx.route.has_model_body() || !body_may_follow(session.req_header()) {
         return Ok(false);
     }
     let names = match read_small_json_body(session, ctx).await? {
@@ -441,21 +442,6 @@ fn forbidden_model(model: &str, key: Option<&ApiKey>) -> SidecarError {
 enum SmallBody {
     Models(Vec<String>),
     Refused(SidecarError),
-}
-
-/// The model names a management or show body mentions.
-#[derive(serde::Deserialize)]
-struct ModelFields {
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    name: Option<String>,
-    #[serde(default)]
-    source: Option<String>,
-    #[serde(default)]
-    destination: Option<String>,
-    #[serde(default)]
-    from: Option<String>,
 }
 
 /// Reads a small JSON body (kept by Pingora's retry buffer, which sends it upstream) and
@@ -501,18 +487,10 @@ async fn read_small_json_body(session: &mut Session, ctx: &mut RequestCtx) -> Re
     if buf.iter().all(u8::is_ascii_whitespace) {
         return Ok(SmallBody::Models(Vec::new()));
     }
-    match serde_json::from_slice::<ModelFields>(&buf) {
-        Ok(f) => Ok(SmallBody::Models(
-            [f.model, f.name, f.source, f.destination, f.from]
-                .into_iter()
-                .flatten()
-                .filter(|m| !m.trim().is_empty())
-                .collect(),
-        )),
-        Err(e) => Ok(SmallBody::Refused(SidecarError::new(
-            400,
-            format!("invalid request body: {e}"),
-        ))),
+    // The names as Ollama binds them (Go's case-insensitive keys; conflicting duplicates refused).
+    match crate::proxy::body::inspect_fields(&buf, ctx.route.fields) {
+        Ok(facts) => Ok(SmallBody::Models(facts.models)),
+        Err(message) => Ok(SmallBody::Refused(SidecarError::new(400, message))),
     }
 }
 
@@ -557,7 +535,7 @@ pub async fn on_inference_body(
         .req_header()
         .headers
         .contains_key(http::header::CONTENT_ENCODING);
-    if ctx.route.has_model_body
+    if ctx.route.has_model_body()
         && !compressed
         && limits::json_too_deep(body, limits::MAX_JSON_DEPTH)
     {
@@ -580,7 +558,7 @@ pub async fn on_inference_body(
         Some(model) if model_allowed(access, api_key, &model) => Ok(false),
         Some(model) => refuse(app, session, ctx, forbidden_model(&model, api_key)).await,
         None => {
-            let unreadable = !ctx.route.has_model_body || compressed;
+            let unreadable = !ctx.route.has_model_body() || compressed;
             if unreadable {
                 let err = SidecarError::new(
                     403,

@@ -234,9 +234,9 @@ pub(super) async fn serve(
         .req_header()
         .headers
         .contains_key(http::header::CONTENT_ENCODING);
-    let is_json = !encoded && ctx.route.has_model_body;
+    let is_json = !encoded && ctx.route.has_model_body();
     if is_json {
-        match body::inspect(&body) {
+        match body::inspect_fields(&body, ctx.route.fields) {
             Ok(facts) => {
                 ctx.model = facts.model;
                 ctx.stream = facts.stream;

@@ -2,6 +2,7 @@
 //! errors, upstream selection) and keeps what the request learns in `RequestCtx`.
 
 pub mod body;
+pub mod canonical;
 pub mod errors;
 pub mod headers;
 pub mod inference;
@@ -38,6 +39,9 @@ impl SidecarProxy {
 /// What one request has learned so far.
 pub struct RequestCtx {
     pub route: Route,
+    /// The canonical path (`canonical::path_view`): the decoded path gin routes on, or why the
+    /// target was refused.
+    pub path: Result<canonical::PathView, canonical::PathRefusal>,
     pub request_id: String,
     pub started: Instant,
     /// Set in a subrequest: the instance its parent was admitted to.
@@ -215,12 +219,15 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         (None, None) => "-".to_string(),
     };
     let rejection = crate::metrics::rejection_reason(ctx.outcome, ctx.refusal, status);
+    // The path as the client sent it (what was forwarded); `route` names what it meant.
+    let raw_path = String::from_utf8_lossy(req.raw_path());
+    let raw_path = raw_path.split('?').next().unwrap_or_default();
     tracing::info!(
         target: "access",
         request_id = %ctx.request_id,
         client = %client,
         method = %req.method,
-        path = %req.uri.path(),
+        path = %raw_path,
         route = ctx.route.name,
         class = ctx.route.class.as_str(),
         model = ctx.model.as_deref().unwrap_or("-"),
@@ -241,7 +248,7 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         stream_error = tap.error.as_deref(),
         "{} {} {} {}",
         req.method,
-        req.uri.path(),
+        raw_path,
         status,
         ctx.outcome.as_str()
     );
@@ -254,6 +261,7 @@ impl ProxyHttp for SidecarProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             route: route::classify(&http::Method::GET, "/"),
+            path: Ok(canonical::PathView::Routed(b"/".to_vec())),
             request_id: String::new(),
             started: Instant::now(),
             dispatch: None,
@@ -286,7 +294,14 @@ impl ProxyHttp for SidecarProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
-        ctx.route = route::classify(&req.method, req.uri.path());
+        // One canonical view of the target, from the bytes Pingora forwards: every decision
+        // below reads it, never `uri.path()`.
+        ctx.path = canonical::path_view(&req.method, req.raw_path());
+        ctx.route = match &ctx.path {
+            Ok(canonical::PathView::Routed(path)) => route::classify(&req.method, path),
+            Ok(canonical::PathView::Redirect(path)) => route::unrouted(path),
+            Err(_) => route::unrouted(req.raw_path()),
+        };
         // A subrequest carries its parent's admission: straight on to its instance.
         if let Some(dispatch) = session
             .subrequest_ctx
@@ -309,6 +324,10 @@ impl ProxyHttp for SidecarProxy {
             return Ok(true);
         }
         ctx.active = Some(self.app.lifecycle.enter());
+        if let Err(refusal) = ctx.path {
+            let err = SidecarError::new(400, refusal.message());
+            return crate::policy::refuse(&self.app, session, ctx, err).await;
+        }
         if crate::policy::on_request(&self.app, session, ctx).await? {
             return Ok(true);
         }

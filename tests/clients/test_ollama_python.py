@@ -1,7 +1,9 @@
 """The official ollama-python client, unmodified, against OLLAMA_SIDECAR_URL."""
 
 import datetime
+import hashlib
 
+import httpx
 import ollama
 import pytest
 
@@ -129,6 +131,19 @@ def test_copy_then_delete(client, unique_name):
     with pytest.raises(ollama.ResponseError) as e:
         client.delete(dest)
     assert e.value.status_code == 404
+
+
+def test_create_blob(client, base_url, tmp_path):
+    data = b"blob uploaded through the sidecar"
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    digest = client.create_blob(path)
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+    # The same upload with the colon percent-encoded (some clients escape it): still a blob
+    # upload for Ollama, which decodes the path before routing.
+    encoded = digest.replace(":", "%3A")
+    r = httpx.post(f"{base_url}/api/blobs/{encoded}", content=data, timeout=60)
+    assert r.status_code in (200, 201), r.text
 
 
 def test_delete_missing_is_404(client, unique_name):

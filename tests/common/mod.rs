@@ -366,3 +366,174 @@ pub fn client_requests(mock: &Mock) -> u64 {
         .as_u64()
         .expect("mock stats count client requests")
 }
+
+/// One response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A keep-alive client connection that sends requests byte for byte (no URL normalisation, as
+/// reqwest's `url` would do) and reads one response per request. It reconnects when the
+/// server closed the connection. Every read is bounded by a 20 s timeout.
+pub struct RawConn {
+    port: u16,
+    conn: Option<std::io::BufReader<std::net::TcpStream>>,
+}
+
+/// A request with exactly this method, target and body (plus `Host` and `Content-Length`).
+pub fn raw_request(method: &str, target: &[u8], headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut req = Vec::with_capacity(128 + target.len() + body.len());
+    req.extend_from_slice(method.as_bytes());
+    req.push(b' ');
+    req.extend_from_slice(target);
+    req.extend_from_slice(b" HTTP/1.1\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    if !body.is_empty() || method == "POST" {
+        req.extend_from_slice(format!("Content-Length: {}\r\n", body.len()).as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    req
+}
+
+impl RawConn {
+    pub fn new(port: u16) -> RawConn {
+        RawConn { port, conn: None }
+    }
+
+    /// Sends `request` and reads its response (interim 1xx responses skipped). `None` when the
+    /// server closed the connection without an answer.
+    pub fn exchange(&mut self, request: &[u8], head_only: bool) -> Option<RawResponse> {
+        use std::io::{BufRead, Read};
+        for attempt in 0..2 {
+            let reader = match &mut self.conn {
+                Some(r) => r,
+                None => {
+                    let s =
+                        std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+                    s.set_read_timeout(Some(Duration::from_secs(20))).ok();
+                    s.set_nodelay(true).ok();
+                    self.conn.insert(std::io::BufReader::new(s))
+                }
+            };
+            if reader.get_mut().write_all(request).is_err() {
+                self.conn = None;
+                continue;
+            }
+            let mut status = 0u16;
+            let mut headers = Vec::new();
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let l = line.trim_end();
+                if status == 0 {
+                    status = l
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or(0);
+                    continue;
+                }
+                if !l.is_empty() {
+                    if let Some((k, v)) = l.split_once(':') {
+                        headers.push((k.trim().to_string(), v.trim().to_string()));
+                    }
+                    continue;
+                }
+                if (100..200).contains(&status) {
+                    status = 0;
+                    headers.clear();
+                    continue;
+                }
+                break;
+            }
+            if status == 0 {
+                // A kept-alive connection the server had closed: one retry on a new one.
+                self.conn = None;
+                if attempt == 0 {
+                    continue;
+                }
+                return None;
+            }
+            let resp_header = |n: &str| {
+                headers
+                    .iter()
+                    .find(|(k, _): &&(String, String)| k.eq_ignore_ascii_case(n))
+                    .map(|(_, v)| v.to_ascii_lowercase())
+            };
+            let mut body = Vec::new();
+            let no_body = head_only || status == 204 || status == 304;
+            let closes = resp_header("connection").is_some_and(|v| v.contains("close"));
+            if no_body {
+            } else if resp_header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break;
+                    }
+                    let size =
+                        usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                            .unwrap_or(0);
+                    if size == 0 {
+                        // Trailers, then the blank line.
+                        loop {
+                            line.clear();
+                            if reader.read_line(&mut line).unwrap_or(0) == 0
+                                || line.trim().is_empty()
+                            {
+                                break;
+                            }
+                        }
+                        break;
+                    }
+                    let mut chunk = vec![0; size + 2];
+                    if reader.read_exact(&mut chunk).is_err() {
+                        break;
+                    }
+                    body.extend_from_slice(&chunk[..size]);
+                }
+            } else if let Some(n) =
+                resp_header("content-length").and_then(|v| v.parse::<usize>().ok())
+            {
+                body.resize(n, 0);
+                if reader.read_exact(&mut body).is_err() {
+                    self.conn = None;
+                }
+            } else {
+                let _ = reader.read_to_end(&mut body);
+                self.conn = None;
+            }
+            if closes {
+                self.conn = None;
+            }
+            return Some(RawResponse {
+                status,
+                headers,
+                body,
+            });
+        }
+        None
+    }
+}
