@@ -1887,4 +1887,39 @@ mod tests {
                 .contains("timeouts.connect")
         );
     }
+
+    #[test]
+    fn shared_state_is_off_by_default_and_validated() {
+        let one = "instances:\n  - name: a\n    url: http://127.0.0.1:11500\n";
+        assert!(parse_ok(one).access.shared_state.is_none());
+        let c = parse_ok(&format!(
+            "shared_state:\n  redis: redis://user:s3cret@10.0.0.5:6379/2\n  on_error: closed\n{one}"
+        ));
+        let shared = c.access.shared_state.clone().expect("shared_state");
+        assert_eq!(shared.on_error, OnSharedError::Closed);
+        assert_eq!(shared.timeout, Duration::from_millis(50));
+        assert_eq!(shared.lease_ttl, Duration::from_secs(30));
+        assert_eq!(shared.prefix, "ollama-sidecar:");
+        // `check` never prints the password.
+        let printed = effective_yaml(&c);
+        assert!(printed.contains("redis://user:***@10.0.0.5:6379/2"), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        for (bad, key) in [
+            ("redis: http://x:6379", "shared_state.redis"),
+            ("redis: 'redis://[::1'", "shared_state.redis"),
+            ("redis: redis://x\n  lease_ttl: 100ms", "shared_state.lease_ttl"),
+            ("redis: redis://x\n  timeout: 0s", "shared_state"),
+            ("redis: redis://x\n  on_error: maybe", "shared_state.on_error"),
+        ] {
+            let e = parse_err(&format!("shared_state:\n  {bad}\n{one}"));
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn redacted_urls() {
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(redact_url("unix:///run/redis.sock"), "unix:///run/redis.sock");
+    }
 }
