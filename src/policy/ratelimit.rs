@@ -213,6 +213,23 @@ mod tests {
     }
 
     #[test]
+    fn mirrored_counts_bind_the_local_fallback() {
+        // What the shared limits admitted counts here too, past the local cap if need be.
+        let c = Arc::new(InFlightCounter::default());
+        let held: Vec<InFlight> = (0..3).map(|_| c.enter()).collect();
+        assert_eq!(c.current(), 3);
+        assert!(c.try_enter(3).is_none());
+        drop(held);
+        assert_eq!(c.current(), 0);
+        let l = ClientLimiter::new(2);
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        l.charge(a, t0);
+        l.charge(a, t0);
+        assert!(l.take(a, t0).is_err());
+    }
+
+    #[test]
     fn clients_are_separate() {
         let l = ClientLimiter::new(1);
         let t0 = Instant::now();
