@@ -1902,14 +1902,23 @@ mod tests {
         assert_eq!(shared.prefix, "ollama-sidecar:");
         // `check` never prints the password.
         let printed = effective_yaml(&c);
-        assert!(printed.contains("redis://user:***@10.0.0.5:6379/2"), "{printed}");
+        assert!(
+            printed.contains("redis://user:***@10.0.0.5:6379/2"),
+            "{printed}"
+        );
         assert!(!printed.contains("s3cret"), "{printed}");
         for (bad, key) in [
             ("redis: http://x:6379", "shared_state.redis"),
             ("redis: 'redis://[::1'", "shared_state.redis"),
-            ("redis: redis://x\n  lease_ttl: 100ms", "shared_state.lease_ttl"),
+            (
+                "redis: redis://x\n  lease_ttl: 100ms",
+                "shared_state.lease_ttl",
+            ),
             ("redis: redis://x\n  timeout: 0s", "shared_state"),
-            ("redis: redis://x\n  on_error: maybe", "shared_state.on_error"),
+            (
+                "redis: redis://x\n  on_error: maybe",
+                "shared_state.on_error",
+            ),
         ] {
             let e = parse_err(&format!("shared_state:\n  {bad}\n{one}"));
             assert!(e.contains(key), "{bad}: {e}");
@@ -1920,6 +1929,9 @@ mod tests {
     fn redacted_urls() {
         assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
         assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
-        assert_eq!(redact_url("unix:///run/redis.sock"), "unix:///run/redis.sock");
+        assert_eq!(
+            redact_url("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
+        );
     }
 }

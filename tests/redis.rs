@@ -282,7 +282,7 @@ fn a_stopped_redis_costs_a_request_at_most_the_timeout() {
         assert_eq!(status, 503, "{body}");
     }
     assert!(
-        slowest < Duration::from_millis(500),
+        slowest < Duration::from_secs(1),
         "a request waited {slowest:?} for a stopped Redis"
     );
     assert!(

@@ -78,6 +78,15 @@ def admin_port_of(path):
         return int(re.search(r"admin: \{listen: 127\.0\.0\.1:(\d+)\}", f.read()).group(1))
 
 
+def start_sidecar(procs, workdir, args, name, mock_port, extra):
+    """A sidecar whose routes all need the key: ready when its admin `/readyz` says so."""
+    path, port = bench.write_sidecar_config(workdir, name, mock_port, 64, extra)
+    p = procs.start(name, [os.path.join(args.bin_dir, "ollama-sidecar"), "--config", path])
+    admin = admin_port_of(path)
+    bench.wait_ready(admin, "/readyz", p, name, workdir)
+    return p, port, admin
+
+
 def wrk(port, path, conns, threads, duration, body=None):
     env = dict(os.environ)
     if body:
@@ -101,6 +110,8 @@ def main():
     ap.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds (medians)")
     ap.add_argument("--limit", type=int, default=6000, help="requests_per_minute for the error run")
+    ap.add_argument("--max-wait", type=float, default=60,
+                    help="longest wait (s) for a quiet machine before each measurement")
     args = ap.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="ollama-sidecar-shared-limits.")
@@ -124,9 +135,8 @@ def main():
         huge = 10**9
         targets = {}
         for name, url in [("local", None), ("redis", redis_url)]:
-            p, port, path = bench.start_sidecar(procs, workdir, args, f"sidecar-{name}", mock_port,
-                                                64, key_config(huge, url))
-            targets[name] = (p, port, admin_port_of(path))
+            targets[name] = start_sidecar(procs, workdir, args, f"sidecar-{name}", mock_port,
+                                          key_config(huge, url))
 
         # Cost: interleaved rounds.
         runs = {}
@@ -134,7 +144,7 @@ def main():
         for rep in range(args.reps):
             for wname, conns, threads in workloads:
                 for tname, (p, port, _) in targets.items():
-                    busy = bench.quiet_machine(0.3, 60, log)
+                    busy = bench.quiet_machine(0.3, args.max_wait, log)
                     pids = [p.pid]
                     cpu0, rcpu0 = bench.cpu_seconds(pids), bench.cpu_seconds([redis.pid])
                     r = wrk(port, "/api/embed", conns, threads, args.duration, bench.EMBED_BODY)
@@ -156,8 +166,8 @@ def main():
         for name, url in [("shared", redis_url), ("separate", None)]:
             pair = []
             for i in range(2):
-                p, port, _ = bench.start_sidecar(procs, workdir, args, f"error-{name}-{i}",
-                                                 mock_port, 64, key_config(limit, url))
+                _, port, _ = start_sidecar(procs, workdir, args, f"error-{name}-{i}", mock_port,
+                                           key_config(limit, url))
                 pair.append(port)
             results = [None, None]
 
@@ -189,10 +199,14 @@ def write_report(args, runs, workloads, histogram, pairs, redis_version, took):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=bench.ROOT).stdout.strip()
+    busy = [r["busy_before"] for rs in runs.values() for r in rs]
+    busy_median, busy_max = med(busy), max(busy)
     lines = [BEGIN, "",
              f"Run {now}, commit `{commit}`, redis-server {redis_version}, "
              f"{os.cpu_count()} cores shared by wrk, the mock, Redis and the sidecars. "
-             f"Took {took:.0f} s. Command: `{args.cmdline}`.", "",
+             f"Took {took:.0f} s. Command: `{args.cmdline}`. Machine CPU use by other work before "
+             f"the measurements (median, max): {busy_median:.0%}, {busy_max:.0%}; 1-minute load "
+             f"at the end: {os.getloadavg()[0]:.2f}.", "",
              f"`wrk -H 'Authorization: Bearer ...' -d{args.duration}s` on `POST /api/embed` "
              "(`-t1 -c1` and `-t2 -c64`), through two sidecars running side by side with the same "
              "key (`requests_per_minute`, `tokens_per_minute`, `max_concurrent` all set, never "
