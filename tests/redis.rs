@@ -9,7 +9,8 @@ mod common;
 use common::*;
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const ALICE: &str = "alice-key-0123456789abcdef";
@@ -198,58 +199,81 @@ fn redis_killed_mid_run_then_restarted() {
     let mut redis = Redis::start();
     let port = redis.port;
     let mock = Mock::start(&[]);
-    let key = "      requests_per_minute: 1000\n";
+    let key = "      requests_per_minute: 1000000\n";
     let open = start_shared(&redis, &mock, key, "");
     let closed = start_shared(&redis, &mock, key, "  on_error: closed\n");
     assert_eq!(tags(&open).0, 200);
     assert_eq!(tags(&closed).0, 200);
 
-    redis.proc.signal(libc::SIGKILL);
-    assert!(redis.proc.wait_exit(Duration::from_secs(5)).is_some());
-    for _ in 0..20 {
-        let started = Instant::now();
-        let (status, _, body) = tags(&open);
-        assert_eq!(status, 200, "fail open: local limits decide: {body}");
-        let (status, retry_after, body) = tags(&closed);
-        assert_eq!(status, 503, "fail closed: {body}");
-        assert!(body.contains("shared_state.on_error"), "{body}");
-        assert_eq!(retry_after.as_deref(), Some("1"));
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "a request waited {:?} for a dead Redis",
-            started.elapsed()
+    // Traffic on both sidecars all along: before, during and after the outage.
+    let stop = AtomicBool::new(false);
+    let seen = Mutex::new(Vec::new());
+    let redis = std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    for (name, sc) in [("open", &open), ("closed", &closed)] {
+                        let started = Instant::now();
+                        let status = tags(sc).0;
+                        seen.lock().unwrap().push((name, status, started.elapsed()));
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        redis.proc.signal(libc::SIGKILL);
+        assert!(redis.proc.wait_exit(Duration::from_secs(5)).is_some());
+        for _ in 0..20 {
+            let (status, _, body) = tags(&open);
+            assert_eq!(status, 200, "fail open: local limits decide: {body}");
+            let (status, retry_after, body) = tags(&closed);
+            assert_eq!(status, 503, "fail closed: {body}");
+            assert!(body.contains("shared_state.on_error"), "{body}");
+            assert_eq!(retry_after.as_deref(), Some("1"));
+        }
+        assert!(open.log_text().contains("Redis stopped answering"));
+        assert_eq!(
+            metric_value(open.admin_port, "ollama_sidecar_shared_state_up"),
+            0.0
         );
-    }
-    assert!(
-        metric_value(
-            open.admin_port,
-            "ollama_sidecar_shared_state_fallbacks_total{on_error=\"open\"}"
-        ) >= 20.0
-    );
-    assert!(
-        metric_value(
-            closed.admin_port,
-            "ollama_sidecar_shared_state_fallbacks_total{on_error=\"closed\"}"
-        ) >= 20.0
-    );
-    assert!(
-        metric_value(
-            closed.admin_port,
-            "ollama_sidecar_rejections_total{reason=\"limits_unavailable\"}"
-        ) >= 20.0
-    );
-    assert_eq!(
-        metric_value(open.admin_port, "ollama_sidecar_shared_state_up"),
-        0.0
-    );
-    assert!(open.log_text().contains("Redis stopped answering"));
 
-    // Back on the same port, empty: both sidecars reconnect on their own and count there again.
-    let redis = Redis::start_on(port);
-    assert!(
-        wait_until(Duration::from_secs(10), || tags(&closed).0 == 200),
-        "the closed sidecar did not recover"
+        // Back on the same port, empty: both sidecars reconnect on their own.
+        let redis = Redis::start_on(port);
+        assert!(
+            wait_until(Duration::from_secs(10), || tags(&closed).0 == 200),
+            "the closed sidecar did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        redis
+    });
+    let seen = seen.into_inner().unwrap();
+    let slowest = seen
+        .iter()
+        .map(|(_, _, took)| *took)
+        .max()
+        .unwrap_or_default();
+    let unexpected: Vec<_> = seen
+        .iter()
+        .filter(|(name, status, _)| {
+            !matches!((*name, *status), ("open", 200) | ("closed", 200 | 503))
+        })
+        .collect();
+    println!(
+        "{} requests during the outage run, slowest {slowest:?}",
+        seen.len()
     );
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "a request waited {slowest:?} for a dead Redis"
+    );
+    assert!(seen
+        .iter()
+        .any(|(name, status, _)| *name == "closed" && *status == 503));
+
+    // Decisions are counted in Redis again, and the fallbacks were counted.
     assert_eq!(tags(&open).0, 200);
     assert_eq!(
         redis.integer(&["EXISTS", "ollama-sidecar:key:alice:requests"]),
@@ -259,6 +283,22 @@ fn redis_killed_mid_run_then_restarted() {
         metric_value(open.admin_port, "ollama_sidecar_shared_state_up"),
         1.0
     );
+    for (sc, series) in [
+        (
+            &open,
+            "ollama_sidecar_shared_state_fallbacks_total{on_error=\"open\"}",
+        ),
+        (
+            &closed,
+            "ollama_sidecar_shared_state_fallbacks_total{on_error=\"closed\"}",
+        ),
+        (
+            &closed,
+            "ollama_sidecar_rejections_total{reason=\"limits_unavailable\"}",
+        ),
+    ] {
+        assert!(metric_value(sc.admin_port, series) >= 20.0, "{series}");
+    }
 }
 
 #[test]
