@@ -192,6 +192,12 @@ fn tokens_and_slots_are_shared_and_per_address_limits_too() {
         }
     }
     assert_eq!(ok, 4, "the address's 4 requests per minute, across both");
+
+    // The Redis connection's thread does not hold up a clean stop.
+    let mut a = a;
+    a.proc.signal(libc::SIGTERM);
+    let status = a.proc.wait_exit(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
 }
 
 #[test]
