@@ -78,6 +78,9 @@ pub struct FileConfig {
     /// CORS answered by the sidecar (off when `origins` is empty).
     #[serde(default)]
     pub cors: CorsFile,
+    /// Limits counted in Redis, shared by every sidecar that points at it (off without `redis`).
+    #[serde(default)]
+    pub shared_state: SharedStateFile,
     #[serde(default)]
     pub instances: Vec<InstanceFile>,
 }
@@ -691,6 +694,136 @@ impl Default for CorsFile {
     }
 }
 
+/// Where the API keys' and the per-address limits are counted when several sidecars enforce them
+/// together (`src/shared_state.rs`, `src/policy/shared_limits.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SharedStateFile {
+    /// `redis://[user:password@]host:port[/db]` or `unix:///path`; unset: limits are this
+    /// process's own. `check` prints the password as `***`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_redacted_url"
+    )]
+    pub redis: Option<String>,
+    /// Prepended to every Redis key the sidecar writes.
+    #[serde(default = "default_shared_prefix")]
+    pub prefix: String,
+    /// Longest wait for one Redis call on the request path; then `on_error` decides.
+    #[serde(default = "default_shared_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait to (re)connect.
+    #[serde(default = "default_shared_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// While Redis is down or slow: `open` (each sidecar applies the limits alone) or `closed`
+    /// (limited requests get 503).
+    #[serde(default)]
+    pub on_error: OnSharedError,
+    /// A concurrency slot not renewed for this long (its sidecar died) is given back.
+    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for SharedStateFile {
+    fn default() -> Self {
+        SharedStateFile {
+            redis: None,
+            prefix: default_shared_prefix(),
+            timeout: default_shared_timeout(),
+            connect_timeout: default_shared_connect_timeout(),
+            on_error: OnSharedError::default(),
+            lease_ttl: default_lease_ttl(),
+        }
+    }
+}
+
+/// What limited requests get while the shared state cannot be reached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnSharedError {
+    /// Decided by this sidecar's own counters (logged, counted in metrics).
+    #[default]
+    Open,
+    /// Refused with 503.
+    Closed,
+}
+
+fn default_shared_prefix() -> String {
+    "ollama-sidecar:".to_string()
+}
+fn default_shared_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_shared_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// A Redis URL with its password (if any) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((user_info, host)) if !user_info.contains('/') => {
+            let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn serialize_redacted_url<S: serde::Serializer>(
+    url: &Option<String>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(u) => s.serialize_str(&redact_url(u)),
+        None => s.serialize_none(),
+    }
+}
+
+fn validate_shared_state(
+    file: &SharedStateFile,
+    source: &str,
+) -> Result<Option<SharedStateFile>, ConfigError> {
+    let Some(url) = &file.redis else {
+        return Ok(None);
+    };
+    let supported = ["redis://", "unix://", "redis+unix://"];
+    if !supported.iter().any(|s| url.starts_with(s)) {
+        return Err(err(
+            source,
+            "shared_state.redis",
+            format!(
+                "`{}`: expected redis://host:port[/db] or unix:///path",
+                redact_url(url)
+            ),
+        ));
+    }
+    if let Err(e) = redis::Client::open(url.as_str()) {
+        return Err(err(source, "shared_state.redis", format!("{e}")));
+    }
+    if file.timeout.is_zero() || file.connect_timeout.is_zero() {
+        return Err(err(
+            source,
+            "shared_state",
+            "`timeout` and `connect_timeout` must be above zero",
+        ));
+    }
+    if file.lease_ttl < Duration::from_secs(1) {
+        return Err(err(
+            source,
+            "shared_state.lease_ttl",
+            "expected at least 1s (leases are renewed every third of it)",
+        ));
+    }
+    Ok(Some(file.clone()))
+}
+
 fn default_key_models() -> Vec<String> {
     vec!["*".to_string()]
 }
@@ -753,6 +886,8 @@ pub struct AccessConfig {
     pub cors: CorsFile,
     /// SHA-256 of the admin token, when `/metrics` and `/status` need one.
     pub admin_token: Option<[u8; 32]>,
+    /// Where limits are counted together with other sidecars; `None`: in this process.
+    pub shared_state: Option<SharedStateFile>,
 }
 
 /// SHA-256 of a secret.
@@ -1034,6 +1169,7 @@ fn validate_access(file: &FileConfig, source: &str) -> Result<AccessConfig, Conf
         policy: policy.clone(),
         cors: file.cors.clone(),
         admin_token,
+        shared_state: validate_shared_state(&file.shared_state, source)?,
     })
 }
 
@@ -1803,6 +1939,53 @@ mod tests {
         assert!(
             parse_err("timeouts:\n  connect: fast\ninstances:\n  - name: a\n    url: x:1\n")
                 .contains("timeouts.connect")
+        );
+    }
+
+    #[test]
+    fn shared_state_is_off_by_default_and_validated() {
+        let one = "instances:\n  - name: a\n    url: http://127.0.0.1:11500\n";
+        assert!(parse_ok(one).access.shared_state.is_none());
+        let c = parse_ok(&format!(
+            "shared_state:\n  redis: redis://user:s3cret@10.0.0.5:6379/2\n  on_error: closed\n{one}"
+        ));
+        let shared = c.access.shared_state.clone().expect("shared_state");
+        assert_eq!(shared.on_error, OnSharedError::Closed);
+        assert_eq!(shared.timeout, Duration::from_millis(50));
+        assert_eq!(shared.lease_ttl, Duration::from_secs(30));
+        assert_eq!(shared.prefix, "ollama-sidecar:");
+        // `check` never prints the password.
+        let printed = effective_yaml(&c);
+        assert!(
+            printed.contains("redis://user:***@10.0.0.5:6379/2"),
+            "{printed}"
+        );
+        assert!(!printed.contains("s3cret"), "{printed}");
+        for (bad, key) in [
+            ("redis: http://x:6379", "shared_state.redis"),
+            ("redis: 'redis://[::1'", "shared_state.redis"),
+            (
+                "redis: redis://x\n  lease_ttl: 100ms",
+                "shared_state.lease_ttl",
+            ),
+            ("redis: redis://x\n  timeout: 0s", "shared_state"),
+            (
+                "redis: redis://x\n  on_error: maybe",
+                "shared_state.on_error",
+            ),
+        ] {
+            let e = parse_err(&format!("shared_state:\n  {bad}\n{one}"));
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn redacted_urls() {
+        assert_eq!(redact_url("redis://:pw@h:1"), "redis://:***@h:1");
+        assert_eq!(redact_url("redis://h:1/0"), "redis://h:1/0");
+        assert_eq!(
+            redact_url("unix:///run/redis.sock"),
+            "unix:///run/redis.sock"
         );
     }
 }

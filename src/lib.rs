@@ -11,5 +11,6 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod shared_state;
 pub mod supervisor;
 pub mod upstream;

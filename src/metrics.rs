@@ -48,6 +48,7 @@ pub const REJECTION_REASONS: &[&str] = &[
     "rate_limited",
     "shutting_down",
     "management_busy",
+    "limits_unavailable",
     "other",
 ];
 
@@ -202,6 +203,7 @@ pub struct Metrics {
     cancellations: IntCounterVec,
     health_checks: IntCounterVec,
     resolve_failures: IntCounterVec,
+    shared: SharedStateMetrics,
     // Mirrored on each scrape.
     in_flight: IntGauge,
     queue_requests: IntGauge,
@@ -445,6 +447,7 @@ impl Metrics {
                 ),
                 &["phase"]
             ),
+            shared: SharedStateMetrics::new(&r),
             health_checks: metric!(
                 r,
                 IntCounterVec,
@@ -922,6 +925,84 @@ pub fn busy_slots_ratio(slots: &[SlotUse], capacity: impl Fn(usize) -> usize) ->
         return 1.0;
     }
     (busy as f64 / open as f64).min(1.0)
+}
+
+/// Redis calls of the shared limits (`src/shared_state.rs`): their latency, their failures, and
+/// the decisions taken without Redis.
+struct SharedStateMetrics {
+    up: IntGauge,
+    call_duration: prometheus::Histogram,
+    errors: IntCounterVec,
+    fallbacks: IntCounterVec,
+}
+
+/// Redis round trips on loopback take tens of microseconds; the timeout is tens of milliseconds.
+const SHARED_STATE_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+];
+
+impl SharedStateMetrics {
+    fn new(r: &prometheus::Registry) -> SharedStateMetrics {
+        SharedStateMetrics {
+            up: metric!(
+                r,
+                IntGauge,
+                opts(
+                    "shared_state_up",
+                    "1 while the Redis of shared_state is connected and answering, else 0."
+                )
+            ),
+            call_duration: metric!(
+                r,
+                prometheus::Histogram,
+                hopts(
+                    "shared_state_call_duration_seconds",
+                    "Redis calls of the shared limits, from send to answer (or timeout).",
+                    SHARED_STATE_BUCKETS
+                )
+            ),
+            errors: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "shared_state_errors_total",
+                    "Redis calls of the shared limits that failed, by kind: timeout, error."
+                ),
+                &["kind"]
+            ),
+            fallbacks: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "shared_state_fallbacks_total",
+                    "Limit decisions taken without Redis, by shared_state.on_error: open (local limits), closed (503)."
+                ),
+                &["on_error"]
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    /// Whether the shared state is reachable now.
+    pub fn shared_state_up(&self, up: bool) {
+        self.shared.up.set(i64::from(up));
+    }
+
+    /// One Redis call of the shared limits, and how long it took.
+    pub fn shared_state_call(&self, took: Duration) {
+        self.shared.call_duration.observe(took.as_secs_f64());
+    }
+
+    /// A failed Redis call; `kind` is `timeout` or `error`.
+    pub fn shared_state_error(&self, kind: &'static str) {
+        inc(&self.shared.errors, &[kind], 1);
+    }
+
+    /// A limit decision taken without Redis; `on_error` is `open` or `closed`.
+    pub fn shared_state_fallback(&self, on_error: &'static str) {
+        inc(&self.shared.fallbacks, &[on_error], 1);
+    }
 }
 
 fn inc(v: &IntCounterVec, labels: &[&str], n: u64) {

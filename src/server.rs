@@ -55,6 +55,8 @@ pub fn run(config: Config) -> Result<(), String> {
     server.add_service(proxy);
     // Build the metrics before the first request records anything.
     let _ = metrics::global();
+    // The policy's counters, and with `shared_state` its Redis connection, before the first request.
+    let _ = crate::policy::Policy::global(&app);
     server.add_service(crate::admin::service(app.clone()));
     server.add_service(background_service(
         "supervisor",

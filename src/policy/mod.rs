@@ -11,15 +11,20 @@
 //! - [`on_response`]: CORS headers for an allowed origin;
 //! - [`on_finish`] from `logging`: charges the response's tokens to the key, ends its in-flight
 //!   count.
+//!
+//! With `shared_state.redis` the rate and concurrency limits are counted in Redis
+//! (`shared_limits.rs`) and the local counters only mirror this sidecar's share, for the
+//! decisions `shared_state.on_error: open` takes alone while Redis cannot answer.
 
 pub mod cors;
 pub mod glob;
 pub mod keys;
 pub mod limits;
 pub mod ratelimit;
+pub mod shared_limits;
 
 use crate::app::App;
-use crate::config::{AccessConfig, ApiKey};
+use crate::config::{AccessConfig, ApiKey, OnSharedError};
 use crate::proxy::errors::{self, SidecarError};
 use crate::proxy::inference::Outcome;
 use crate::proxy::route::RouteClass;
@@ -29,7 +34,10 @@ use bytes::BytesMut;
 use pingora_error::{ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
-use ratelimit::{lock, retry_after_secs, Bucket, ClientLimiter, InFlight, InFlightCounter};
+use ratelimit::{
+    lock, retry_after_secs, Bucket, ClientLimiter, InFlight, InFlightCounter, Limited,
+};
+use shared_limits::{KeyLimits, KeyNames, Lease, SharedLimits};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
@@ -45,11 +53,27 @@ pub struct KeyState {
     requests: Option<Mutex<Bucket>>,
     tokens: Option<Mutex<Bucket>>,
     in_flight: Arc<InFlightCounter>,
+    /// Its Redis keys, with `shared_state`.
+    shared: Option<KeyNames>,
 }
 
 impl KeyState {
     fn allows_class(&self, class: RouteClass) -> bool {
         self.key.routes.iter().any(|r| r == class.as_str())
+    }
+
+    /// Its limits for one request (`max_concurrent` only where it counts), or `None` without
+    /// any.
+    fn limits(&self, max_concurrent: Option<u32>) -> Option<KeyLimits> {
+        let limits = KeyLimits {
+            tokens_per_minute: self.key.tokens_per_minute.unwrap_or(0),
+            requests_per_minute: self.key.requests_per_minute.map_or(0, u64::from),
+            max_concurrent: max_concurrent.unwrap_or(0),
+        };
+        let any = limits.tokens_per_minute > 0
+            || limits.requests_per_minute > 0
+            || limits.max_concurrent > 0;
+        any.then_some(limits)
     }
 }
 
@@ -58,6 +82,9 @@ pub struct Policy {
     keys: Vec<Arc<KeyState>>,
     digests: Vec<[u8; 32]>,
     per_client: Option<ClientLimiter>,
+    /// Limits counted in Redis (`shared_state`), and what to do while it cannot answer.
+    shared: Option<Arc<SharedLimits>>,
+    on_shared_error: OnSharedError,
 }
 
 static POLICY: OnceLock<Policy> = OnceLock::new();
@@ -65,6 +92,11 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 impl Policy {
     pub fn new(access: &AccessConfig) -> Policy {
         let now = Instant::now();
+        let shared = access.shared_state.as_ref().and_then(|config| {
+            SharedLimits::start(config)
+                .inspect_err(|e| tracing::error!("shared limits off, limits stay local: {e}"))
+                .ok()
+        });
         let keys: Vec<Arc<KeyState>> = access
             .keys
             .iter()
@@ -78,6 +110,7 @@ impl Policy {
                         .tokens_per_minute
                         .map(|n| Mutex::new(Bucket::per_minute(n, now))),
                     in_flight: Arc::default(),
+                    shared: shared.as_ref().map(|s| s.key_names(&k.name)),
                     key: k.clone(),
                 })
             })
@@ -89,12 +122,40 @@ impl Policy {
                 .policy
                 .requests_per_minute_per_client
                 .map(|n| ClientLimiter::new(n.into())),
+            shared,
+            on_shared_error: access
+                .shared_state
+                .as_ref()
+                .map(|s| s.on_error)
+                .unwrap_or_default(),
         }
     }
 
     /// The process's policy (one configuration per process, like the metrics).
     pub fn global(app: &App) -> &'static Policy {
         POLICY.get_or_init(|| Policy::new(&app.config.access))
+    }
+
+    /// What `shared_state.on_error` makes of a call Redis did not answer: `None` for a
+    /// decision by the local counters, else the 503.
+    fn without_redis(&self, e: &crate::shared_state::CallError) -> Option<SidecarError> {
+        tracing::debug!(error = %e, "shared limits: no answer from Redis");
+        match self.on_shared_error {
+            OnSharedError::Open => {
+                crate::metrics::global().shared_state_fallback("open");
+                None
+            }
+            OnSharedError::Closed => {
+                crate::metrics::global().shared_state_fallback("closed");
+                Some(
+                    SidecarError::new(
+                        503,
+                        "ollama-sidecar: the shared limits cannot be checked: Redis (shared_state.redis) does not answer, and shared_state.on_error is `closed`",
+                    )
+                    .retry_after(1),
+                )
+            }
+        }
     }
 
     /// Whether any model restriction applies to this key (or to requests without one).
@@ -110,6 +171,8 @@ pub struct RequestPolicy {
     key: Option<KeyStateRef>,
     /// Counts the request against the key's `max_concurrent` until it ends.
     in_flight: Option<InFlight>,
+    /// The same, in Redis (`shared_state`).
+    lease: Option<Lease>,
     /// The body was read here (to check its model): `Expect` must not go upstream.
     body_consumed: bool,
 }
@@ -329,69 +392,13 @@ pub async fn on_request(app: &App, session: &mut Session, ctx: &mut RequestCtx) 
         return refuse(app, session, ctx, err).await;
     }
 
-    let now = Instant::now();
-    match &key {
-        None => {
-            if let (Some(limiter), Some(ip)) = (&policy.per_client, client_ip(session)) {
-                if let Err(wait) = limiter.take(ip, now) {
-                    let err = too_many(
-                        format!(
-                            "ollama-sidecar: rate limit: client {ip} may send {} requests per minute (policy.requests_per_minute_per_client)",
-                            limiter.per_minute()
-                        ),
-                        wait,
-                    );
-                    return refuse(app, session, ctx, err).await;
-                }
-            }
+    if let Some(err) = check_limits(policy, session, ctx, key.as_ref(), class).await {
+        let unavailable = err.status == 503;
+        let answered = refuse(app, session, ctx, err).await;
+        if unavailable {
+            ctx.refusal = Some("limits_unavailable");
         }
-        Some(k) => {
-            if let Some(tokens) = &k.tokens {
-                let checked = lock(tokens).check_positive(now);
-                if let Err(wait) = checked {
-                    let err = too_many(
-                        format!(
-                            "ollama-sidecar: rate limit: key `{}` used its {} tokens per minute (tokens_per_minute)",
-                            k.key.name,
-                            k.key.tokens_per_minute.unwrap_or_default()
-                        ),
-                        wait,
-                    );
-                    return refuse(app, session, ctx, err).await;
-                }
-            }
-            if let Some(requests) = &k.requests {
-                let taken = lock(requests).take(1.0, now);
-                if let Err(wait) = taken {
-                    let err = too_many(
-                        format!(
-                            "ollama-sidecar: rate limit: key `{}` may send {} requests per minute (requests_per_minute)",
-                            k.key.name,
-                            k.key.requests_per_minute.unwrap_or_default()
-                        ),
-                        wait,
-                    );
-                    return refuse(app, session, ctx, err).await;
-                }
-            }
-            let counted = matches!(class, RouteClass::Inference | RouteClass::Management);
-            if let (Some(max), true) = (k.key.max_concurrent, counted) {
-                match k.in_flight.try_enter(max) {
-                    Some(guard) => ctx.policy.in_flight = Some(guard),
-                    None => {
-                        let err = SidecarError::new(
-                            429,
-                            format!(
-                                "ollama-sidecar: key `{}` already has {max} requests in flight (max_concurrent)",
-                                k.key.name
-                            ),
-                        )
-                        .retry_after(1);
-                        return refuse(app, session, ctx, err).await;
-                    }
-                }
-            }
-        }
+        return answered;
     }
     ctx.policy.key = key.clone().map(KeyStateRef);
 
@@ -425,6 +432,128 @@ pub async fn on_request(app: &App, session: &mut Session, ctx: &mut RequestCtx) 
         return refuse(app, session, ctx, err).await;
     }
     Ok(false)
+}
+
+/// The rate and concurrency limits of a request: a refusal, or `None` (with the key's
+/// in-flight count, and its lease in Redis, held in `ctx.policy` until the request ends).
+async fn check_limits(
+    policy: &Policy,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    key: Option<&Arc<KeyState>>,
+    class: RouteClass,
+) -> Option<SidecarError> {
+    let now = Instant::now();
+    let Some(k) = key else {
+        let (limiter, ip) = (policy.per_client.as_ref()?, client_ip(session)?);
+        let taken = match &policy.shared {
+            Some(shared) => match shared.admit_client(ip, limiter.per_minute()).await {
+                Ok(decided) => {
+                    if decided.is_ok() {
+                        limiter.charge(ip, now);
+                    }
+                    decided
+                }
+                Err(e) => match policy.without_redis(&e) {
+                    Some(refusal) => return Some(refusal),
+                    None => limiter.take(ip, now),
+                },
+            },
+            None => limiter.take(ip, now),
+        };
+        return taken.err().map(|wait| {
+            too_many(
+                format!(
+                    "ollama-sidecar: rate limit: client {ip} may send {} requests per minute (policy.requests_per_minute_per_client)",
+                    limiter.per_minute()
+                ),
+                wait,
+            )
+        });
+    };
+    let counted = matches!(class, RouteClass::Inference | RouteClass::Management);
+    let max = k.key.max_concurrent.filter(|_| counted);
+    let shared = policy.shared.as_ref().zip(k.shared.as_ref());
+    let decided = match (shared, k.limits(max)) {
+        (Some((shared, names)), Some(limits)) => match shared.admit_key(names, limits).await {
+            Ok(Ok(lease)) => {
+                // The local counters mirror what Redis admitted, for decisions without it.
+                if let Some(requests) = &k.requests {
+                    lock(requests).charge(1.0, now);
+                }
+                ctx.policy.in_flight = max.map(|_| k.in_flight.enter());
+                ctx.policy.lease = lease;
+                return None;
+            }
+            Ok(Err(limited)) => Err(limited),
+            Err(e) => match policy.without_redis(&e) {
+                Some(refusal) => return Some(refusal),
+                None => local_key_limits(k, max, now),
+            },
+        },
+        _ => local_key_limits(k, max, now),
+    };
+    match decided {
+        Ok(in_flight) => {
+            ctx.policy.in_flight = in_flight;
+            None
+        }
+        Err(limited) => Some(limited_error(&k.key, limited)),
+    }
+}
+
+/// A key's limits counted in this process: the tokens budget above zero, a request taken from
+/// its bucket, a slot among `max` (when the route counts).
+fn local_key_limits(
+    k: &KeyState,
+    max: Option<u32>,
+    now: Instant,
+) -> std::result::Result<Option<InFlight>, Limited> {
+    if let Some(tokens) = &k.tokens {
+        lock(tokens).check_positive(now).map_err(Limited::Tokens)?;
+    }
+    if let Some(requests) = &k.requests {
+        lock(requests).take(1.0, now).map_err(Limited::Requests)?;
+    }
+    match max {
+        Some(max) => k
+            .in_flight
+            .try_enter(max)
+            .map(Some)
+            .ok_or(Limited::Concurrency),
+        None => Ok(None),
+    }
+}
+
+/// The 429 for a key over one of its limits.
+fn limited_error(key: &ApiKey, limited: Limited) -> SidecarError {
+    match limited {
+        Limited::Tokens(wait) => too_many(
+            format!(
+                "ollama-sidecar: rate limit: key `{}` used its {} tokens per minute (tokens_per_minute)",
+                key.name,
+                key.tokens_per_minute.unwrap_or_default()
+            ),
+            wait,
+        ),
+        Limited::Requests(wait) => too_many(
+            format!(
+                "ollama-sidecar: rate limit: key `{}` may send {} requests per minute (requests_per_minute)",
+                key.name,
+                key.requests_per_minute.unwrap_or_default()
+            ),
+            wait,
+        ),
+        Limited::Concurrency => SidecarError::new(
+            429,
+            format!(
+                "ollama-sidecar: key `{}` already has {} requests in flight (max_concurrent)",
+                key.name,
+                key.max_concurrent.unwrap_or_default()
+            ),
+        )
+        .retry_after(1),
+    }
 }
 
 fn forbidden_model(model: &str, key: Option<&ApiKey>) -> SidecarError {
@@ -627,13 +756,19 @@ pub fn on_response(app: &App, session: &Session, response: &mut ResponseHeader) 
 /// The request is over: charge its tokens (prompt + completion, as the tap read them) to the
 /// key's budget and end its in-flight count.
 pub fn on_finish(ctx: &mut RequestCtx) {
-    let policy = std::mem::take(&mut ctx.policy);
-    if let Some(tokens) = policy.key.as_ref().and_then(|k| k.0.tokens.as_ref()) {
-        let tap = ctx.tap.summary();
-        let used = tap.prompt_tokens.unwrap_or(0) + tap.completion_tokens.unwrap_or(0);
-        if used > 0 {
-            lock(tokens).charge(used as f64, Instant::now());
-        }
+    let mut policy = std::mem::take(&mut ctx.policy);
+    let Some(key) = policy.key.as_ref().map(|k| &k.0) else {
+        return;
+    };
+    let tap = ctx.tap.summary();
+    let used = tap.prompt_tokens.unwrap_or(0) + tap.completion_tokens.unwrap_or(0);
+    if let (Some(tokens), true) = (&key.tokens, used > 0) {
+        lock(tokens).charge(used as f64, Instant::now());
+    }
+    let shared = POLICY.get().and_then(|p| p.shared.as_ref());
+    if let (Some(shared), Some(names)) = (shared, &key.shared) {
+        let tokens_per_minute = key.key.tokens_per_minute.unwrap_or(0);
+        shared.finish(names, tokens_per_minute, used, policy.lease.take());
     }
 }
 

@@ -107,14 +107,35 @@ impl ClientLimiter {
     }
 
     pub fn take(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
+        self.with_bucket(client, now, |b| b.take(1.0, now))
+    }
+
+    /// Counts a request another limiter admitted (the shared one), so this one knows the
+    /// client's recent traffic if it has to decide alone.
+    pub fn charge(&self, client: IpAddr, now: Instant) {
+        self.with_bucket(client, now, |b| b.charge(1.0, now))
+    }
+
+    fn with_bucket<T>(&self, client: IpAddr, now: Instant, f: impl FnOnce(&mut Bucket) -> T) -> T {
         let mut map = lock(&self.buckets);
         if map.len() >= CLIENTS_SWEEP_AT {
             map.retain(|_, b| !b.is_full(now));
         }
-        map.entry(client)
-            .or_insert_with(|| Bucket::per_minute(self.per_minute, now))
-            .take(1.0, now)
+        f(map
+            .entry(client)
+            .or_insert_with(|| Bucket::per_minute(self.per_minute, now)))
     }
+}
+
+/// What a limited request is refused for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limited {
+    /// The key's tokens bucket is at or below zero; there is budget again in this long.
+    Tokens(Duration),
+    /// The requests bucket is empty; a request fits in this long.
+    Requests(Duration),
+    /// `max_concurrent` requests are in flight.
+    Concurrency,
 }
 
 /// Requests of one key in flight, bounded.
@@ -134,6 +155,12 @@ impl InFlightCounter {
             })
             .ok()
             .map(|_| InFlight(self.clone()))
+    }
+
+    /// One more in flight whatever the count (another limiter, the shared one, admitted it).
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
     }
 
     pub fn current(&self) -> u32 {
@@ -183,6 +210,23 @@ mod tests {
         drop(a);
         assert!(c.try_enter(2).is_some());
         assert_eq!(c.current(), 1);
+    }
+
+    #[test]
+    fn mirrored_counts_bind_the_local_fallback() {
+        // What the shared limits admitted counts here too, past the local cap if need be.
+        let c = Arc::new(InFlightCounter::default());
+        let held: Vec<InFlight> = (0..3).map(|_| c.enter()).collect();
+        assert_eq!(c.current(), 3);
+        assert!(c.try_enter(3).is_none());
+        drop(held);
+        assert_eq!(c.current(), 0);
+        let l = ClientLimiter::new(2);
+        let t0 = Instant::now();
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        l.charge(a, t0);
+        l.charge(a, t0);
+        assert!(l.take(a, t0).is_err());
     }
 
     #[test]

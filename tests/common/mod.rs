@@ -537,3 +537,92 @@ impl RawConn {
         None
     }
 }
+
+/// A `redis-server` (Debian's `redis-server` package) on a loopback port, saving nothing to
+/// disk; killed on drop.
+pub struct Redis {
+    pub port: u16,
+    pub proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    /// A Redis on a given port (to bring it back where the sidecars look for it).
+    pub fn start_on(port: u16) -> Redis {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run redis-server ({e}); install it: apt-get install redis-server")
+            });
+        let redis = Redis {
+            port,
+            proc: Proc { child },
+            _dir: dir,
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || redis
+                .try_command(&["PING"])
+                .is_some_and(|r| r == "+PONG")),
+            "redis-server did not start on {port}"
+        );
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// One command's reply line (`+OK`, `:3`, `$5`...), or `None` when Redis does not answer
+    /// within a second.
+    pub fn try_command(&self, args: &[&str]) -> Option<String> {
+        use std::io::BufRead;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+        let mut request = format!("*{}\r\n", args.len());
+        for a in args {
+            request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        s.write_all(request.as_bytes()).ok()?;
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).ok()?;
+        Some(line.trim_end().to_string())
+    }
+
+    /// An integer reply (`EXISTS`, `ZCARD`, `DBSIZE`...).
+    pub fn integer(&self, args: &[&str]) -> i64 {
+        let reply = self.try_command(args).expect("redis answers");
+        reply
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{args:?}: not an integer reply: {reply}"))
+    }
+}
+
+/// A sample's value on the sidecar's `/metrics` (`name{labels}` as written there), 0 when absent.
+pub fn metric_value(admin_port: u16, series: &str) -> f64 {
+    let text = client()
+        .get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .send()
+        .and_then(|r| r.text())
+        .unwrap_or_default();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
