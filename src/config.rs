@@ -2117,4 +2117,43 @@ mod tests {
                 .contains("timeouts.connect")
         );
     }
+
+    #[test]
+    fn overlapping_listeners() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listeners_overlap(a("0.0.0.0:5"), a("127.0.0.1:5")));
+        assert!(listeners_overlap(a("127.0.0.1:5"), a("0.0.0.0:5")));
+        assert!(
+            listeners_overlap(a("[::]:5"), a("127.0.0.1:5")),
+            "dual-stack"
+        );
+        assert!(
+            !listeners_overlap(a("0.0.0.0:5"), a("[::1]:5")),
+            "another family"
+        );
+        assert!(!listeners_overlap(a("127.0.0.1:5"), a("127.0.0.2:5")));
+        assert!(!listeners_overlap(a("0.0.0.0:5"), a("0.0.0.0:6")));
+    }
+
+    #[test]
+    fn log_filters() {
+        assert!(check_log_filter("info").is_ok());
+        assert!(check_log_filter("WARN,ollama_sidecar=debug").is_ok());
+        assert!(check_log_filter("pingora_core::server").is_ok());
+        assert!(check_log_filter("infoo").is_err());
+        assert!(check_log_filter("ollama_sidecar").is_err());
+        assert!(check_log_filter("a=loud").is_err());
+    }
+
+    #[test]
+    fn durations_refuse_calendar_units() {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        for text in ["10M", "1y", "2 months", "1year"] {
+            assert!(
+                parse_duration(text).unwrap_err().contains(DURATION_UNITS),
+                "{text}"
+            );
+        }
+    }
 }
