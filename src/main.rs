@@ -158,10 +158,17 @@ fn main() -> ExitCode {
         Some(Command::Health(o)) => return health(o),
         None => ("run", cli.run, config::Secrets::Read),
     };
-    let config = match config::load_with(&opts.config_path(), &opts.overrides(), secrets) {
+    let path = opts.config_path();
+    let config = match config::load_with(&path, &opts.overrides(), secrets) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ollama-sidecar: invalid configuration: {e}");
+            // A missing default file: say it was the default, and how to name another.
+            let hint = if opts.config.is_none() && !path.is_file() {
+                " (the default; name a file with --config or OLLAMA_SIDECAR_CONFIG)"
+            } else {
+                ""
+            };
+            eprintln!("ollama-sidecar: invalid configuration: {e}{hint}");
             return ExitCode::from(2);
         }
     };

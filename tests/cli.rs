@@ -433,7 +433,7 @@ fn the_default_configuration_is_the_checkouts_then_the_systems() {
         assert_eq!(code, Some(2));
         assert_eq!(
             err,
-            format!("ollama-sidecar: invalid configuration: {system}: cannot read the configuration file: No such file or directory (os error 2)\n")
+            format!("ollama-sidecar: invalid configuration: {system}: cannot read the configuration file: No such file or directory (os error 2) (the default; name a file with --config or OLLAMA_SIDECAR_CONFIG)\n")
         );
     }
     std::fs::create_dir(dir.path().join("conf")).unwrap();
