@@ -1443,6 +1443,8 @@ fn plain_type_words(message: &str) -> String {
         .or_else(|| got.strip_prefix("floating point "))
     {
         format!("the number {}", n.trim_matches('`'))
+    } else if got == "unit value" {
+        "nothing (`null` or an empty value)".to_string()
     } else if let Some(b) = got.strip_prefix("boolean ") {
         b.trim_matches('`').to_string()
     } else {

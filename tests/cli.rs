@@ -337,6 +337,10 @@ fn type_errors_are_in_an_operators_words() {
             "retries.budget_ratio: expected a number such as `0.2`, got `lots` at line 2 column 17",
         ),
         (
+            format!("admission:\n  max_wait:\n{ONE_INSTANCE}"),
+            "admission.max_wait: expected a duration like `30s` (units: ms, s, m (minutes), h, d; e.g. `500ms`, `30s`, `2m`, `1h 30m`), got nothing (`null` or an empty value) at line 2 column 12",
+        ),
+        (
             format!("log:\n  access: yes please\n{ONE_INSTANCE}"),
             "log.access: expected `true` or `false`, got `yes please` at line 2 column 11",
         ),
