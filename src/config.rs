@@ -9,7 +9,20 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The configuration used without `--config` or `OLLAMA_SIDECAR_CONFIG`: the working
+/// directory's `conf/sidecar.yaml` when it exists (a checkout), else [`SYSTEM_CONFIG_PATH`].
 pub const DEFAULT_CONFIG_PATH: &str = "conf/sidecar.yaml";
+pub const SYSTEM_CONFIG_PATH: &str = "/etc/ollama-sidecar/sidecar.yaml";
+
+/// The configuration file to read when none is named (see [`DEFAULT_CONFIG_PATH`]).
+pub fn default_config_path() -> PathBuf {
+    let local = Path::new(DEFAULT_CONFIG_PATH);
+    if local.is_file() {
+        local.to_path_buf()
+    } else {
+        PathBuf::from(SYSTEM_CONFIG_PATH)
+    }
+}
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:11434";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:11435";
 /// Ollama's own default port, used for an instance URL given as bare `host` without a scheme.
@@ -91,9 +104,9 @@ pub struct FileConfig {
 pub struct HealthFile {
     /// Active check (`GET /api/version`, never inference) of external instances; supervised
     /// instances are checked by the supervisor's liveness probe.
-    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    #[serde(default = "default_health_interval", with = "duration_text")]
     pub interval: Duration,
-    #[serde(default = "default_health_timeout", with = "humantime_serde")]
+    #[serde(default = "default_health_timeout", with = "duration_text")]
     pub timeout: Duration,
     /// Consecutive successful checks that bring an unhealthy instance back.
     #[serde(default = "default_rise")]
@@ -102,7 +115,7 @@ pub struct HealthFile {
     #[serde(default = "default_fall")]
     pub fall: usize,
     /// How often each ready instance's `/api/ps` is read to learn its loaded models.
-    #[serde(default = "default_models_interval", with = "humantime_serde")]
+    #[serde(default = "default_models_interval", with = "duration_text")]
     pub models_interval: Duration,
     #[serde(default)]
     pub passive: PassiveFile,
@@ -129,9 +142,9 @@ pub struct PassiveFile {
     #[serde(default = "default_passive_failures")]
     pub failures: u32,
     /// First cool-down; it doubles each time the half-open trial request fails.
-    #[serde(default = "default_cooldown", with = "humantime_serde")]
+    #[serde(default = "default_cooldown", with = "duration_text")]
     pub cooldown: Duration,
-    #[serde(default = "default_max_cooldown", with = "humantime_serde")]
+    #[serde(default = "default_max_cooldown", with = "duration_text")]
     pub max_cooldown: Duration,
 }
 
@@ -153,14 +166,14 @@ pub struct RetriesFile {
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
     /// First backoff before a retry; doubles per attempt, with jitter.
-    #[serde(default = "default_retry_backoff", with = "humantime_serde")]
+    #[serde(default = "default_retry_backoff", with = "duration_text")]
     pub backoff: Duration,
-    #[serde(default = "default_retry_max_backoff", with = "humantime_serde")]
+    #[serde(default = "default_retry_max_backoff", with = "duration_text")]
     pub max_backoff: Duration,
     /// Retries may be at most this share of requests over `budget_window` ...
     #[serde(default = "default_budget_ratio")]
     pub budget_ratio: f64,
-    #[serde(default = "default_budget_window", with = "humantime_serde")]
+    #[serde(default = "default_budget_window", with = "duration_text")]
     pub budget_window: Duration,
     /// ... but this many retries per window are always allowed.
     #[serde(default = "default_budget_min")]
@@ -191,19 +204,19 @@ pub struct AdmissionFile {
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: ByteSize,
     /// Longest wait for a slot; beyond it: 503 with `Retry-After`.
-    #[serde(default = "default_max_wait", with = "humantime_serde")]
+    #[serde(default = "default_max_wait", with = "duration_text")]
     pub max_wait: Duration,
     /// Each `aging` waited raises a request's priority by one level, so nothing starves.
-    #[serde(default = "default_aging", with = "humantime_serde")]
+    #[serde(default = "default_aging", with = "duration_text")]
     pub aging: Duration,
     /// A header that names the client for fairness (e.g. `X-Client-Id`); unset: the client address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub client_id_header: Option<String>,
     /// A header carrying an integer priority (higher first), e.g. `X-Priority`; unset: ignored.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub priority_header: Option<String>,
     /// Priority by client identity (an address, an `X-Client-Id` value, or a key name).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub priorities: BTreeMap<String, i32>,
     /// Model-management requests (pull, push, create, copy, delete, blobs) running at once.
     #[serde(default = "default_management_concurrency")]
@@ -242,7 +255,7 @@ pub struct LimitsFile {
     #[serde(default = "default_max_uri_bytes")]
     pub max_uri_bytes: ByteSize,
     /// Longest silence while a request body is read; then 408 and the connection closes.
-    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    #[serde(default = "default_body_read_timeout", with = "duration_text")]
     pub body_read_timeout: Duration,
 }
 
@@ -323,6 +336,77 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// The units a duration may be written in, for every duration error.
+pub const DURATION_UNITS: &str =
+    "units: ms, s, m (minutes), h, d; e.g. `500ms`, `30s`, `2m`, `1h 30m`";
+
+/// Parses a duration such as `30s` or `1h 30m`. Month and year units are refused: humantime
+/// reads `10M` as ten months, which in a timeout is always a typo for `10m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text.trim())
+        .map_err(|_| format!("expected a duration, got `{text}` ({DURATION_UNITS})"))?;
+    let calendar = text.split(|c: char| !c.is_alphabetic()).find(|unit| {
+        matches!(
+            *unit,
+            "M" | "month" | "months" | "y" | "yr" | "yrs" | "year" | "years"
+        )
+    });
+    match calendar {
+        Some(unit) => Err(format!(
+            "`{text}`: `{unit}` is a month or year unit, refused here (minutes are `m`; {DURATION_UNITS})"
+        )),
+        None => Ok(duration),
+    }
+}
+
+/// Serde for duration keys: humantime's text, with [`parse_duration`]'s checks and messages.
+pub mod duration_text {
+    use serde::de::{self, Visitor};
+    use std::fmt;
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        humantime_serde::serialize(d, s)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        d.deserialize_any(DurationVisitor)
+    }
+
+    struct DurationVisitor;
+
+    impl Visitor<'_> for DurationVisitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a duration like `30s` ({})", super::DURATION_UNITS)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+            super::parse_duration(v).map_err(E::custom)
+        }
+    }
+
+    /// The same for an optional duration (`null` or absent: none).
+    pub mod option {
+        use std::time::Duration;
+
+        pub fn serialize<S: serde::Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            humantime_serde::serialize(d, s)
+        }
+
+        pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            #[derive(serde::Deserialize)]
+            struct Text(#[serde(with = "super")] Duration);
+            let text: Option<Text> = serde::Deserialize::deserialize(d)?;
+            Ok(text.map(|t| t.0))
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
@@ -330,10 +414,10 @@ pub struct AdminFile {
     #[serde(default = "default_admin_listen")]
     pub listen: String,
     /// SHA-256 (hex) of a token `/metrics` and `/status` require (`Authorization: Bearer`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub token_sha256: Option<String>,
     /// Or: an environment variable holding that token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub token_env: Option<String>,
 }
 
@@ -386,17 +470,13 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
     /// TCP connect to an instance.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_connect_timeout", with = "duration_text")]
     pub connect: Duration,
     /// From the request sent to the response header: long, because a cold model load takes minutes.
-    #[serde(default = "default_response_header_timeout", with = "humantime_serde")]
+    #[serde(default = "default_response_header_timeout", with = "duration_text")]
     pub response_header: Duration,
     /// Longest silence between two streamed chunks; off by default (a pull can be silent for long).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "duration_text::option")]
     pub idle: Option<Duration>,
 }
 
@@ -414,7 +494,7 @@ impl Default for TimeoutsFile {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// On SIGTERM/SIGINT: how long in-flight requests may finish before they are cut.
-    #[serde(default = "default_drain_timeout", with = "humantime_serde")]
+    #[serde(default = "default_drain_timeout", with = "duration_text")]
     pub drain_timeout: Duration,
 }
 
@@ -461,7 +541,7 @@ pub struct InstanceFile {
     pub max_queue: Option<usize>,
     #[serde(
         default,
-        with = "humantime_serde",
+        with = "duration_text::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub start_timeout: Option<Duration>,
@@ -469,7 +549,7 @@ pub struct InstanceFile {
     pub restart: Option<RestartFile>,
     #[serde(
         default,
-        with = "humantime_serde",
+        with = "duration_text::option",
         skip_serializing_if = "Option::is_none"
     )]
     pub stop_grace: Option<Duration>,
@@ -478,12 +558,12 @@ pub struct InstanceFile {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestartFile {
-    #[serde(default = "default_backoff_initial", with = "humantime_serde")]
+    #[serde(default = "default_backoff_initial", with = "duration_text")]
     pub initial_backoff: Duration,
-    #[serde(default = "default_backoff_max", with = "humantime_serde")]
+    #[serde(default = "default_backoff_max", with = "duration_text")]
     pub max_backoff: Duration,
     /// A run this long resets the backoff.
-    #[serde(default = "default_stable_after", with = "humantime_serde")]
+    #[serde(default = "default_stable_after", with = "duration_text")]
     pub stable_after: Duration,
     /// Restarts in a row without a stable run before the state is shown as `crashloop`.
     #[serde(default = "default_crashloop_after")]
@@ -610,7 +690,7 @@ fn default_liveness_failures() -> u32 {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthFile {
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub keys: Vec<ApiKeyFile>,
     /// With keys configured: let requests without a key use metadata routes (`/`, version,
     /// tags, ps, show, `/v1/models`). A wrong key is refused everywhere.
@@ -626,25 +706,25 @@ pub struct ApiKeyFile {
     /// The client's identity for fairness, priorities and logs.
     pub name: String,
     /// Hex SHA-256 of the key (`printf %s "$KEY" | sha256sum`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub sha256: Option<String>,
     /// Or: the environment variable that holds the key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub key_env: Option<String>,
     /// Or: a file that holds the key (one line).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub key_file: Option<PathBuf>,
     /// Admission priority of this key's requests (-100..100); a priority header is ignored.
     #[serde(default)]
     pub priority: i32,
     /// Inference and management requests of this key in flight at once; beyond it: 429.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub max_concurrent: Option<u32>,
     /// Requests per minute (a bucket of that size, refilled continuously); beyond it: 429.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub requests_per_minute: Option<u32>,
     /// Prompt + completion tokens per minute, charged after each response; over it: 429.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub tokens_per_minute: Option<u64>,
     /// Models this key may use: glob patterns (`*`, `?`), matched case-insensitively on the
     /// name as sent and on its `name:tag` form.
@@ -663,13 +743,13 @@ pub struct ApiKeyFile {
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     /// Models anyone may use (glob patterns); empty: every model.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub models: Vec<String>,
     /// Route classes refused to everyone (403): inference, metadata, management, other.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub deny_classes: Vec<String>,
     /// Requests per minute per client address, for requests without an API key.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub requests_per_minute_per_client: Option<u32>,
 }
 
@@ -678,10 +758,10 @@ pub struct PolicyFile {
 #[serde(deny_unknown_fields)]
 pub struct CorsFile {
     /// Exact origins (`https://app.example.com`) or `*`; empty: CORS passes through to Ollama.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub origins: Vec<String>,
     /// `Access-Control-Max-Age` of preflight answers.
-    #[serde(default = "default_cors_max_age", with = "humantime_serde")]
+    #[serde(default = "default_cors_max_age", with = "duration_text")]
     pub max_age: Duration,
 }
 
@@ -703,7 +783,6 @@ pub struct SharedStateFile {
     /// process's own. `check` prints the password as `***`.
     #[serde(
         default,
-        skip_serializing_if = "Option::is_none",
         serialize_with = "serialize_redacted_url"
     )]
     pub redis: Option<String>,
@@ -711,17 +790,17 @@ pub struct SharedStateFile {
     #[serde(default = "default_shared_prefix")]
     pub prefix: String,
     /// Longest wait for one Redis call on the request path; then `on_error` decides.
-    #[serde(default = "default_shared_timeout", with = "humantime_serde")]
+    #[serde(default = "default_shared_timeout", with = "duration_text")]
     pub timeout: Duration,
     /// Longest wait to (re)connect.
-    #[serde(default = "default_shared_connect_timeout", with = "humantime_serde")]
+    #[serde(default = "default_shared_connect_timeout", with = "duration_text")]
     pub connect_timeout: Duration,
     /// While Redis is down or slow: `open` (each sidecar applies the limits alone) or `closed`
     /// (limited requests get 503).
     #[serde(default)]
     pub on_error: OnSharedError,
     /// A concurrency slot not renewed for this long (its sidecar died) is given back.
-    #[serde(default = "default_lease_ttl", with = "humantime_serde")]
+    #[serde(default = "default_lease_ttl", with = "duration_text")]
     pub lease_ttl: Duration,
 }
 
@@ -934,6 +1013,22 @@ fn key_from_env(source: &str, key: &str, var: &str) -> Result<[u8; 32], ConfigEr
     }
 }
 
+/// Stands in for a secret not read (`Secrets::Skip`): checks the variable name or path is usable
+/// and returns a digest no real key has (it hashes the key path), so keys stay distinct.
+fn unread_secret(source: &str, key: &str, name: &str) -> Result<[u8; 32], ConfigError> {
+    if name.trim().is_empty()
+        || name.contains('\0')
+        || (key.ends_with("_env") && name.contains('='))
+    {
+        return Err(err(
+            source,
+            key,
+            format!("`{name}` is not a valid environment variable name or path"),
+        ));
+    }
+    Ok(sha256(format!("\0unread secret of {key}").as_bytes()))
+}
+
 fn check_globs(source: &str, key: &str, patterns: &[String]) -> Result<(), ConfigError> {
     for (i, p) in patterns.iter().enumerate() {
         if p.trim().is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
@@ -961,7 +1056,11 @@ fn check_classes(source: &str, key: &str, classes: &[String]) -> Result<(), Conf
 }
 
 /// Validates `auth`, `policy`, `cors`, the new `limits` keys and the admin token.
-fn validate_access(file: &FileConfig, source: &str) -> Result<AccessConfig, ConfigError> {
+fn validate_access(
+    file: &FileConfig,
+    source: &str,
+    secrets: Secrets,
+) -> Result<AccessConfig, ConfigError> {
     let limits = &file.limits;
     if limits.max_header_bytes.0 < 1024 || limits.max_header_bytes.0 > 1 << 20 {
         return Err(err(
@@ -1026,7 +1125,13 @@ fn validate_access(file: &FileConfig, source: &str) -> Result<AccessConfig, Conf
                     "expected 64 hex digits: the SHA-256 of the key (`printf %s \"$KEY\" | sha256sum`)",
                 )
             })?,
+            (None, Some(var), None) if secrets == Secrets::Skip => {
+                unread_secret(source, &key("key_env"), var)?
+            }
             (None, Some(var), None) => key_from_env(source, &key("key_env"), var)?,
+            (None, None, Some(path)) if secrets == Secrets::Skip => {
+                unread_secret(source, &key("key_file"), &path.display().to_string())?
+            }
             (None, None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     err(
@@ -1153,6 +1258,9 @@ fn validate_access(file: &FileConfig, source: &str) -> Result<AccessConfig, Conf
                 "expected 64 hex digits: the SHA-256 of the token",
             )
         })?),
+        (None, Some(var)) if secrets == Secrets::Skip => {
+            Some(unread_secret(source, "admin.token_env", var)?)
+        }
         (None, Some(var)) => Some(key_from_env(source, "admin.token_env", var)?),
         (Some(_), Some(_)) => {
             return Err(err(
@@ -1292,16 +1400,23 @@ pub struct SupervisedSpec {
 pub struct Overrides {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
+    /// Where `listen` came from (`--listen`, `OLLAMA_SIDECAR_LISTEN`), so errors blame it.
+    pub listen_from: Option<&'static str>,
+    pub admin_listen_from: Option<&'static str>,
 }
 
 impl Overrides {
     /// Reads `OLLAMA_SIDECAR_LISTEN` and `OLLAMA_SIDECAR_ADMIN_LISTEN`.
     pub fn from_env() -> Self {
+        let listen = std::env::var(ENV_LISTEN).ok().filter(|v| !v.is_empty());
+        let admin_listen = std::env::var(ENV_ADMIN_LISTEN)
+            .ok()
+            .filter(|v| !v.is_empty());
         Overrides {
-            listen: std::env::var(ENV_LISTEN).ok().filter(|v| !v.is_empty()),
-            admin_listen: std::env::var(ENV_ADMIN_LISTEN)
-                .ok()
-                .filter(|v| !v.is_empty()),
+            listen_from: listen.as_ref().map(|_| ENV_LISTEN),
+            admin_listen_from: admin_listen.as_ref().map(|_| ENV_ADMIN_LISTEN),
+            listen,
+            admin_listen,
         }
     }
 
@@ -1309,27 +1424,60 @@ impl Overrides {
     pub fn merge(mut self, other: Overrides) -> Self {
         if other.listen.is_some() {
             self.listen = other.listen;
+            self.listen_from = other.listen_from;
         }
         if other.admin_listen.is_some() {
             self.admin_listen = other.admin_listen;
+            self.admin_listen_from = other.admin_listen_from;
         }
         self
     }
 }
 
+/// Whether validation reads the secrets the file points at (`key_env`, `key_file`,
+/// `admin.token_env`). `Skip` checks only their form: for `check --no-secrets` in CI, never to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    Read,
+    Skip,
+}
+
 /// Reads, parses and validates a configuration file.
 pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {
+    load_with(path, overrides, Secrets::Read)
+}
+
+/// [`load`], choosing whether secrets are read.
+pub fn load_with(
+    path: &Path,
+    overrides: &Overrides,
+    secrets: Secrets,
+) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: file.clone(),
+    let text = read_file(path)?;
+    parse_with(&text, &file, overrides, secrets)
+}
+
+fn read_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.display().to_string(),
         key: String::new(),
         message: format!("cannot read the configuration file: {e}"),
-    })?;
-    parse(&text, &file, overrides)
+    })
 }
 
 /// Parses and validates configuration text; `source` names it in errors.
 pub fn parse(text: &str, source: &str, overrides: &Overrides) -> Result<Config, ConfigError> {
+    parse_with(text, source, overrides, Secrets::Read)
+}
+
+/// [`parse`], choosing whether secrets are read.
+pub fn parse_with(
+    text: &str,
+    source: &str,
+    overrides: &Overrides,
+    secrets: Secrets,
+) -> Result<Config, ConfigError> {
     let mut file = parse_file(text, source)?;
     if let Some(listen) = &overrides.listen {
         file.listen = listen.clone();
@@ -1337,7 +1485,42 @@ pub fn parse(text: &str, source: &str, overrides: &Overrides) -> Result<Config, 
     if let Some(listen) = &overrides.admin_listen {
         file.admin.listen = listen.clone();
     }
-    validate(file, source)
+    validate(file, source, overrides, secrets)
+}
+
+/// The admin listener's address as `run` would bind it, reading nothing else: what `health`
+/// needs. The override wins; the file (when read) must be YAML, but its other keys are ignored.
+pub fn load_admin_listen(path: &Path, overrides: &Overrides) -> Result<SocketAddr, ConfigError> {
+    #[derive(Deserialize)]
+    struct AdminOnly {
+        #[serde(default)]
+        admin: AdminListenOnly,
+    }
+    #[derive(Deserialize)]
+    struct AdminListenOnly {
+        #[serde(default = "default_admin_listen")]
+        listen: String,
+    }
+    impl Default for AdminListenOnly {
+        fn default() -> Self {
+            AdminListenOnly {
+                listen: default_admin_listen(),
+            }
+        }
+    }
+    let source = path.display().to_string();
+    let value = match &overrides.admin_listen {
+        Some(listen) => listen.clone(),
+        None => {
+            let text = read_file(path)?;
+            if text.trim().is_empty() {
+                default_admin_listen()
+            } else {
+                deserialize_yaml::<AdminOnly>(&text, &source)?.admin.listen
+            }
+        }
+    };
+    listen_addr(&source, "admin.listen", overrides.admin_listen_from, &value)
 }
 
 fn parse_file(text: &str, source: &str) -> Result<FileConfig, ConfigError> {
@@ -1349,22 +1532,90 @@ fn parse_file(text: &str, source: &str) -> Result<FileConfig, ConfigError> {
             message: "the file is empty; expected a mapping with at least `instances`".to_string(),
         });
     }
+    deserialize_yaml(text, source)
+}
+
+/// Deserializes YAML text, rendering errors for an operator: one line, the key path, plain words.
+fn deserialize_yaml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    source: &str,
+) -> Result<T, ConfigError> {
     let de = yaml_serde::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
-        let mut message = e.into_inner().to_string();
+        let inner = e.into_inner();
+        let tab_line = inner
+            .location()
+            .filter(|at| {
+                text.lines()
+                    .nth(at.line().saturating_sub(1))
+                    .is_some_and(|l| l.contains('\t'))
+            })
+            .map(|at| at.line());
+        let mut message = inner.to_string();
         // The YAML error repeats (part of) the key path as a prefix: keep it once.
         if let Some((prefix, rest)) = message.split_once(": ") {
             if !prefix.contains(char::is_whitespace) && key.starts_with(prefix) {
                 message = rest.to_string();
             }
         }
+        if let Some(line) = tab_line {
+            if message.contains("cannot start any token") {
+                message =
+                    format!("line {line} holds a tab character; YAML indents with spaces only");
+            }
+        }
         ConfigError {
             file: source.to_string(),
             key,
-            message,
+            message: plain_type_words(&message),
         }
     })
+}
+
+/// Rewrites serde's type names (`expected u16`, `invalid type: string "abc"`) in an operator's
+/// words: "expected a whole number from 0 to 65535, got `abc`".
+fn plain_type_words(message: &str) -> String {
+    let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+    else {
+        return message.to_string();
+    };
+    let Some((got, expected)) = rest.split_once(", expected ") else {
+        return message.to_string();
+    };
+    // yaml_serde appends the position: keep it after the rewritten words.
+    let (expected, at) = match expected.find(" at line ") {
+        Some(i) => expected.split_at(i),
+        None => (expected, ""),
+    };
+    let expected = match expected {
+        "u8" => "a whole number from 0 to 255",
+        "u16" => "a whole number from 0 to 65535",
+        "u32" | "u64" | "usize" => "a whole number (0 or more)",
+        "i8" | "i16" | "i32" | "i64" | "isize" => "a whole number",
+        "f32" | "f64" => "a number such as `0.2`",
+        "a boolean" => "`true` or `false`",
+        "a string" => "text",
+        "a sequence" => "a list (`- item` lines or `[a, b]`)",
+        other => other,
+    };
+    let got = if let Some(s) = got.strip_prefix("string ") {
+        format!("`{}`", s.trim_matches('"'))
+    } else if let Some(n) = got
+        .strip_prefix("integer ")
+        .or_else(|| got.strip_prefix("floating point "))
+    {
+        format!("the number {}", n.trim_matches('`'))
+    } else if got == "unit value" {
+        "nothing (`null` or an empty value)".to_string()
+    } else if let Some(b) = got.strip_prefix("boolean ") {
+        b.trim_matches('`').to_string()
+    } else {
+        got.to_string()
+    };
+    format!("expected {expected}, got {got}{at}")
 }
 
 fn err(source: &str, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -1375,35 +1626,134 @@ fn err(source: &str, key: impl Into<String>, message: impl Into<String>) -> Conf
     }
 }
 
-fn parse_socket_addr(source: &str, key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
-    value.parse().map_err(|_| {
-        err(
-            source,
-            key,
-            format!("expected an address like `127.0.0.1:11434` or `[::1]:11434`, got `{value}`"),
-        )
-    })
+/// Parses a listening address: an IP address and port, or `localhost:port` (bound as
+/// 127.0.0.1). Other host names are refused: a listener binds one address, and a name may
+/// resolve to several or change.
+pub fn parse_listen_addr(value: &str) -> Result<SocketAddr, String> {
+    let value = value.trim();
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    let example = "expected an address like `127.0.0.1:11434` or `[::1]:11434`";
+    match value.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => port
+            .parse::<u16>()
+            .map(|port| SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| format!("{example}, got `{value}` (bad port `{port}`)")),
+        Some((host, port))
+            if port.parse::<u16>().is_ok()
+                && !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') =>
+        {
+            Err(format!(
+                "`{value}`: `{host}` is a host name; a listener takes an IP address (`127.0.0.1:{port}` for this host only, `0.0.0.0:{port}` for every interface; `localhost` means 127.0.0.1)"
+            ))
+        }
+        _ => Err(format!("{example}, got `{value}`")),
+    }
 }
 
-fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
-    let listen = parse_socket_addr(source, "listen", &file.listen)?;
-    let admin_listen = parse_socket_addr(source, "admin.listen", &file.admin.listen)?;
-    if listen == admin_listen {
-        return Err(err(
+/// An error about a listen address, blamed on the flag or variable it came from, if any.
+fn listen_error(source: &str, key: &str, from: Option<&str>, message: String) -> ConfigError {
+    match from {
+        Some(from) => err(
+            from,
+            "",
+            format!("{message} (it overrides `{key}` of {source})"),
+        ),
+        None => err(source, key, message),
+    }
+}
+
+fn listen_addr(
+    source: &str,
+    key: &str,
+    from: Option<&str>,
+    value: &str,
+) -> Result<SocketAddr, ConfigError> {
+    parse_listen_addr(value).map_err(|m| listen_error(source, key, from, m))
+}
+
+/// Whether two listeners would fight over one port: the same address, or a wildcard
+/// (`0.0.0.0`, `[::]`) that takes the port on the other's address too. Linux's `[::]` is
+/// dual-stack by default, so it covers IPv4 addresses as well.
+fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: SocketAddr, o: SocketAddr| {
+        w.ip().is_unspecified() && (w.is_ipv6() || w.is_ipv4() == o.is_ipv4())
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
+}
+
+/// The level names a `log.level` directive may use.
+const LOG_LEVELS: &[&str] = &["trace", "debug", "info", "warn", "error", "off"];
+
+/// Checks a tracing filter. A bare word that is not a level is taken by tracing as a target
+/// name with every level enabled for it and nothing else, so `infoo` would silence every log
+/// line: bare words must be levels, targets are written `target=level`.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    let levels = LOG_LEVELS.join(", ");
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((_, level)) => level,
+            None if directive.contains("::") || directive.contains('[') => continue,
+            None => directive,
+        };
+        if !LOG_LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{level}` in `{filter}` is not a level; expected one of {levels}, or `target=level` such as `ollama_sidecar=debug`"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(|_| ())
+        .map_err(|e| {
+            format!("expected a tracing filter such as `info` or `ollama_sidecar=debug`: {e}")
+        })
+}
+
+/// The same Ollama listed twice (scheme, host and port compared without case): its slots
+/// would count twice. A name and an address that resolve alike are not caught here.
+fn same_upstream(a: &UpstreamAddress, b: &UpstreamAddress) -> bool {
+    let host = |u: &UpstreamAddress| u.host.trim_end_matches('.').to_ascii_lowercase();
+    a.tls == b.tls && a.port == b.port && host(a) == host(b)
+}
+
+fn validate(
+    file: FileConfig,
+    source: &str,
+    overrides: &Overrides,
+    secrets: Secrets,
+) -> Result<Config, ConfigError> {
+    let listen = listen_addr(source, "listen", overrides.listen_from, &file.listen)?;
+    let admin_listen = listen_addr(
+        source,
+        "admin.listen",
+        overrides.admin_listen_from,
+        &file.admin.listen,
+    )?;
+    if listeners_overlap(listen, admin_listen) {
+        let listen_named = match overrides.listen_from {
+            Some(from) => format!("`listen` ({listen}, from {from})"),
+            None => format!("`listen` ({listen})"),
+        };
+        let message = if listen == admin_listen {
+            format!("must differ from {listen_named}")
+        } else {
+            format!(
+                "{admin_listen} overlaps {listen_named}: a wildcard address takes port {} on every address; give the two listeners different ports",
+                listen.port()
+            )
+        };
+        return Err(listen_error(
             source,
             "admin.listen",
-            format!("must differ from `listen` ({listen})"),
+            overrides.admin_listen_from,
+            message,
         ));
     }
-    if file.log.format == LogFormat::Json || file.log.format == LogFormat::Text {
-        tracing_subscriber::EnvFilter::try_new(&file.log.level).map_err(|e| {
-            err(
-                source,
-                "log.level",
-                format!("expected a tracing filter such as `info` or `ollama_sidecar=debug`: {e}"),
-            )
-        })?;
-    }
+    check_log_filter(&file.log.level).map_err(|m| err(source, "log.level", m))?;
     if file.timeouts.connect.is_zero() {
         return Err(err(source, "timeouts.connect", "must be greater than 0"));
     }
@@ -1654,6 +2004,20 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
                 (upstream, Some(spec))
             }
         };
+        if let Some(j) = instances
+            .iter()
+            .position(|o: &InstanceConfig| same_upstream(&o.upstream, &upstream))
+        {
+            let field = if inst.url.is_some() { "url" } else { "port" };
+            return Err(err(
+                source,
+                key(field),
+                format!(
+                    "{upstream} is already instances[{j}] (`{}`): listed twice, its slots would count twice; list it once",
+                    instances[j].name
+                ),
+            ));
+        }
         if upstream.tls && !cfg!(feature = "rustls") {
             return Err(err(
                 source,
@@ -1669,7 +2033,7 @@ fn validate(file: FileConfig, source: &str) -> Result<Config, ConfigError> {
         });
     }
 
-    let access = validate_access(&file, source)?;
+    let access = validate_access(&file, source, secrets)?;
 
     let threads = if file.threads == 0 {
         std::thread::available_parallelism()
@@ -1804,7 +2168,10 @@ mod tests {
     fn wrong_type_names_its_path() {
         let e = parse_err("instances:\n  - name: a\n    port: abc\n");
         assert!(e.contains("instances[0].port"), "{e}");
-        assert!(e.contains("u16"), "{e}");
+        assert!(
+            e.contains("expected a whole number from 0 to 65535, got `abc`"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1846,7 +2213,7 @@ mod tests {
             "t",
             &Overrides {
                 listen: Some("127.0.0.1:9999".into()),
-                admin_listen: None,
+                ..Overrides::default()
             },
         )
         .unwrap();
@@ -1987,5 +2354,44 @@ mod tests {
             redact_url("unix:///run/redis.sock"),
             "unix:///run/redis.sock"
         );
+    }
+
+    #[test]
+    fn overlapping_listeners() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listeners_overlap(a("0.0.0.0:5"), a("127.0.0.1:5")));
+        assert!(listeners_overlap(a("127.0.0.1:5"), a("0.0.0.0:5")));
+        assert!(
+            listeners_overlap(a("[::]:5"), a("127.0.0.1:5")),
+            "dual-stack"
+        );
+        assert!(
+            !listeners_overlap(a("0.0.0.0:5"), a("[::1]:5")),
+            "another family"
+        );
+        assert!(!listeners_overlap(a("127.0.0.1:5"), a("127.0.0.2:5")));
+        assert!(!listeners_overlap(a("0.0.0.0:5"), a("0.0.0.0:6")));
+    }
+
+    #[test]
+    fn log_filters() {
+        assert!(check_log_filter("info").is_ok());
+        assert!(check_log_filter("WARN,ollama_sidecar=debug").is_ok());
+        assert!(check_log_filter("pingora_core::server").is_ok());
+        assert!(check_log_filter("infoo").is_err());
+        assert!(check_log_filter("ollama_sidecar").is_err());
+        assert!(check_log_filter("a=loud").is_err());
+    }
+
+    #[test]
+    fn durations_refuse_calendar_units() {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        for text in ["10M", "1y", "2 months", "1year"] {
+            assert!(
+                parse_duration(text).unwrap_err().contains(DURATION_UNITS),
+                "{text}"
+            );
+        }
     }
 }

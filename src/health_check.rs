@@ -109,19 +109,11 @@ impl fmt::Display for Target {
 
 /// The admin listener's `/readyz` as `run` would bind it: `OLLAMA_SIDECAR_ADMIN_LISTEN` when set
 /// (the file is then not needed), else the configuration file's `admin.listen` (or its default).
+/// Nothing else in the file is read or validated: no secret, no instance.
 pub fn target_from_config(path: &Path) -> Result<Target, String> {
-    let overrides = Overrides::from_env();
-    if let Some(listen) = &overrides.admin_listen {
-        let addr: SocketAddr = listen.parse().map_err(|_| {
-            format!(
-                "{}: expected an address like `127.0.0.1:11435`, got `{listen}`",
-                config::ENV_ADMIN_LISTEN
-            )
-        })?;
-        return Ok(Target::for_listen_addr(addr));
-    }
-    let config = config::load(path, &overrides).map_err(|e| e.to_string())?;
-    Ok(Target::for_listen_addr(config.admin_listen))
+    config::load_admin_listen(path, &Overrides::from_env())
+        .map(Target::for_listen_addr)
+        .map_err(|e| e.to_string())
 }
 
 /// `0.0.0.0` → `127.0.0.1`, `::` → `::1`; anything else unchanged.

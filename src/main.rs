@@ -30,7 +30,7 @@ enum Command {
     /// Run the proxy (the default).
     Run(RunOpts),
     /// Validate a configuration and print the effective configuration.
-    Check(RunOpts),
+    Check(CheckOpts),
     /// Ask a running sidecar whether it can serve (GET /readyz on its admin listener): exit 0
     /// when ready (200), 1 when it answered otherwise, 2 when unreachable or too slow.
     Health(HealthOpts),
@@ -42,12 +42,13 @@ struct HealthOpts {
     /// listener named by the configuration.
     #[arg(long, conflicts_with = "config")]
     url: Option<String>,
-    /// The configuration whose `admin.listen` is asked [env: OLLAMA_SIDECAR_CONFIG]
-    /// [default: conf/sidecar.yaml]. OLLAMA_SIDECAR_ADMIN_LISTEN, when set, wins over the file.
+    /// The configuration whose `admin.listen` is asked (nothing else in it is read)
+    /// [env: OLLAMA_SIDECAR_CONFIG] [default: conf/sidecar.yaml when it exists, else
+    /// /etc/ollama-sidecar/sidecar.yaml]. OLLAMA_SIDECAR_ADMIN_LISTEN, when set, wins over the file.
     #[arg(long, short)]
     config: Option<PathBuf>,
     /// How long the whole exchange may take.
-    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = config::parse_duration)]
     timeout: Duration,
 }
 
@@ -58,7 +59,7 @@ fn health(opts: HealthOpts) -> ExitCode {
             let path = opts
                 .config
                 .or_else(|| std::env::var_os(config::ENV_CONFIG).map(PathBuf::from))
-                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
+                .unwrap_or_else(config::default_config_path);
             health_check::target_from_config(&path)
         }
     };
@@ -81,9 +82,11 @@ fn health(opts: HealthOpts) -> ExitCode {
 
 #[derive(Args, Clone)]
 struct RunOpts {
-    /// The configuration file.
-    #[arg(long, short, env = config::ENV_CONFIG, default_value = config::DEFAULT_CONFIG_PATH)]
-    config: PathBuf,
+    /// The configuration file [default: conf/sidecar.yaml when it exists in the working
+    /// directory, else /etc/ollama-sidecar/sidecar.yaml].
+    // The variable's value is hidden: `--help` would print it, or an empty `=` when unset.
+    #[arg(long, short, env = config::ENV_CONFIG, hide_env_values = true)]
+    config: Option<PathBuf>,
     /// Override `listen` (also OLLAMA_SIDECAR_LISTEN).
     #[arg(long)]
     listen: Option<String>,
@@ -97,8 +100,26 @@ impl RunOpts {
         Overrides::from_env().merge(Overrides {
             listen: self.listen.clone(),
             admin_listen: self.admin_listen.clone(),
+            listen_from: Some("--listen"),
+            admin_listen_from: Some("--admin-listen"),
         })
     }
+
+    fn config_path(&self) -> PathBuf {
+        self.config
+            .clone()
+            .unwrap_or_else(config::default_config_path)
+    }
+}
+
+#[derive(Args, Clone)]
+struct CheckOpts {
+    #[command(flatten)]
+    run: RunOpts,
+    /// Validate without reading secrets (`key_env`, `key_file`, `admin.token_env`): only their
+    /// form is checked, e.g. in CI where production keys are absent.
+    #[arg(long)]
+    no_secrets: bool,
 }
 
 /// Pingora logs its own lifecycle at info (and misnames our shutdown); its warnings still show.
@@ -130,21 +151,36 @@ fn init_logging(level: &str, format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (command, opts) = match cli.command {
-        Some(Command::Run(o)) => ("run", o),
-        Some(Command::Check(o)) => ("check", o),
+    let (command, opts, secrets) = match cli.command {
+        Some(Command::Run(o)) => ("run", o, config::Secrets::Read),
+        Some(Command::Check(o)) if o.no_secrets => ("check", o.run, config::Secrets::Skip),
+        Some(Command::Check(o)) => ("check", o.run, config::Secrets::Read),
         Some(Command::Health(o)) => return health(o),
-        None => ("run", cli.run),
+        None => ("run", cli.run, config::Secrets::Read),
     };
-    let config = match config::load(&opts.config, &opts.overrides()) {
+    let path = opts.config_path();
+    let config = match config::load_with(&path, &opts.overrides(), secrets) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ollama-sidecar: invalid configuration: {e}");
+            // A missing default file: say it was the default, and how to name another.
+            let hint = if opts.config.is_none() && !path.is_file() {
+                " (the default; name a file with --config or OLLAMA_SIDECAR_CONFIG)"
+            } else {
+                ""
+            };
+            eprintln!("ollama-sidecar: invalid configuration: {e}{hint}");
             return ExitCode::from(2);
         }
     };
     if command == "check" {
-        println!("# {}: valid; effective configuration:", config.source);
+        let unread = match secrets {
+            config::Secrets::Skip => " (secrets not read)",
+            config::Secrets::Read => "",
+        };
+        println!(
+            "# {}: valid{unread}; effective configuration:",
+            config.source
+        );
         print!("{}", config::effective_yaml(&config));
         return ExitCode::SUCCESS;
     }

@@ -95,6 +95,14 @@ fn health(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
     (out, started.elapsed())
 }
 
+/// A configuration file in a temporary directory (kept while the directory lives).
+fn config_file(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sidecar.yaml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path.display().to_string())
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -270,4 +278,59 @@ fn deployment_configurations_are_valid() {
             path.display()
         );
     }
+}
+
+/// `health` reads only `admin.listen`: an unset key variable, an unreadable key file, an
+/// instance list it does not need, or a mistake elsewhere in the file do not make it fail.
+#[test]
+fn health_reads_only_the_admin_address() {
+    let (port, server) = serve_once(Reply::Status(200, "ready"));
+    let (_dir, path) = config_file(&format!(
+        "admin:\n  listen: 127.0.0.1:{port}\n  token_env: G_HEALTH_UNSET_TOKEN\nauth:\n  keys:\n    - name: a\n      key_env: G_HEALTH_UNSET_KEY\n    - name: b\n      key_file: /nonexistent/key\nlog:\n  level: infoo\n"
+    ));
+    let (out, _) = health(&["--config", &path], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(server.join().unwrap().starts_with("GET /readyz "));
+}
+
+/// `localhost` in `admin.listen` is asked on 127.0.0.1, as `run` binds it.
+#[test]
+fn localhost_admin_listen_is_asked_on_loopback() {
+    let (port, server) = serve_once(Reply::Status(200, "ready"));
+    let (_dir, path) = config_file(&format!("admin:\n  listen: localhost:{port}\n"));
+    let (out, _) = health(&["--config", &path], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("http://127.0.0.1:{port}/readyz: 200 ready\n")
+    );
+    server.join().unwrap();
+}
+
+/// What `health` does need is still checked: one line, exit 2, naming the key or variable.
+#[test]
+fn a_bad_admin_address_is_exit_2_naming_where_it_came_from() {
+    let (_dir, shown) = config_file("admin:\n  listen: gpu-box:11435\n");
+    let (out, _) = health(&["--config", &shown], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("ollama-sidecar health: {shown}: admin.listen: `gpu-box:11435`: `gpu-box` is a host name; a listener takes an IP address (`127.0.0.1:11435` for this host only, `0.0.0.0:11435` for every interface; `localhost` means 127.0.0.1)\n")
+    );
+    let (out, _) = health(
+        &["--config", &shown],
+        &[("OLLAMA_SIDECAR_ADMIN_LISTEN", "nowhere")],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("ollama-sidecar health: OLLAMA_SIDECAR_ADMIN_LISTEN: expected an address like `127.0.0.1:11434` or `[::1]:11434`, got `nowhere` (it overrides `admin.listen` of {shown})\n")
+    );
+    std::fs::write(&shown, "admin:\n\tlisten: 127.0.0.1:1\n").unwrap();
+    let (out, _) = health(&["--config", &shown], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!("ollama-sidecar health: {shown}: admin: line 2 holds a tab character; YAML indents with spaces only\n")
+    );
 }
