@@ -104,11 +104,27 @@ EOF
 }
 
 # Leftovers of an interrupted earlier run would hold the names used here.
-remove_leftovers() {
+remove_containers() {
   podman rm -f -t 0 ollama "$SIDECAR_CTR" "$SUPERVISED_CTR" >/dev/null 2>&1 || true
   podman network rm -f "$NET" >/dev/null 2>&1 || true
+}
+
+# The images under test and their dangling build layers (the cached base images stay).
+# PODMAN_TEST_REUSE=1 keeps them and skips their build when present: for working on the checks
+# only, never in CI (the build is what must be proven).
+remove_images() {
+  [ "${PODMAN_TEST_REUSE:-0}" = 1 ] && return
   podman rmi -f "$LOCAL/sidecar:test" "$LOCAL/supervised:test" "$LOCAL/ollama-standin:test" >/dev/null 2>&1 || true
   podman image prune -f >/dev/null 2>&1 || true
+}
+
+remove_leftovers() {
+  remove_containers
+  remove_images
+}
+
+reused() {
+  [ "${PODMAN_TEST_REUSE:-0}" = 1 ] && podman image exists "$1" && say "PODMAN_TEST_REUSE=1: reusing $1"
 }
 
 # --- base images (cached) --------------------------------------------------------------------------
@@ -181,12 +197,13 @@ build_target() {
   say "$tag: $(podman image inspect --format '{{.Size}}' "$tag" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 }
 
-build_sidecar() { build_target sidecar "$LOCAL/sidecar:test" --no-cache; }
+build_sidecar() { reused "$LOCAL/sidecar:test" || build_target sidecar "$LOCAL/sidecar:test" --no-cache; }
 
 # ollama/ollama as far as the supervised image needs it: `ollama` on PATH (/usr/bin/ollama) that
 # serves the API on OLLAMA_HOST (default 0.0.0.0:11434), run as `ollama serve`. The mock comes
 # from the sidecar image just built.
 build_ollama_standin() {
+  reused "$LOCAL/ollama-standin:test" && return
   podman build -q --no-cache -t "$LOCAL/ollama-standin:test" -f - "$work" >/dev/null <<EOF
 FROM $DEBIAN_IMAGE
 COPY --from=$LOCAL/sidecar:test /usr/local/bin/mock-ollama /usr/bin/ollama
@@ -198,7 +215,7 @@ EOF
 }
 
 # The builder stage's layers are the ones the sidecar build made moments ago in this run.
-build_supervised() { build_target supervised "$LOCAL/supervised:test"; }
+build_supervised() { reused "$LOCAL/supervised:test" || build_target supervised "$LOCAL/supervised:test"; }
 
 # --- checks --------------------------------------------------------------------------------------
 # podman run, its stderr kept for the failure report: without systemd, podman logs an error for
@@ -210,8 +227,10 @@ run_container() {
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 checks() { python3 docker/podman_checks.py "$@"; }
 
+# A network of this run's own, as compose makes one: its DNS (aardvark-dns) answers container names.
+create_network() { podman network create "$NET" >/dev/null; }
+
 start_sidecar_pair() {
-  podman network create "$NET" >/dev/null
   # Tokens every 40 ms: long enough to see a stream arrive in pieces and to stop mid-stream.
   run_container --name ollama --network "$NET" \
     -e MOCK_TOKENS=40 -e MOCK_TOKEN_DELAY_MS=40 "$LOCAL/ollama-standin:test"
@@ -275,6 +294,10 @@ start_supervised() {
   checks tags "http://127.0.0.1:$PORT"
 }
 
+# "pid:start time" of a host process: the same process even if the pid is later reused.
+proc_id() { echo "$1:$(awk '{ print $22 }' "/proc/$1/stat" 2>/dev/null)"; }
+still_running() { [ "$(proc_id "${1%%:*}")" = "$1" ]; }
+
 # Host pid of the container's `ollama serve`, the sidecar's child.
 ollama_serve_pid() {
   podman top "$SUPERVISED_CTR" hpid args 2>/dev/null | awk '$2 ~ /ollama$/ && $3 == "serve" { print $1; exit }'
@@ -299,21 +322,23 @@ check_restart_after_kill() {
   { [ -n "$new" ] && [ "$new" != "$old" ]; } || die "\`ollama serve\` was not restarted within 60 s"
   checks tags "http://127.0.0.1:$PORT" || die "the restarted instance does not answer"
   checks restarts "http://127.0.0.1:$ADMIN_PORT" ollama 1
-  SUPERVISED_PIDS="$sidecar_pid $new"
+  SUPERVISED_PROCS="$(proc_id "$sidecar_pid") $(proc_id "$new")"
   say "restarted as host pid $new"
 }
 
 check_supervised_stop() {
-  local code pid
+  local code proc stops init
+  init=$(proc_id "$(podman inspect --format '{{.State.Pid}}' "$SUPERVISED_CTR")")
+  stops=$(podman logs "$SUPERVISED_CTR" 2>&1 | grep -c 'instance process stopped' || true)
   podman stop -t "$STOP_TIMEOUT" "$SUPERVISED_CTR" >/dev/null 2>>"$work/podman-run.err"
   code=$(podman inspect --format '{{.State.ExitCode}}' "$SUPERVISED_CTR")
   [ "$code" = 0 ] || die "the supervised container exited $code after SIGTERM"
-  for pid in $SUPERVISED_PIDS; do
-    ! kill -0 "$pid" 2>/dev/null || die "host pid $pid ($(tr '\0' ' ' <"/proc/$pid/cmdline")) is still running"
+  for proc in $init $SUPERVISED_PROCS; do
+    ! still_running "$proc" || die "host pid ${proc%%:*} ($(tr '\0' ' ' <"/proc/${proc%%:*}/cmdline")) is still running"
   done
-  podman logs "$SUPERVISED_CTR" 2>&1 | grep -q 'instance process stopped' \
-    || die "the sidecar did not log stopping \`ollama serve\`"
-  say "exit code 0; the sidecar and \`ollama serve\` (host pids $SUPERVISED_PIDS) are gone"
+  [ "$(podman logs "$SUPERVISED_CTR" 2>&1 | grep -c 'instance process stopped')" -gt "$stops" ] \
+    || die "the sidecar exited without stopping \`ollama serve\` first"
+  say "exit code 0; the sidecar stopped \`ollama serve\`; host processes (pid:start) $init (init) $SUPERVISED_PROCS are gone"
 }
 
 # --- exit: logs on failure, then remove what this run made ----------------------------------------
@@ -354,6 +379,12 @@ step "builder base image" builder_base
 step "build the sidecar image" build_sidecar
 step "build the ollama/ollama stand-in" build_ollama_standin
 step "build the supervised image" build_supervised
+step "create network $NET" create_network
+# The supervised image first: its instance is on loopback, so a failure to reach an instance by
+# name (the sidecar image's case) leaves everything else tested.
+step "supervised: start it" start_supervised
+step "supervised: kill -9 \`ollama serve\`, restarted" check_restart_after_kill
+step "supervised: podman stop leaves nothing" check_supervised_stop
 step "sidecar: start it and \`ollama\` on network $NET" start_sidecar_pair
 step "sidecar: /api/tags" check_tags
 step "sidecar: streamed /api/chat, chunk by chunk" check_stream
@@ -361,7 +392,4 @@ step "sidecar: official ollama Python client" check_python_client
 step "sidecar: the image's HEALTHCHECK" check_healthcheck
 step "sidecar: /metrics" check_metrics
 step "sidecar: podman stop during a stream" check_stop_during_stream
-step "supervised: start it" start_supervised
-step "supervised: kill -9 \`ollama serve\`, restarted" check_restart_after_kill
-step "supervised: podman stop leaves nothing" check_supervised_stop
 say "all checks passed"
