@@ -104,8 +104,10 @@ EOF
 }
 
 # Leftovers of an interrupted earlier run would hold the names used here.
+# Every container in this script's own storage is its own, build containers of an interrupted
+# `podman build` included (--external).
 remove_containers() {
-  podman rm -f -t 0 ollama "$SIDECAR_CTR" "$SUPERVISED_CTR" >/dev/null 2>&1 || true
+  podman ps -aq --external | xargs -r podman rm -f -t 0 >/dev/null 2>&1 || true
   podman network rm -f "$NET" >/dev/null 2>&1 || true
 }
 
@@ -173,7 +175,7 @@ builder_base() {
   BUILDER_IMAGE=$tag
   if podman image exists "$tag"; then say "cached: $tag"; return; fi
   printf 'FROM %s\n%s\n' "$DEBIAN_IMAGE" "$BUILDER_RECIPE" \
-    | podman build -q --network host -t "$tag" -f - "$work" >/dev/null
+    | podman build -q --pull=never --network host -t "$tag" -f - "$work" >/dev/null
 }
 
 # --- the images under test (never cached) ------------------------------------------------------------
@@ -188,12 +190,15 @@ toolchain() {
 build_target() {
   local target=$1 tag=$2
   shift 2
-  podman build --format docker --network host "$@" \
+  if ! podman build --pull=never --format docker --network host "$@" \
     -v "$(toolchain):/opt/rust:ro" -v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro" \
     --build-arg "RUST_IMAGE=$BUILDER_IMAGE" --build-arg "RUNTIME_IMAGE=$DEBIAN_IMAGE" \
     --build-arg "OLLAMA_IMAGE=$LOCAL/ollama-standin:test" \
     --ignorefile docker/Dockerfile.dockerignore -f docker/Dockerfile --target "$target" -t "$tag" . \
-    >"$work/build-$target.log" 2>&1 || { tail -40 "$work/build-$target.log" >&2; die "podman build --target $target"; }
+    >"$work/build-$target.log" 2>&1 || ! podman image exists "$tag"; then
+    tail -40 "$work/build-$target.log" >&2
+    die "podman build --target $target"
+  fi
   say "$tag: $(podman image inspect --format '{{.Size}}' "$tag" | awk '{ printf "%.1f MB", $1 / 1e6 }')"
 }
 
@@ -204,7 +209,7 @@ build_sidecar() { reused "$LOCAL/sidecar:test" || build_target sidecar "$LOCAL/s
 # from the sidecar image just built.
 build_ollama_standin() {
   reused "$LOCAL/ollama-standin:test" && return
-  podman build -q --no-cache -t "$LOCAL/ollama-standin:test" -f - "$work" >/dev/null <<EOF
+  podman build -q --pull=never --no-cache -t "$LOCAL/ollama-standin:test" -f - "$work" >/dev/null <<EOF
 FROM $DEBIAN_IMAGE
 COPY --from=$LOCAL/sidecar:test /usr/local/bin/mock-ollama /usr/bin/ollama
 ENV OLLAMA_HOST=0.0.0.0:11434
@@ -221,7 +226,7 @@ build_supervised() { reused "$LOCAL/supervised:test" || build_target supervised 
 # podman run, its stderr kept for the failure report: without systemd, podman logs an error for
 # the healthcheck timer it cannot create (the script runs the check itself, `podman healthcheck run`).
 run_container() {
-  podman run -d "$@" >/dev/null 2>>"$work/podman-run.err" || { cat "$work/podman-run.err" >&2; die "podman run $*"; }
+  podman run -d --pull never "$@" >/dev/null 2>>"$work/podman-run.err" || { cat "$work/podman-run.err" >&2; die "podman run $*"; }
 }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
