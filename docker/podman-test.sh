@@ -47,7 +47,7 @@ step() {
   "$@"
   say "<-- $name: ok in $(elapsed "$t0") s"
 }
-die() { echo "podman-test: FAILED in step '$current_step': $*" >&2; exit 1; }
+die() { echo "podman-test: FAILED: $*" >&2; exit 1; }
 
 # --- tools and podman's configuration -------------------------------------------------------------
 install_tools() {
@@ -123,6 +123,7 @@ remove_images() {
 remove_leftovers() {
   remove_containers
   remove_images
+  find /var/tmp -maxdepth 1 -name 'ollama-sidecar-podman.*' ! -path "$work" -exec rm -rf {} + 2>/dev/null || true
 }
 
 reused() {
@@ -179,10 +180,12 @@ builder_base() {
 }
 
 # --- the images under test (never cached) ------------------------------------------------------------
-toolchain() {
-  local dir=${RUST_TOOLCHAIN:-$(rustc --print sysroot)}
-  [ -x "$dir/bin/cargo" ] || die "no cargo in $dir (set RUST_TOOLCHAIN to a rustup toolchain directory)"
-  readlink -f "$dir"
+# This machine's Rust toolchain (a rustup toolchain directory), mounted into the build.
+find_toolchain() {
+  local dir=${RUST_TOOLCHAIN:-$(rustc --print sysroot 2>/dev/null)}
+  [ -x "$dir/bin/cargo" ] || die "no cargo in '$dir' (set RUST_TOOLCHAIN to a rustup toolchain directory)"
+  TOOLCHAIN=$(readlink -f "$dir")
+  say "$TOOLCHAIN: $("$TOOLCHAIN/bin/rustc" --version)"
 }
 
 # The published build with local base images: the same Dockerfile, only its base-image arguments
@@ -191,7 +194,7 @@ build_target() {
   local target=$1 tag=$2
   shift 2
   if ! podman build --pull=never --format docker --network host "$@" \
-    -v "$(toolchain):/opt/rust:ro" -v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro" \
+    -v "$TOOLCHAIN:/opt/rust:ro" -v "$CA_BUNDLE:/etc/ssl/certs/ca-certificates.crt:ro" \
     --build-arg "RUST_IMAGE=$BUILDER_IMAGE" --build-arg "RUNTIME_IMAGE=$DEBIAN_IMAGE" \
     --build-arg "OLLAMA_IMAGE=$LOCAL/ollama-standin:test" \
     --ignorefile docker/Dockerfile.dockerignore -f docker/Dockerfile --target "$target" -t "$tag" . \
@@ -381,6 +384,7 @@ step "configure podman" configure_podman
 step "remove leftovers" remove_leftovers
 step "debootstrap base image" debian_base
 step "builder base image" builder_base
+step "Rust toolchain" find_toolchain
 step "build the sidecar image" build_sidecar
 step "build the ollama/ollama stand-in" build_ollama_standin
 step "build the supervised image" build_supervised
