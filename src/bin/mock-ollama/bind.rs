@@ -160,6 +160,8 @@ struct Binder {
     path: Vec<&'static str>,
     /// The structs being decoded, innermost last.
     structs: Vec<&'static Schema>,
+    /// The root struct's fields bound before an UnmarshalJSON error stopped the decode.
+    partial: Option<Map<String, Value>>,
 }
 
 /// An error that stops decoding at once (from an UnmarshalJSON method).
@@ -332,7 +334,17 @@ impl Binder {
             let cur = map.remove(*name);
             let next = self.value(cur, ty, item);
             self.path.pop();
-            match next? {
+            let next = match next {
+                Ok(n) => n,
+                Err(abort) => {
+                    if self.structs.len() == 1 {
+                        self.partial = Some(map);
+                    }
+                    self.structs.pop();
+                    return Err(abort);
+                }
+            };
+            match next {
                 Some(v) => {
                     map.insert((*name).to_string(), v);
                 }
@@ -469,7 +481,7 @@ pub fn bind(body: &[u8], schema: &'static Schema) -> Bound {
             error: b.saved.map(|e| BindError::Invalid(e.message())),
         },
         Err(Abort(msg)) => Bound {
-            value: empty(),
+            value: b.partial.take().map_or_else(empty, Value::Object),
             error: Some(BindError::Invalid(msg)),
         },
     }
@@ -837,6 +849,13 @@ mod tests {
         );
         // Decoding went on after the error.
         assert_eq!(b.value["name"], "x");
+        // An UnmarshalJSON error stops the decode; what came before it stays bound.
+        let b = bind(
+            br#"{"model":"m","keep_alive":"soon","prompt":"p"}"#,
+            &GENERATE,
+        );
+        assert_eq!(b.value["model"], "m");
+        assert!(b.value.get("prompt").is_none());
         assert_eq!(
             err(r#"{"top_logprobs":1.5}"#, &GENERATE),
             "json: cannot unmarshal number 1.5 into Go struct field GenerateRequest.top_logprobs of type int"
