@@ -19,11 +19,11 @@ fn should_escape_path(c: u8) -> bool {
     if c.is_ascii_alphanumeric() {
         return false;
     }
-    match c {
-        b'-' | b'_' | b'.' | b'~' => false,
-        b'$' | b'&' | b'+' | b',' | b'/' | b':' | b';' | b'=' | b'@' => false,
-        _ => true,
-    }
+    // Unreserved marks, and the reserved characters a path may carry as they are.
+    !matches!(
+        c,
+        b'-' | b'_' | b'.' | b'~' | b'$' | b'&' | b'+' | b',' | b'/' | b':' | b';' | b'=' | b'@'
+    )
 }
 
 /// url.go `escape(s, encodePath)`.
