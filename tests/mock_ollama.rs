@@ -1691,3 +1691,43 @@ async fn copy_and_blobs_bind_their_names_like_ollama() {
     }
     assert_eq!(log[5]["outcome"], "not_found");
 }
+
+#[tokio::test]
+async fn every_request_is_logged_once_whatever_its_outcome() {
+    let m = spawn(&[]);
+    // Ollama's Host check (a gin middleware) rejects before the handler: no route ran.
+    let r = raw(
+        m.port,
+        "POST /api/pull HTTP/1.1\r\nHost: evil.example.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
+    );
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    // HTTP/1.1 without Host: net/http refuses it before routing.
+    let r = raw(
+        m.port,
+        "GET /api/tags HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(
+        raw_body(&r),
+        "400 Bad Request: missing required Host header"
+    );
+    // `OPTIONS *` is net/http's own empty 200; any other `*` is a 400.
+    let r = raw(
+        m.port,
+        "OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = raw(
+        m.port,
+        "GET * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let log = log_entries(&m, 4).await;
+    let outcomes: Vec<&str> = log.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert_eq!(
+        outcomes,
+        ["forbidden", "bad_request", "handled", "bad_request"]
+    );
+    assert!(log.iter().all(|e| e["route"].is_null()), "{log:#?}");
+    assert_eq!(log[0]["decoded_path"], "/api/pull");
+}

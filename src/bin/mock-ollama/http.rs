@@ -58,8 +58,15 @@ impl Ctx {
         self.bound(model, None);
     }
 
+    /// Record the request (if no handler did) with how it ended; the route is kept only
+    /// when its handler ran.
     fn finish(&mut self, outcome: &'static str) {
         self.outcome = outcome;
+        if outcome != "handled" {
+            if let Some(e) = self.log.as_mut() {
+                e.route = None;
+            }
+        }
         self.bound(None, None);
     }
 
@@ -72,6 +79,14 @@ impl Ctx {
 
     pub fn logging(&self) -> bool {
         self.log.is_some()
+    }
+}
+
+impl Drop for Ctx {
+    /// A request whose handler never finished (the client left, the connection broke) is
+    /// still logged once, with what was known when it ended.
+    fn drop(&mut self) {
+        self.bound(None, None);
     }
 }
 
