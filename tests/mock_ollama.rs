@@ -1476,10 +1476,7 @@ async fn percent_encoded_paths_route_like_go() {
 async fn redirects_like_servemux_and_gin() {
     let m = spawn(&[]);
     // gin's trailing-slash redirect: 301 for GET, 307 for anything else, no body for POST.
-    let r = raw(
-        m.port,
-        "GET /api/tags/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    );
+    let r = raw_bare(m.port, "GET", "/api/tags/", Some("localhost"));
     assert!(r.starts_with("HTTP/1.1 301"), "{r}");
     assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/tags"));
     assert_eq!(
@@ -1490,10 +1487,7 @@ async fn redirects_like_servemux_and_gin() {
     assert!(r.starts_with("HTTP/1.1 307"), "{r}");
     assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/pull?x=1"));
     assert_eq!(raw_body(&r), "");
-    let r = raw(
-        m.port,
-        "HEAD /api/tags/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    );
+    let r = raw_bare(m.port, "HEAD", "/api/tags/", Some("localhost"));
     assert!(r.starts_with("HTTP/1.1 307"), "{r}");
     // A decoded %2F at the end is a trailing slash too.
     let r = raw_json(m.port, "POST", "/api/pull%2F", "{}");
@@ -1662,12 +1656,7 @@ async fn copy_and_blobs_bind_their_names_like_ollama() {
     // The digest param is decoded: sha256%3A... is sha256:...
     let data = b"blob bytes";
     let digest = format!("{:x}", Sha256::digest(data));
-    let head = |target: String| {
-        raw(
-            m.port,
-            &format!("HEAD {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
-        )
-    };
+    let head = |target: String| raw_bare(m.port, "HEAD", &target, Some("localhost"));
     assert!(head(format!("/api/blobs/sha256%3A{digest}")).starts_with("HTTP/1.1 404"));
     let r = raw(
         m.port,
@@ -1692,35 +1681,32 @@ async fn copy_and_blobs_bind_their_names_like_ollama() {
     assert_eq!(log[5]["outcome"], "not_found");
 }
 
+/// A raw request without a body; `host` None sends no Host header.
+fn raw_bare(port: u16, method: &str, target: &str, host: Option<&str>) -> String {
+    let host = host.map_or(String::new(), |h| format!("Host: {h}\r\n"));
+    raw(
+        port,
+        &format!("{method} {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
+    )
+}
+
 #[tokio::test]
 async fn every_request_is_logged_once_whatever_its_outcome() {
     let m = spawn(&[]);
     // Ollama's Host check (a gin middleware) rejects before the handler: no route ran.
-    let r = raw(
-        m.port,
-        "POST /api/pull HTTP/1.1\r\nHost: evil.example.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}",
-    );
+    let r = raw_bare(m.port, "POST", "/api/pull", Some("evil.example.com"));
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
     // HTTP/1.1 without Host: net/http refuses it before routing.
-    let r = raw(
-        m.port,
-        "GET /api/tags HTTP/1.1\r\nConnection: close\r\n\r\n",
-    );
+    let r = raw_bare(m.port, "GET", "/api/tags", None);
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     assert_eq!(
         raw_body(&r),
         "400 Bad Request: missing required Host header"
     );
     // `OPTIONS *` is net/http's own empty 200; any other `*` is a 400.
-    let r = raw(
-        m.port,
-        "OPTIONS * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    );
+    let r = raw_bare(m.port, "OPTIONS", "*", Some("localhost"));
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    let r = raw(
-        m.port,
-        "GET * HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-    );
+    let r = raw_bare(m.port, "GET", "*", Some("localhost"));
     assert!(r.starts_with("HTTP/1.1 400"), "{r}");
     let log = log_entries(&m, 4).await;
     let outcomes: Vec<&str> = log.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
