@@ -701,11 +701,32 @@ async fn anthropic_messages() {
             "message_stop"
         ]
     );
+    // AnthropicMessagesMiddleware refuses these after binding, before any handler work.
+    for (body, msg) in [
+        (
+            json!({"max_tokens": 64, "messages": msgs}),
+            "model is required",
+        ),
+        (
+            json!({"model": "llama3.2", "messages": msgs}),
+            "max_tokens is required and must be positive",
+        ),
+        (
+            json!({"model": "llama3.2", "max_tokens": 64, "messages": []}),
+            "messages is required",
+        ),
+    ] {
+        let r = m.post("/v1/messages", body).await;
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], msg);
+    }
     m.faults(json!({"fail_next": 1, "status": 503})).await;
     let r = m
         .post(
             "/v1/messages",
-            json!({"model": "llama3.2", "messages": msgs}),
+            json!({"model": "llama3.2", "max_tokens": 64, "messages": msgs}),
         )
         .await;
     assert_eq!(r.status(), 503);

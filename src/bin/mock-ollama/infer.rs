@@ -274,6 +274,10 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
     };
     let name = req.model.unwrap_or_default();
     ctx.commit_log(Some(&name).filter(|n| !n.is_empty()).map(|s| s.as_str()));
+    let msgs = req.messages.unwrap_or_default();
+    if let Some(msg) = middleware_rejects(kind, &name, req.max_tokens, msgs.count) {
+        return http::error(flavor, StatusCode::BAD_REQUEST, msg);
+    }
     if let Some(resp) = faults(ctx, flavor).await {
         return resp;
     }
@@ -299,26 +303,11 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         Ok(k) => k,
         Err(r) => return r,
     };
-    let msgs = req.messages.unwrap_or_default();
     let prompt = req.prompt.unwrap_or_default();
     let empty = match kind {
         Kind::Generate | Kind::OaCompletion => prompt.0 == 0,
         Kind::Chat | Kind::OaChat | Kind::Anthropic => msgs.count == 0,
     };
-    if kind == Kind::Anthropic && empty {
-        return http::error(
-            flavor,
-            StatusCode::BAD_REQUEST,
-            "messages: at least one message is required",
-        );
-    }
-    if kind == Kind::OaChat && empty {
-        return http::error(
-            flavor,
-            StatusCode::BAD_REQUEST,
-            "[] is too short - 'messages'",
-        );
-    }
     let model_json = util::json_str(&name);
     if empty && !kind.compat() && ka == KeepAlive::For(std::time::Duration::ZERO) {
         model.unload();
@@ -384,6 +373,25 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
             StatusCode::INTERNAL_SERVER_ERROR,
             crate::stream::RUNNER_ERROR,
         ),
+    }
+}
+
+/// What the compatibility middlewares refuse after binding and before the handler runs
+/// (middleware/openai.go ChatMiddleware, middleware/anthropic.go AnthropicMessagesMiddleware).
+fn middleware_rejects(
+    kind: Kind,
+    model: &str,
+    max_tokens: Option<f64>,
+    messages: usize,
+) -> Option<&'static str> {
+    match kind {
+        Kind::OaChat if messages == 0 => Some("[] is too short - 'messages'"),
+        Kind::Anthropic if model.is_empty() => Some("model is required"),
+        Kind::Anthropic if max_tokens.unwrap_or(0.0) <= 0.0 => {
+            Some("max_tokens is required and must be positive")
+        }
+        Kind::Anthropic if messages == 0 => Some("messages is required"),
+        _ => None,
     }
 }
 
