@@ -190,7 +190,7 @@ impl Binder {
         &mut self,
         cur: Option<Value>,
         ty: &'static Ty,
-        v: &Json,
+        v: Json,
     ) -> Result<Option<Value>, Abort> {
         if let Json::Null = v {
             return Ok(match ty {
@@ -212,12 +212,12 @@ impl Binder {
                 self.value(cur, inner, v)
             }
             Ty::Str => Ok(match v {
-                Json::Str(s) => Some(Value::String(s.clone())),
-                other => self.mismatch(cur, ty, other),
+                Json::Str(s) => Some(Value::String(s)),
+                other => self.mismatch(cur, ty, &other),
             }),
             Ty::Bool => Ok(match v {
-                Json::Bool(b) => Some(Value::Bool(*b)),
-                other => self.mismatch(cur, ty, other),
+                Json::Bool(b) => Some(Value::Bool(b)),
+                other => self.mismatch(cur, ty, &other),
             }),
             Ty::Int => Ok(match v {
                 // strconv.ParseInt(s, 10, 64): no fraction, no exponent, no overflow.
@@ -228,25 +228,25 @@ impl Binder {
                         cur
                     }
                 },
-                other => self.mismatch(cur, ty, other),
+                other => self.mismatch(cur, ty, &other),
             }),
             Ty::Float32 | Ty::Float64 => Ok(match v {
-                Json::Num(s) => match go_float(s, matches!(ty, Ty::Float32)) {
+                Json::Num(s) => match go_float(&s, matches!(ty, Ty::Float32)) {
                     Some(n) => Some(n),
                     None => {
                         self.type_error(&format!("number {s}"), ty);
                         cur
                     }
                 },
-                other => self.mismatch(cur, ty, other),
+                other => self.mismatch(cur, ty, &other),
             }),
             Ty::Any | Ty::Raw => Ok(Some(self.any(v))),
             Ty::Bytes => Ok(match v {
-                Json::Str(s) => Some(Value::String(s.clone())),
-                other => self.mismatch(cur, ty, other),
+                Json::Str(s) => Some(Value::String(s)),
+                other => self.mismatch(cur, ty, &other),
             }),
-            Ty::Duration => duration(v).map(Some).map_err(Abort),
-            Ty::Think => think(v).map(Some).map_err(Abort),
+            Ty::Duration => duration(&v).map(Some).map_err(Abort),
+            Ty::Think => think(&v).map(Some).map_err(Abort),
             Ty::Slice(elem) => Ok(match v {
                 Json::Arr(items) => {
                     let mut old = match cur {
@@ -261,7 +261,7 @@ impl Binder {
                     }
                     Some(Value::Array(out))
                 }
-                other => self.mismatch(cur, ty, other),
+                other => self.mismatch(cur, ty, &other),
             }),
             Ty::Map(elem) => Ok(match v {
                 Json::Obj(entries) => {
@@ -272,11 +272,11 @@ impl Binder {
                     for (k, item) in entries {
                         // Map values start from zero each time (decode.go `mapElem`).
                         let next = self.value(None, elem, item)?;
-                        map.insert(k.clone(), next.unwrap_or(Value::Null));
+                        map.insert(k, next.unwrap_or(Value::Null));
                     }
                     Some(Value::Object(map))
                 }
-                other => self.mismatch(cur, ty, other),
+                other => self.mismatch(cur, ty, &other),
             }),
             Ty::Struct(schema) => match v {
                 Json::Obj(entries) if schema.custom => self.custom_struct(schema, entries),
@@ -288,7 +288,7 @@ impl Binder {
                     self.object(schema, map, entries)
                         .map(|m| Some(Value::Object(m)))
                 }
-                other => Ok(self.mismatch(cur, ty, other)),
+                other => Ok(self.mismatch(cur, ty, &other)),
             },
         }
     }
@@ -298,10 +298,10 @@ impl Binder {
         cur: Option<Value>,
         outer: &'static Ty,
         inner: &'static Ty,
-        v: &Json,
+        v: Json,
     ) -> Result<Option<Value>, Abort> {
         // A mismatch reports the named type, not the underlying one.
-        let kind_fits = match (inner, v) {
+        let kind_fits = match (inner, &v) {
             (Ty::Slice(_), Json::Arr(_)) | (Ty::Map(_), Json::Obj(_)) => true,
             (Ty::Slice(_) | Ty::Map(_), _) => false,
             _ => true,
@@ -309,7 +309,7 @@ impl Binder {
         if kind_fits {
             self.value(cur, inner, v)
         } else {
-            Ok(self.mismatch(cur, outer, v))
+            Ok(self.mismatch(cur, outer, &v))
         }
     }
 
@@ -323,11 +323,11 @@ impl Binder {
         &mut self,
         schema: &'static Schema,
         mut map: Map<String, Value>,
-        entries: &[(String, Json)],
+        entries: Vec<(String, Json)>,
     ) -> Result<Map<String, Value>, Abort> {
         self.structs.push(schema);
         for (key, item) in entries {
-            let Some((name, ty)) = schema.field(key) else {
+            let Some((name, ty)) = schema.field(&key) else {
                 continue;
             };
             self.path.push(name);
@@ -363,7 +363,7 @@ impl Binder {
     fn custom_struct(
         &mut self,
         schema: &'static Schema,
-        entries: &[(String, Json)],
+        entries: Vec<(String, Json)>,
     ) -> Result<Option<Value>, Abort> {
         let mut inner = Binder::default();
         let mut map = inner.object(schema, Map::new(), entries)?;
@@ -379,24 +379,24 @@ impl Binder {
     }
 
     /// JSON as `interface{}` holds it: objects are maps (last duplicate wins).
-    fn any(&mut self, v: &Json) -> Value {
+    fn any(&mut self, v: Json) -> Value {
         match v {
             Json::Null => Value::Null,
-            Json::Bool(b) => Value::Bool(*b),
-            Json::Num(s) => match go_float(s, false) {
+            Json::Bool(b) => Value::Bool(b),
+            Json::Num(s) => match go_float(&s, false) {
                 Some(n) => n,
                 None => {
                     self.type_error(&format!("number {s}"), &Ty::Float64);
                     Value::Null
                 }
             },
-            Json::Str(s) => Value::String(s.clone()),
-            Json::Arr(items) => Value::Array(items.iter().map(|i| self.any(i)).collect()),
+            Json::Str(s) => Value::String(s),
+            Json::Arr(items) => Value::Array(items.into_iter().map(|i| self.any(i)).collect()),
             Json::Obj(entries) => {
                 let mut m = Map::new();
                 for (k, item) in entries {
                     let v = self.any(item);
-                    m.insert(k.clone(), v);
+                    m.insert(k, v);
                 }
                 Value::Object(m)
             }
@@ -462,7 +462,7 @@ pub fn bind(body: &[u8], schema: &'static Schema) -> Bound {
         }
     };
     let mut b = Binder::default();
-    let result = match &json {
+    let result = match json {
         Json::Obj(entries) => b.object(schema, Map::new(), entries).map(Value::Object),
         // A top-level null leaves the struct at its zero value.
         Json::Null => Ok(empty()),

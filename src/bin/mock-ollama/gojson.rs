@@ -183,45 +183,63 @@ impl Parser<'_> {
     fn string(&mut self) -> Result<String, DecodeError> {
         self.i += 1;
         let start = self.i;
+        let mut escaped = false;
         loop {
-            let Some(c) = self.peek() else {
+            // Jump to the next quote or backslash; control bytes before it are errors.
+            let rest = &self.b[self.i..];
+            let Some(k) = memchr::memchr2(b'"', b'\\', rest) else {
+                if let Some(c) = first_control(rest) {
+                    return Err(invalid(c, "in string literal"));
+                }
                 return Err(DecodeError::UnexpectedEof);
             };
-            match c {
-                b'"' => break,
-                b'\\' => {
+            if let Some(c) = first_control(&rest[..k]) {
+                return Err(invalid(c, "in string literal"));
+            }
+            self.i += k;
+            if self.b[self.i] == b'"' {
+                break;
+            }
+            escaped = true;
+            self.i += 1;
+            let Some(e) = self.peek() else {
+                return Err(DecodeError::UnexpectedEof);
+            };
+            match e {
+                b'b' | b'f' | b'n' | b'r' | b't' | b'\\' | b'/' | b'"' => self.i += 1,
+                b'u' => {
                     self.i += 1;
-                    let Some(e) = self.peek() else {
-                        return Err(DecodeError::UnexpectedEof);
-                    };
-                    match e {
-                        b'b' | b'f' | b'n' | b'r' | b't' | b'\\' | b'/' | b'"' => self.i += 1,
-                        b'u' => {
-                            self.i += 1;
-                            for _ in 0..4 {
-                                match self.peek() {
-                                    None => return Err(DecodeError::UnexpectedEof),
-                                    Some(h) if h.is_ascii_hexdigit() => self.i += 1,
-                                    Some(h) => {
-                                        return Err(invalid(
-                                            h,
-                                            "in \\u hexadecimal character escape",
-                                        ))
-                                    }
-                                }
+                    for _ in 0..4 {
+                        match self.peek() {
+                            None => return Err(DecodeError::UnexpectedEof),
+                            Some(h) if h.is_ascii_hexdigit() => self.i += 1,
+                            Some(h) => {
+                                return Err(invalid(h, "in \\u hexadecimal character escape"))
                             }
                         }
-                        e => return Err(invalid(e, "in string escape code")),
                     }
                 }
-                c if c < 0x20 => return Err(invalid(c, "in string literal")),
-                _ => self.i += 1,
+                e => return Err(invalid(e, "in string escape code")),
             }
         }
         let raw = &self.b[start..self.i];
         self.i += 1;
+        // Fast path: nothing to unescape and already valid UTF-8.
+        if !escaped {
+            if let Ok(s) = std::str::from_utf8(raw) {
+                return Ok(s.to_owned());
+            }
+        }
         Ok(unquote(raw))
     }
+}
+
+/// The first byte below 0x20, which a JSON string may not hold raw. Chunks are tested
+/// without an early exit so the check vectorises; only a hit is searched byte by byte.
+fn first_control(s: &[u8]) -> Option<u8> {
+    s.chunks(32)
+        .find(|chunk| chunk.iter().fold(false, |hit, c| hit | (*c < 0x20)))
+        .and_then(|chunk| chunk.iter().copied().find(|c| *c < 0x20))
 }
 
 fn hex4(b: &[u8]) -> Option<u32> {
@@ -270,26 +288,29 @@ fn unquote(s: &[u8]) -> String {
                 other => out.push(other as char),
             }
             r += 2;
-        } else if c < 0x80 {
-            out.push(c as char);
-            r += 1;
         } else {
-            // utf8.DecodeRune: one U+FFFD per byte that does not start a valid sequence.
-            let chunk = &s[r..s.len().min(r + 4)];
-            let valid = match std::str::from_utf8(chunk) {
-                Ok(v) => v,
-                Err(e) => std::str::from_utf8(&chunk[..e.valid_up_to()]).unwrap_or_default(),
-            };
-            match valid.chars().next() {
-                Some(ch) => {
-                    out.push(ch);
-                    r += ch.len_utf8();
-                }
-                None => {
-                    out.push('\u{fffd}');
-                    r += 1;
+            // Up to the next escape: valid UTF-8 is copied; each byte of an invalid
+            // sequence is one U+FFFD (utf8.DecodeRune returns RuneError with size 1).
+            let end = r + memchr::memchr(b'\\', &s[r..]).unwrap_or(s.len() - r);
+            let mut seg = &s[r..end];
+            while !seg.is_empty() {
+                match std::str::from_utf8(seg) {
+                    Ok(valid) => {
+                        out.push_str(valid);
+                        seg = &[];
+                    }
+                    Err(e) => {
+                        let (valid, rest) = seg.split_at(e.valid_up_to());
+                        out.push_str(std::str::from_utf8(valid).unwrap_or_default());
+                        let bad = e.error_len().unwrap_or(rest.len());
+                        for _ in 0..bad {
+                            out.push('\u{fffd}');
+                        }
+                        seg = &rest[bad..];
+                    }
                 }
             }
+            r = end;
         }
     }
     out
@@ -532,6 +553,21 @@ mod tests {
         // An escaped key is still the key.
         let v = decode(br#"{"mod\u0065l":"x"}"#).unwrap();
         assert_eq!(v, Json::Obj(vec![("model".into(), Json::Str("x".into()))]));
+    }
+
+    #[test]
+    fn long_invalid_strings_decode_in_linear_time() {
+        // 1 MiB of bytes that never start a rune, then an escape: one U+FFFD each.
+        let mut body = vec![b'"'];
+        body.extend(std::iter::repeat_n(0xffu8, 1 << 20));
+        body.extend_from_slice(b"\\n\"");
+        let t0 = std::time::Instant::now();
+        let Json::Str(s) = decode(&body).unwrap() else {
+            panic!("not a string")
+        };
+        assert_eq!(s.chars().count(), (1 << 20) + 1);
+        assert!(s.ends_with("\u{fffd}\n"));
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
