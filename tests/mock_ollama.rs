@@ -283,7 +283,9 @@ async fn routing_errors_follow_gin() {
     assert_eq!(r.headers()["allow"], "POST");
     let r = m.http.post(m.url("/api/tags")).send().await.unwrap();
     assert_eq!(r.status(), 405);
-    assert_eq!(r.headers()["allow"], "GET, HEAD");
+    // gin lists the other method trees in creation order; Ollama's first registration
+    // is r.HEAD("/"), so HEAD comes before GET (gin.go handleHTTPRequest).
+    assert_eq!(r.headers()["allow"], "HEAD, GET");
     let r = m.http.get(m.url("/api/delete")).send().await.unwrap();
     assert_eq!(r.headers()["allow"], "DELETE");
 
@@ -699,11 +701,32 @@ async fn anthropic_messages() {
             "message_stop"
         ]
     );
+    // AnthropicMessagesMiddleware refuses these after binding, before any handler work.
+    for (body, msg) in [
+        (
+            json!({"max_tokens": 64, "messages": msgs}),
+            "model is required",
+        ),
+        (
+            json!({"model": "llama3.2", "messages": msgs}),
+            "max_tokens is required and must be positive",
+        ),
+        (
+            json!({"model": "llama3.2", "max_tokens": 64, "messages": []}),
+            "messages is required",
+        ),
+    ] {
+        let r = m.post("/v1/messages", body).await;
+        assert_eq!(r.status(), 400);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["message"], msg);
+    }
     m.faults(json!({"fail_next": 1, "status": 503})).await;
     let r = m
         .post(
             "/v1/messages",
-            json!({"model": "llama3.2", "messages": msgs}),
+            json!({"model": "llama3.2", "max_tokens": 64, "messages": msgs}),
         )
         .await;
     assert_eq!(r.status(), 503);
@@ -1381,4 +1404,337 @@ async fn load_delay_and_models_knob() {
         .unwrap();
     assert!(t.elapsed() < Duration::from_millis(150), "already loaded");
     assert!(v["load_duration"].as_u64().unwrap() < 150_000_000);
+}
+
+// ---- Parsing like Ollama (issue 14): Go's net/http, gin v1.10 and encoding/json ----
+
+/// A raw HTTP/1.1 request with a JSON body; the target is sent exactly as given.
+fn raw_json(port: u16, method: &str, target: &str, body: &str) -> String {
+    raw(
+        port,
+        &format!(
+            "{method} {target} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// The body of a raw HTTP/1.1 response (the mock answers with Content-Length).
+fn raw_body(resp: &str) -> &str {
+    resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+fn raw_header(resp: &str, name: &str) -> Option<String> {
+    let head = resp.split_once("\r\n\r\n").map_or(resp, |(h, _)| h);
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// The log's entries; asserts that exactly `n` requests were logged since the last reset.
+async fn log_entries(m: &Mock, n: usize) -> Vec<Value> {
+    let log: Value = m.get("/mock/requests").await.json().await.unwrap();
+    let log = log.as_array().unwrap().clone();
+    assert_eq!(log.len(), n, "{log:#?}");
+    log
+}
+
+async fn reset(m: &Mock) {
+    let r = m.http.post(m.url("/mock/reset")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
+async fn percent_encoded_paths_route_like_go() {
+    let m = spawn(&[]);
+    let pull = r#"{"model":"llama3.2","stream":false}"#;
+    // Go decodes every %XX into URL.Path and gin routes on it: /api/%70ull is a pull.
+    let r = raw_json(m.port, "POST", "/api/%70ull", pull);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(raw_body(&r), r#"{"status":"success"}"#);
+    // %2F too: /api%2Fpull is /api/pull for gin.
+    let r = raw_json(m.port, "POST", "/api%2Fpull", pull);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    // Absolute-form targets are routed on their path.
+    let r = raw_json(m.port, "POST", "http://localhost/api/%70ull", pull);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let log = log_entries(&m, 3).await;
+    for (e, raw_path) in log
+        .iter()
+        .zip(["/api/%70ull", "/api%2Fpull", "/api/%70ull"])
+    {
+        assert_eq!(e["path"], raw_path);
+        assert_eq!(e["decoded_path"], "/api/pull");
+        assert_eq!(e["route"], "/api/pull");
+        assert_eq!(e["outcome"], "handled");
+        assert_eq!(e["model"], "llama3.2");
+    }
+    assert_eq!(
+        m.stats().await["requests_by_method_path"]["POST /api/pull"],
+        3
+    );
+
+    // Route names are case-sensitive (RedirectFixedPath is off): 404, no handler.
+    reset(&m).await;
+    let r = raw_json(m.port, "POST", "/API/pull", pull);
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    assert_eq!(raw_body(&r), "404 page not found");
+    // A bad escape never reaches a handler: net/http answers 400 and closes.
+    let r = raw_json(m.port, "POST", "/api/%zzpull", pull);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(raw_body(&r), "400 Bad Request");
+    assert_eq!(raw_header(&r, "connection").as_deref(), Some("close"));
+    let log = log_entries(&m, 2).await;
+    assert_eq!(log[0]["outcome"], "not_found");
+    assert_eq!(log[0]["route"], Value::Null);
+    assert_eq!(log[0]["model"], Value::Null);
+    assert_eq!(log[1]["outcome"], "bad_request");
+    assert_eq!(log[1]["decoded_path"], Value::Null);
+}
+
+#[tokio::test]
+async fn redirects_like_servemux_and_gin() {
+    let m = spawn(&[]);
+    // gin's trailing-slash redirect: 301 for GET, 307 for anything else, no body for POST.
+    let r = raw_bare(m.port, "GET", "/api/tags/", Some("localhost"));
+    assert!(r.starts_with("HTTP/1.1 301"), "{r}");
+    assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/tags"));
+    assert_eq!(
+        raw_body(&r),
+        "<a href=\"/api/tags\">Moved Permanently</a>.\n\n"
+    );
+    let r = raw_json(m.port, "POST", "/api/pull/?x=1", "{}");
+    assert!(r.starts_with("HTTP/1.1 307"), "{r}");
+    assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/pull?x=1"));
+    assert_eq!(raw_body(&r), "");
+    let r = raw_bare(m.port, "HEAD", "/api/tags/", Some("localhost"));
+    assert!(r.starts_with("HTTP/1.1 307"), "{r}");
+    // A decoded %2F at the end is a trailing slash too.
+    let r = raw_json(m.port, "POST", "/api/pull%2F", "{}");
+    assert!(r.starts_with("HTTP/1.1 307"), "{r}");
+    assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/pull"));
+    // DefaultServeMux sends every method to the cleaned path with a 301.
+    let r = raw_json(m.port, "POST", "//api/pull", "{}");
+    assert!(r.starts_with("HTTP/1.1 301"), "{r}");
+    assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/pull"));
+    let r = raw_json(m.port, "POST", "/api/./pull", "{}");
+    assert!(r.starts_with("HTTP/1.1 301"), "{r}");
+    let r = raw_json(m.port, "POST", "/v1/../api/pull?a=b", "{}");
+    assert!(r.starts_with("HTTP/1.1 301"), "{r}");
+    assert_eq!(raw_header(&r, "location").as_deref(), Some("/api/pull?a=b"));
+    // An escaped dot-dot is not a path element for the mux; gin finds no route.
+    let r = raw_json(m.port, "POST", "/v1/%2E%2E/api/pull", "{}");
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let log = log_entries(&m, 8).await;
+    for e in &log[..7] {
+        assert_eq!(e["outcome"], "redirect", "{e}");
+        assert_eq!(e["route"], Value::Null);
+    }
+    assert_eq!(log[7]["decoded_path"], "/v1/../api/pull");
+    assert_eq!(log[7]["outcome"], "not_found");
+}
+
+#[tokio::test]
+async fn method_not_allowed_lists_gin_trees_in_order() {
+    let m = spawn(&[]);
+    for (method, path, allow) in [
+        ("POST", "/", "HEAD, GET"),
+        ("GET", "/api/blobs/sha256:00", "HEAD, POST"),
+        ("PUT", "/api/pull", "POST"),
+        ("GET", "/api/user/keys/abc", "DELETE"),
+    ] {
+        let r = raw(
+            m.port,
+            &format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        );
+        assert!(r.starts_with("HTTP/1.1 405"), "{method} {path}: {r}");
+        assert_eq!(
+            raw_header(&r, "allow").as_deref(),
+            Some(allow),
+            "{method} {path}"
+        );
+        assert_eq!(raw_body(&r), "405 method not allowed");
+    }
+    for e in log_entries(&m, 4).await {
+        assert_eq!(e["outcome"], "method_not_allowed");
+    }
+}
+
+#[tokio::test]
+async fn bodies_bind_like_go_encoding_json() {
+    let m = spawn(&[]);
+    let gen = |body: &str| raw_json(m.port, "POST", "/api/generate", body);
+    // Field names match case-insensitively: {"Model":...} names a model.
+    let r = gen(r#"{"Model":"llama3.2","prompt":"hi","stream":false}"#);
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let v: Value = serde_json::from_str(raw_body(&r)).unwrap();
+    assert_eq!(v["model"], "llama3.2");
+    // The last matching key wins.
+    let r = raw_json(
+        m.port,
+        "POST",
+        "/api/chat",
+        r#"{"model":"qwen2.5:0.5b","MODEL":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":false}"#,
+    );
+    let v: Value = serde_json::from_str(raw_body(&r)).unwrap();
+    assert_eq!(v["model"], "llama3.2", "{r}");
+    // null into a string field changes nothing.
+    let r = gen(r#"{"model":"llama3.2","MODEL":null,"prompt":"hi","stream":false}"#);
+    let v: Value = serde_json::from_str(raw_body(&r)).unwrap();
+    assert_eq!(v["model"], "llama3.2", "{r}");
+    // U+017F (long s) folds to S: "ſtream" is "stream", so one JSON answer, not NDJSON.
+    let r = gen("{\"model\":\"llama3.2\",\"prompt\":\"hi\",\"\u{17f}tream\":false}");
+    assert!(r.contains("application/json"), "{r}");
+    assert!(!r.contains("application/x-ndjson"), "{r}");
+    // The Kelvin sign folds to K: "\u{212a}eep_alive":0 with no prompt unloads.
+    let r = gen("{\"model\":\"llama3.2\",\"\u{212a}eep_alive\":0}");
+    assert!(raw_body(&r).contains(r#""done_reason":"unload""#), "{r}");
+    // U+0130 and U+0131 fold only to themselves: "keep_al\u{131}ve" is no field, so the
+    // same request loads the model instead.
+    for odd in ['\u{131}', '\u{130}'] {
+        let r = gen(&format!("{{\"model\":\"llama3.2\",\"keep_al{odd}ve\":0}}"));
+        assert!(
+            raw_body(&r).contains(r#""done_reason":"load""#),
+            "{odd}: {r}"
+        );
+    }
+    // Only the first value is read; what follows it is ignored.
+    let r = gen(r#"{"model":"llama3.2","prompt":"hi","stream":false} {"model":"qwen2.5:0.5b"}"#);
+    let v: Value = serde_json::from_str(raw_body(&r)).unwrap();
+    assert_eq!(v["model"], "llama3.2");
+    let log = log_entries(&m, 8).await;
+    let models: Vec<&str> = log.iter().map(|e| e["model"].as_str().unwrap()).collect();
+    assert_eq!(models, ["llama3.2"; 8]);
+    assert!(log.iter().all(|e| e["outcome"] == "handled"));
+    assert_eq!(log[1]["route"], "/api/chat");
+}
+
+#[tokio::test]
+async fn bind_errors_answer_what_ollama_answers() {
+    let m = spawn(&[]);
+    for (path, body, status, want) in [
+        (
+            "/api/pull",
+            r#"{"model":1}"#,
+            400,
+            r#"{"error":"json: cannot unmarshal number into Go struct field PullRequest.model of type string"}"#,
+        ),
+        ("/api/pull", "", 400, r#"{"error":"missing request body"}"#),
+        (
+            "/api/show",
+            r#"{"model":"#,
+            400,
+            r#"{"error":"unexpected EOF"}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"llama3.2","keep_alive":"soon"}"#,
+            400,
+            r#"{"error":"time: invalid duration \"soon\""}"#,
+        ),
+        (
+            "/api/chat",
+            "{model}",
+            400,
+            r#"{"error":"invalid character 'm' looking for beginning of object key string"}"#,
+        ),
+    ] {
+        let r = raw_json(m.port, "POST", path, body);
+        assert!(
+            r.starts_with(&format!("HTTP/1.1 {status}")),
+            "{path} {body}: {r}"
+        );
+        assert_eq!(raw_body(&r), want, "{path} {body}");
+    }
+    let log = log_entries(&m, 5).await;
+    assert!(log.iter().all(|e| e["outcome"] == "bind_error"), "{log:#?}");
+    // The model the struct held when the error came is logged.
+    assert_eq!(log[3]["model"], "llama3.2");
+    assert_eq!(log[0]["model"], Value::Null);
+}
+
+#[tokio::test]
+async fn copy_and_blobs_bind_their_names_like_ollama() {
+    let m = spawn(&[]);
+    let r = raw_json(
+        m.port,
+        "POST",
+        "/api/copy",
+        r#"{"SOURCE":"llama3.2","Destination":"mine:v1","destination":"mine:v2"}"#,
+    );
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let tags: Value = m.get("/api/tags").await.json().await.unwrap();
+    let names: Vec<&str> = tags["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"mine:v2"), "{names:?}");
+    assert!(!names.contains(&"mine:v1"), "{names:?}");
+
+    // The digest param is decoded: sha256%3A... is sha256:...
+    let data = b"blob bytes";
+    let digest = format!("{:x}", Sha256::digest(data));
+    let head = |target: String| raw_bare(m.port, "HEAD", &target, Some("localhost"));
+    assert!(head(format!("/api/blobs/sha256%3A{digest}")).starts_with("HTTP/1.1 404"));
+    let r = raw(
+        m.port,
+        &format!(
+            "POST /api/blobs/sha256%3A{digest} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close\r\n\r\nblob bytes",
+            data.len()
+        ),
+    );
+    assert!(r.starts_with("HTTP/1.1 201"), "{r}");
+    assert!(head(format!("/api/blobs/sha256:{digest}")).starts_with("HTTP/1.1 200"));
+    // A %2F splits the param: no route.
+    assert!(head(format!("/api/blobs/sha256%2F{digest}")).starts_with("HTTP/1.1 404"));
+
+    let log = log_entries(&m, 6).await;
+    assert_eq!(log[0]["model"], "llama3.2");
+    assert_eq!(log[0]["destination"], "mine:v2");
+    assert_eq!(log[0]["route"], "/api/copy");
+    for e in &log[2..5] {
+        assert_eq!(e["route"], "/api/blobs/:digest");
+        assert_eq!(e["decoded_path"], format!("/api/blobs/sha256:{digest}"));
+    }
+    assert_eq!(log[5]["outcome"], "not_found");
+}
+
+/// A raw request without a body; `host` None sends no Host header.
+fn raw_bare(port: u16, method: &str, target: &str, host: Option<&str>) -> String {
+    let host = host.map_or(String::new(), |h| format!("Host: {h}\r\n"));
+    raw(
+        port,
+        &format!("{method} {target} HTTP/1.1\r\n{host}Connection: close\r\n\r\n"),
+    )
+}
+
+#[tokio::test]
+async fn every_request_is_logged_once_whatever_its_outcome() {
+    let m = spawn(&[]);
+    // Ollama's Host check (a gin middleware) rejects before the handler: no route ran.
+    let r = raw_bare(m.port, "POST", "/api/pull", Some("evil.example.com"));
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    // HTTP/1.1 without Host: net/http refuses it before routing.
+    let r = raw_bare(m.port, "GET", "/api/tags", None);
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert_eq!(
+        raw_body(&r),
+        "400 Bad Request: missing required Host header"
+    );
+    // `OPTIONS *` is net/http's own empty 200; any other `*` is a 400.
+    let r = raw_bare(m.port, "OPTIONS", "*", Some("localhost"));
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = raw_bare(m.port, "GET", "*", Some("localhost"));
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    let log = log_entries(&m, 4).await;
+    let outcomes: Vec<&str> = log.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert_eq!(
+        outcomes,
+        ["forbidden", "bad_request", "handled", "bad_request"]
+    );
+    assert!(log.iter().all(|e| e["route"].is_null()), "{log:#?}");
+    assert_eq!(log[0]["decoded_path"], "/api/pull");
 }

@@ -18,8 +18,12 @@ Ollama environment (read like Ollama does):
   OLLAMA_KEEP_ALIVE     how long a model stays loaded after use (default 5m; negative = forever)
   OLLAMA_ORIGINS        extra allowed CORS origins, comma separated
 
-Routes: /, /api/{version,status,tags,ps,show,generate,chat,embed,embeddings,pull,push,create,
-  delete,copy,blobs/:digest}, /v1/{chat/completions,completions,embeddings,models,models/:model,messages}.
+Routes: Ollama's route table, routed like Ollama (Go net/http decodes the path, gin v1.10 routes it:
+  trailing-slash redirects, 404, 405 with Allow) and bodies bound like Go's encoding/json (field names
+  case-insensitive, the last match wins): /, /api/{version,status,tags,ps,show,generate,chat,embed,
+  embeddings,pull,push,create,delete,copy,blobs/:digest}, /v1/{chat/completions,completions,embeddings,
+  models,models/:model,messages}. /v1/responses, /api/me, /api/signout, /api/experimental/* are routed
+  but answered 501, as are /v1/audio/transcriptions and DELETE /api/user/keys/:encodedKey.
   Models named like *embed* are embedding-only. Pulling a name that starts with `missing` fails
   in-band (`{\"error\":...}` after `pulling manifest`). Streams stop as soon as the client leaves.
 
@@ -31,7 +35,10 @@ Control endpoints (never counted as inference, never host-checked):
                         \"error_after_chunks\":K|null,\"hang\":bool,\"tokens\":n,\"token_delay_ms\":x,
                         \"first_token_delay_ms\":x,\"load_delay_ms\":x,\"clear\":true}
                         (all optional; \"clear\" first restores the start-up knobs)
-  GET  /mock/requests   the last 64 requests: method, path, query, headers, body length and sha256, model";
+  GET  /mock/requests   the last 64 requests: method, path, query, headers, body length and sha256;
+                        decoded_path (Go's URL.Path), route (the gin pattern that ran), outcome
+                        (handled, bind_error, not_found, method_not_allowed, redirect, bad_request,
+                        forbidden, preflight), model and destination as the handler bound them";
 
 /// `mock-ollama [serve]`: flags win over environment variables.
 #[derive(Parser, Debug, Clone)]

@@ -201,7 +201,11 @@ fn requests(state: &State) -> Value {
                 "headers": headers,
                 "body_len": e.body_len,
                 "body_sha256": e.body_sha256,
+                "decoded_path": e.decoded_path,
+                "route": e.route,
+                "outcome": e.outcome,
                 "model": e.model,
+                "destination": e.destination,
             })
         })
         .collect();

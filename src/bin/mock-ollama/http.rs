@@ -1,5 +1,5 @@
-//! Request dispatch: counting, the request log, gin's routing rules (404, 405 with Allow,
-//! trailing-slash redirects), Ollama's CORS and Host checks, and response helpers.
+//! Request dispatch: counting, the request log, Go's request-target handling (`gourl`),
+//! gin's routing (`router`), Ollama's CORS and Host checks, and response helpers.
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -15,101 +15,59 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::cli::split_host_port;
+use crate::router::{self, Resolution, Route};
 use crate::state::{LogEntry, State};
 use crate::stream::Body;
-use crate::{control, infer, native, openai, util};
+use crate::{control, gourl, infer, native, openai, util};
 
 pub const JSON: &str = "application/json; charset=utf-8";
 pub const BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum Route {
-    Root,
-    Version,
-    Status,
-    Tags,
-    Ps,
-    Show,
-    Generate,
-    Chat,
-    Embed,
-    Embeddings,
-    Pull,
-    Push,
-    Create,
-    Delete,
-    Copy,
-    Blob,
-    OaChat,
-    OaCompletions,
-    OaEmbeddings,
-    OaModels,
-    OaModel,
-    Messages,
-}
-
-const GET_HEAD: &[Method] = &[Method::GET, Method::HEAD];
-const GET: &[Method] = &[Method::GET];
-const POST: &[Method] = &[Method::POST];
-const DELETE: &[Method] = &[Method::DELETE];
-const BLOB: &[Method] = &[Method::POST, Method::HEAD];
-
-/// Ollama's route table (gin): the route and the methods registered for the path.
-pub fn lookup(path: &str) -> Option<(Route, &'static [Method])> {
-    Some(match path {
-        "/" => (Route::Root, GET_HEAD),
-        "/api/version" => (Route::Version, GET_HEAD),
-        "/api/status" => (Route::Status, GET),
-        "/api/tags" => (Route::Tags, GET_HEAD),
-        "/api/ps" => (Route::Ps, GET),
-        "/api/show" => (Route::Show, POST),
-        "/api/generate" => (Route::Generate, POST),
-        "/api/chat" => (Route::Chat, POST),
-        "/api/embed" => (Route::Embed, POST),
-        "/api/embeddings" => (Route::Embeddings, POST),
-        "/api/pull" => (Route::Pull, POST),
-        "/api/push" => (Route::Push, POST),
-        "/api/create" => (Route::Create, POST),
-        "/api/delete" => (Route::Delete, DELETE),
-        "/api/copy" => (Route::Copy, POST),
-        "/v1/chat/completions" => (Route::OaChat, POST),
-        "/v1/completions" => (Route::OaCompletions, POST),
-        "/v1/embeddings" => (Route::OaEmbeddings, POST),
-        "/v1/models" => (Route::OaModels, GET),
-        "/v1/messages" => (Route::Messages, POST),
-        _ => {
-            if let Some(d) = path.strip_prefix("/api/blobs/") {
-                if !d.is_empty() && !d.contains('/') {
-                    return Some((Route::Blob, BLOB));
-                }
-            }
-            if let Some(m) = path.strip_prefix("/v1/models/") {
-                if !m.is_empty() && !m.contains('/') {
-                    return Some((Route::OaModel, GET));
-                }
-            }
-            return None;
-        }
-    })
-}
 
 /// Per-request context handed to route handlers.
 pub struct Ctx {
     pub state: Arc<State>,
     pub method: Method,
-    pub path: String,
+    /// The route's param (`:digest`, `:model`), decoded.
+    pub param: Option<String>,
     pub user_agent: Option<HeaderValue>,
     pub t0: Instant,
+    outcome: &'static str,
     log: Option<LogEntry>,
 }
 
 impl Ctx {
-    /// Record the request in the log (once), with the model it names.
+    /// The handler bound its body (or needs none): record the request with the model it
+    /// acts on. Only the first call records.
     pub fn commit_log(&mut self, model: Option<&str>) {
+        self.bound(model, None);
+    }
+
+    /// Like `commit_log`, with /api/copy's destination too.
+    pub fn bound(&mut self, model: Option<&str>, destination: Option<&str>) {
         if let Some(mut e) = self.log.take() {
             e.model = model.map(str::to_string);
+            e.destination = destination.map(str::to_string);
+            e.outcome = self.outcome;
             self.state.record(e);
         }
+    }
+
+    /// The handler rejected its body with 400; `model` is what the struct held by then.
+    pub fn bind_failed(&mut self, model: Option<&str>) {
+        self.outcome = "bind_error";
+        self.bound(model, None);
+    }
+
+    /// Record the request (if no handler did) with how it ended; the route is kept only
+    /// when its handler ran.
+    fn finish(&mut self, outcome: &'static str) {
+        self.outcome = outcome;
+        if outcome != "handled" {
+            if let Some(e) = self.log.as_mut() {
+                e.route = None;
+            }
+        }
+        self.bound(None, None);
     }
 
     pub fn set_body_digest(&mut self, len: u64, sha256: String) {
@@ -122,6 +80,21 @@ impl Ctx {
     pub fn logging(&self) -> bool {
         self.log.is_some()
     }
+}
+
+impl Drop for Ctx {
+    /// A request whose handler never finished (the client left, the connection broke) is
+    /// still logged once, with what was known when it ended.
+    fn drop(&mut self) {
+        self.bound(None, None);
+    }
+}
+
+/// The path a request is counted under: Go's decoded path when it has one.
+fn counted_path(uri: &hyper::Uri) -> String {
+    gourl::parse(uri.path(), None, "")
+        .map(|u| u.path)
+        .unwrap_or_else(|| uri.path().to_string())
 }
 
 pub async fn handle(
@@ -146,7 +119,9 @@ pub async fn handle(
         .headers()
         .get(hyper::header::USER_AGENT)
         .map(|v| v.as_bytes());
-    state.stats.count(req.method(), path, user_agent);
+    state
+        .stats
+        .count(req.method(), &counted_path(req.uri()), user_agent);
     let t0 = Instant::now();
     let (parts, body) = req.into_parts();
     let line = state
@@ -164,14 +139,75 @@ pub async fn handle(
     Ok(resp)
 }
 
-async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant) -> Response<Body> {
-    let path = parts.uri.path().to_string();
-    let route = lookup(&path);
-    if route.is_none() {
-        if let Some(r) = trailing_slash_redirect(&parts) {
-            return r;
+/// The request target as Go's `url.ParseRequestURI` sees it: (path, `scheme://host` of an
+/// absolute-form target).
+fn raw_target(uri: &hyper::Uri) -> (&str, String) {
+    match (uri.scheme_str(), uri.authority()) {
+        (Some(scheme), Some(auth)) => {
+            // `http://h` has an empty path for Go; hyper reports "/".
+            let path = if uri.path_and_query().is_none() {
+                ""
+            } else {
+                uri.path()
+            };
+            (path, format!("{}://{auth}", scheme.to_ascii_lowercase()))
         }
+        _ => (uri.path(), String::new()),
     }
+}
+
+/// Go's net/http answer to a request it cannot parse (server.go `serve`): plain text,
+/// and the connection is closed.
+fn go_bad_request(detail: Option<&str>) -> Response<Body> {
+    let msg = match detail {
+        Some(d) => format!("400 Bad Request: {d}"),
+        None => "400 Bad Request".to_string(),
+    };
+    let mut r = text(StatusCode::BAD_REQUEST, "text/plain; charset=utf-8", msg);
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+/// server.go `Redirect` to `location` (already a full target) with `status`.
+fn go_redirect(method: &Method, status: u16, location: &str) -> Response<Body> {
+    let location = gourl::redirect_location(location);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::MOVED_PERMANENTLY);
+    let mut r = if *method == Method::GET {
+        let body = format!(
+            "<a href=\"{}\">{}</a>.\n\n",
+            gourl::html_escape(&location),
+            status.canonical_reason().unwrap_or("")
+        );
+        text(status, "text/html; charset=utf-8", body)
+    } else if *method == Method::HEAD {
+        text(status, "text/html; charset=utf-8", Bytes::new())
+    } else {
+        empty(status)
+    };
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
+}
+
+async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant) -> Response<Body> {
+    let (raw_path, origin) = raw_target(&parts.uri);
+    let url = gourl::parse(raw_path, parts.uri.query(), &origin);
+    let star = raw_path == "*";
+    let resolution = url
+        .as_ref()
+        .filter(|_| !star)
+        .map(|u| router::resolve(&parts.method, &u.path));
+    let (route_name, pattern, param) = match &resolution {
+        Some(Resolution::Handler {
+            route,
+            pattern,
+            param,
+        }) => (Some(*route), Some(*pattern), param.clone()),
+        _ => (None, None, None),
+    };
+    let mux_redirect = url.as_ref().filter(|_| !star).and_then(gourl::mux_redirect);
     let gate = gate(state, &parts);
     let Parts {
         method,
@@ -183,59 +219,128 @@ async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant)
     let mut ctx = Ctx {
         state: state.clone(),
         method: method.clone(),
-        path,
+        param,
         user_agent: headers.get(header::USER_AGENT).cloned(),
         t0,
+        outcome: "handled",
         log: None,
     };
+    let forwarded_prefix = headers
+        .get("x-forwarded-prefix")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let missing_host = version == hyper::Version::HTTP_11
+        && !headers.contains_key(header::HOST)
+        && method != Method::CONNECT;
     if state.cfg.request_log {
         ctx.log = Some(LogEntry {
             seq: 0,
             at: SystemTime::now(),
-            method,
+            method: method.clone(),
             uri,
             version,
             headers,
             body_len: None,
             body_sha256: None,
+            decoded_path: url.as_ref().map(|u| u.path.clone()),
+            route: pattern.filter(|_| mux_redirect.is_none() && !missing_host),
+            outcome: "handled",
             model: None,
+            destination: None,
         });
+    }
+
+    // net/http, before any handler: requests Go refuses to serve.
+    if missing_host {
+        // request.go readRequest: HTTP/1.1 requires a Host header.
+        drain(&mut ctx, body).await;
+        ctx.finish("bad_request");
+        return go_bad_request(Some("missing required Host header"));
+    }
+    let Some(url) = url else {
+        drain(&mut ctx, body).await;
+        ctx.finish("bad_request");
+        return go_bad_request(None);
+    };
+    if star {
+        drain(&mut ctx, body).await;
+        if method == Method::OPTIONS {
+            // server.go serverHandler: `OPTIONS *` gets globalOptionsHandler's empty 200.
+            ctx.finish("handled");
+            let mut r = empty(StatusCode::OK);
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            return r;
+        }
+        // ServeMux.ServeHTTP: any other `*` request is a 400 that closes the connection.
+        ctx.finish("bad_request");
+        let mut r = empty(StatusCode::BAD_REQUEST);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    // DefaultServeMux sanitising: 301 to the cleaned path, for every method.
+    if let Some(location) = mux_redirect {
+        drain(&mut ctx, body).await;
+        ctx.finish("redirect");
+        return go_redirect(&method, 301, &location);
+    }
+    let Some(resolution) = resolution else {
+        ctx.finish("not_found");
+        return text(StatusCode::NOT_FOUND, "text/plain", "404 page not found");
+    };
+    // gin redirects before running any middleware (CORS and Host checks included).
+    if let Resolution::Redirect { status, .. } = resolution {
+        drain(&mut ctx, body).await;
+        ctx.finish("redirect");
+        let new_path = router::trailing_slash_target(forwarded_prefix.as_deref(), &url.path);
+        // gin.go redirectRequest: URL.String(), whose path is re-escaped from the new Path.
+        let mut location = format!("{}{}", url.origin, gourl::escape_path(new_path.as_bytes()));
+        if url.force_query || !url.raw_query.is_empty() {
+            location.push('?');
+            location.push_str(&url.raw_query);
+        }
+        return go_redirect(&method, status, &location);
     }
     let cors = match gate {
         Ok(c) => c,
         Err(resp) => {
-            ctx.commit_log(None);
+            drain(&mut ctx, body).await;
+            let outcome = if resp.status() == StatusCode::FORBIDDEN {
+                "forbidden"
+            } else {
+                "preflight"
+            };
+            ctx.finish(outcome);
             return resp;
         }
     };
-    let mut resp = match route {
-        None => {
+    let mut resp = match (resolution, route_name) {
+        (Resolution::MethodNotAllowed { allow }, _) => {
             drain(&mut ctx, body).await;
-            text(StatusCode::NOT_FOUND, "text/plain", "404 page not found")
-        }
-        Some((_, methods)) if !methods.contains(&ctx.method) => {
-            drain(&mut ctx, body).await;
-            let allow = methods
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
+            ctx.finish("method_not_allowed");
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 "405 method not allowed",
             );
-            r.headers_mut()
-                .insert(header::ALLOW, HeaderValue::from_str(&allow).unwrap());
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                r.headers_mut().insert(header::ALLOW, v);
+            }
             r
         }
-        Some((Route::Blob, _)) => native::blob(&mut ctx, body).await,
-        Some((route, _)) => match collect(&mut ctx, body).await {
+        (Resolution::Handler { .. }, Some(Route::Blob)) => native::blob(&mut ctx, body).await,
+        (Resolution::Handler { .. }, Some(route)) => match collect(&mut ctx, body).await {
             Some(bytes) => route_to(route, &mut ctx, bytes).await,
             None => empty(StatusCode::BAD_REQUEST),
         },
+        _ => {
+            drain(&mut ctx, body).await;
+            ctx.finish("not_found");
+            text(StatusCode::NOT_FOUND, "text/plain", "404 page not found")
+        }
     };
-    ctx.commit_log(None);
+    ctx.finish("handled");
     if let Some((origin, all)) = cors {
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -280,8 +385,26 @@ async fn route_to(route: Route, ctx: &mut Ctx, body: Bytes) -> Response<Body> {
         Route::Copy => native::copy(ctx, &body),
         Route::OaModels => openai::models(ctx),
         Route::OaModel => openai::model(ctx),
+        Route::OaResponses => openai::responses(ctx, &body),
+        Route::Me
+        | Route::Signout
+        | Route::UserKeys
+        | Route::WebSearch
+        | Route::WebFetch
+        | Route::ModelRecommendations
+        | Route::OaTranscriptions => not_implemented(route),
         Route::Blob => unreachable!("blobs stream their body"),
     }
+}
+
+/// Routes Ollama registers whose behaviour needs ollama.com (sign-in, web search) or real
+/// models (recommendations, audio): routed like Ollama, answered with a plain 501.
+fn not_implemented(route: Route) -> Response<Body> {
+    error(
+        Flavor::Native,
+        StatusCode::NOT_IMPLEMENTED,
+        &format!("mock-ollama does not implement {route:?}"),
+    )
 }
 
 /// Read the whole request body (hashing it for the log).
@@ -310,46 +433,22 @@ pub async fn drain(ctx: &mut Ctx, mut body: Incoming) -> Option<(u64, [u8; 32])>
     Some((len, digest))
 }
 
-fn trailing_slash_redirect(parts: &Parts) -> Option<Response<Body>> {
-    let path = parts.uri.path();
-    if path.len() < 2 || !path.ends_with('/') {
-        return None;
-    }
-    let target = &path[..path.len() - 1];
-    let (_, methods) = lookup(target)?;
-    if !methods.contains(&parts.method) {
-        return None;
-    }
-    let location = match parts.uri.query() {
-        Some(q) => format!("{target}?{q}"),
-        None => target.to_string(),
-    };
-    let get = parts.method == Method::GET;
-    let mut r = if get {
-        text(
-            StatusCode::MOVED_PERMANENTLY,
-            "text/html; charset=utf-8",
-            format!("<a href=\"{location}\">Moved Permanently</a>.\n\n"),
-        )
-    } else {
-        empty(StatusCode::TEMPORARY_REDIRECT)
-    };
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        r.headers_mut().insert(header::LOCATION, v);
-    }
-    Some(r)
-}
-
 type CorsAllow = Option<(HeaderValue, bool)>;
 
 /// gin-contrib/cors with Ollama's configuration, then Ollama's allowed-hosts middleware.
 fn gate(state: &State, parts: &Parts) -> Result<CorsAllow, Response<Body>> {
+    // request.go readRequest: `req.Host` is the absolute-form target's host, else the header.
     let host = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| parts.uri.authority().map(|a| a.to_string()))
+        .uri
+        .authority()
+        .map(|a| a.to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
         .unwrap_or_default();
     let mut allow = None;
     if let Some(origin) = parts.headers.get(header::ORIGIN) {

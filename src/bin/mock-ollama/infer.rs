@@ -10,6 +10,7 @@ use rand::Rng;
 use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
+use crate::bind::{self, schemas, BindError, Schema};
 use crate::cli::KeepAlive;
 use crate::http::{self, Ctx, Flavor, BUSY};
 use crate::native::json_of;
@@ -161,29 +162,37 @@ struct InferRequest {
     stream_options: Option<StreamOptions>,
     #[serde(default)]
     max_tokens: Option<f64>,
-    #[serde(default)]
-    max_completion_tokens: Option<f64>,
 }
 
-/// Parse a JSON body the way Ollama reports failures (400 with a Go-like message).
+/// Bind a body into Ollama's request struct for the route (Go's `encoding/json` rules,
+/// see `bind`), then read the bound fields into `T`. A failure is logged as `bind_error`
+/// and answered 400 as the handler does: native handlers say "missing request body" for
+/// an empty body, the /v1 middlewares pass Go's `EOF`.
 pub fn parse<T: for<'de> Deserialize<'de>>(
+    ctx: &mut Ctx,
     body: &[u8],
     flavor: Flavor,
+    schema: &'static Schema,
 ) -> Result<T, Response<Body>> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        let msg = match flavor {
-            Flavor::Native => "missing request body",
-            Flavor::OpenAi | Flavor::Anthropic => "EOF",
-        };
-        return Err(http::error(flavor, StatusCode::BAD_REQUEST, msg));
-    }
-    serde_json::from_slice(body).map_err(|e| {
-        http::error(
-            flavor,
-            StatusCode::BAD_REQUEST,
-            &util::json_error_text(body, &e),
-        )
-    })
+    let bound = bind::bind(body, schema);
+    let msg = match bound.error {
+        None => match serde_json::from_value(bound.value) {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                ctx.bind_failed(None);
+                return Err(http::error(flavor, StatusCode::BAD_REQUEST, &e.to_string()));
+            }
+        },
+        Some(BindError::Eof) if flavor == Flavor::Native => "missing request body".into(),
+        Some(BindError::Eof) => "EOF".into(),
+        Some(BindError::Invalid(m)) => m,
+    };
+    let model = match &bound.value["model"] {
+        serde_json::Value::String(m) if !m.is_empty() => Some(m.as_str()),
+        _ => None,
+    };
+    ctx.bind_failed(model);
+    Err(http::error(flavor, StatusCode::BAD_REQUEST, &msg))
 }
 
 fn keep_alive(
@@ -252,12 +261,23 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         k if k.openai() => Flavor::OpenAi,
         _ => Flavor::Native,
     };
-    let req: InferRequest = match parse(body, flavor) {
+    let schema = match kind {
+        Kind::Generate => &schemas::GENERATE,
+        Kind::Chat => &schemas::CHAT,
+        Kind::OaChat => &schemas::OA_CHAT,
+        Kind::OaCompletion => &schemas::OA_COMPLETION,
+        Kind::Anthropic => &schemas::ANTHROPIC,
+    };
+    let req: InferRequest = match parse(ctx, body, flavor, schema) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
     let name = req.model.unwrap_or_default();
     ctx.commit_log(Some(&name).filter(|n| !n.is_empty()).map(|s| s.as_str()));
+    let msgs = req.messages.unwrap_or_default();
+    if let Some(msg) = middleware_rejects(kind, &name, req.max_tokens, msgs.count) {
+        return http::error(flavor, StatusCode::BAD_REQUEST, msg);
+    }
     if let Some(resp) = faults(ctx, flavor).await {
         return resp;
     }
@@ -283,26 +303,11 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         Ok(k) => k,
         Err(r) => return r,
     };
-    let msgs = req.messages.unwrap_or_default();
     let prompt = req.prompt.unwrap_or_default();
     let empty = match kind {
         Kind::Generate | Kind::OaCompletion => prompt.0 == 0,
         Kind::Chat | Kind::OaChat | Kind::Anthropic => msgs.count == 0,
     };
-    if kind == Kind::Anthropic && empty {
-        return http::error(
-            flavor,
-            StatusCode::BAD_REQUEST,
-            "messages: at least one message is required",
-        );
-    }
-    if kind == Kind::OaChat && empty {
-        return http::error(
-            flavor,
-            StatusCode::BAD_REQUEST,
-            "[] is too short - 'messages'",
-        );
-    }
     let model_json = util::json_str(&name);
     if empty && !kind.compat() && ka == KeepAlive::For(std::time::Duration::ZERO) {
         model.unload();
@@ -320,7 +325,6 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
     let limit = req
         .options
         .and_then(|o| o.num_predict)
-        .or(req.max_completion_tokens)
         .or(req.max_tokens)
         .filter(|n| *n >= 0.0)
         .map(|n| n as u64);
@@ -372,6 +376,25 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
     }
 }
 
+/// What the compatibility middlewares refuse after binding and before the handler runs
+/// (middleware/openai.go ChatMiddleware, middleware/anthropic.go AnthropicMessagesMiddleware).
+fn middleware_rejects(
+    kind: Kind,
+    model: &str,
+    max_tokens: Option<f64>,
+    messages: usize,
+) -> Option<&'static str> {
+    match kind {
+        Kind::OaChat if messages == 0 => Some("[] is too short - 'messages'"),
+        Kind::Anthropic if model.is_empty() => Some("model is required"),
+        Kind::Anthropic if max_tokens.unwrap_or(0.0) <= 0.0 => {
+            Some("max_tokens is required and must be positive")
+        }
+        Kind::Anthropic if messages == 0 => Some("messages is required"),
+        _ => None,
+    }
+}
+
 fn load_answer(kind: Kind, model_json: &str, reason: &str) -> Response<Body> {
     let now = util::rfc3339(std::time::SystemTime::now());
     let body = match kind {
@@ -406,7 +429,7 @@ struct EmbedRequest {
     #[serde(default)]
     keep_alive: Option<serde_json::Value>,
     #[serde(default)]
-    dimensions: Option<usize>,
+    dimensions: Option<i64>,
     #[serde(default)]
     encoding_format: Option<String>,
 }
@@ -438,7 +461,12 @@ pub async fn embed(ctx: &mut Ctx, body: &[u8], api: EmbedApi) -> Response<Body> 
     } else {
         Flavor::Native
     };
-    let req: EmbedRequest = match parse(body, flavor) {
+    let schema = match api {
+        EmbedApi::Embed => &schemas::EMBED,
+        EmbedApi::Legacy => &schemas::EMBEDDING,
+        EmbedApi::OpenAi => &schemas::OA_EMBED,
+    };
+    let req: EmbedRequest = match parse(ctx, body, flavor, schema) {
         Ok(r) => r,
         Err(resp) => return resp,
     };
@@ -511,7 +539,11 @@ pub async fn embed(ctx: &mut Ctx, body: &[u8], api: EmbedApi) -> Response<Body> 
         tokio::time::sleep(first).await;
     }
     let mut dim = model.embedding_length;
-    if let Some(d) = req.dimensions.filter(|d| *d > 0 && *d < dim) {
+    if let Some(d) = req
+        .dimensions
+        .and_then(|d| usize::try_from(d).ok())
+        .filter(|d| *d > 0 && *d < dim)
+    {
         dim = d;
     }
     let vectors: Vec<Vec<f32>> = inputs.iter().map(|t| embedding(t, dim)).collect();

@@ -10,12 +10,16 @@
 // are cold, so boxing them would only add noise.
 #![allow(clippy::result_large_err)]
 
+mod bind;
 mod cli;
 mod control;
+mod gojson;
+mod gourl;
 mod http;
 mod infer;
 mod native;
 mod openai;
+mod router;
 mod state;
 mod stream;
 mod util;

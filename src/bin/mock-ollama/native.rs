@@ -7,6 +7,7 @@ use hyper::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::bind::{schemas, Schema};
 use crate::http::{self, Ctx, Flavor};
 use crate::infer::parse;
 use crate::state::{canonical_name, valid_name, Model};
@@ -167,8 +168,15 @@ impl NameRequest {
     }
 }
 
-fn parse_names(ctx: &mut Ctx, body: &[u8]) -> Result<NameRequest, Response<Body>> {
-    let r: NameRequest = parse(body, Flavor::Native)?;
+/// Bind the body into the route's request struct and log the model the handler acts on:
+/// `cmp.Or(req.Model, req.Name)` (routes.go PullHandler, PushHandler, DeleteHandler,
+/// CreateHandler; ShowHandler picks the same way).
+fn parse_names(
+    ctx: &mut Ctx,
+    body: &[u8],
+    schema: &'static Schema,
+) -> Result<NameRequest, Response<Body>> {
+    let r: NameRequest = parse(ctx, body, Flavor::Native, schema)?;
     let n = r.name();
     ctx.commit_log(Some(n.as_str()).filter(|s| !s.is_empty()));
     Ok(r)
@@ -179,7 +187,7 @@ fn native_err(status: StatusCode, msg: &str) -> Response<Body> {
 }
 
 pub fn show(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
-    let r = match parse_names(ctx, body) {
+    let r = match parse_names(ctx, body, &schemas::SHOW) {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -303,7 +311,7 @@ fn layers(m: &Model) -> Vec<(String, u64)> {
 }
 
 pub async fn pull(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
-    let r = match parse_names(ctx, body) {
+    let r = match parse_names(ctx, body, &schemas::PULL) {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -350,7 +358,7 @@ pub async fn pull(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
 }
 
 pub async fn push(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
-    let r = match parse_names(ctx, body) {
+    let r = match parse_names(ctx, body, &schemas::PUSH) {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -391,11 +399,12 @@ pub async fn push(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
 }
 
 pub async fn create(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
-    let r = match parse_names(ctx, body) {
+    let r = match parse_names(ctx, body, &schemas::CREATE) {
         Ok(r) => r,
         Err(e) => return e,
     };
-    let raw: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    // The other fields as the Go struct holds them (folded names, last match wins).
+    let raw = crate::bind::bind(body, &schemas::CREATE).value;
     let name = r.name();
     if !valid_name(&name) {
         return native_err(StatusCode::BAD_REQUEST, "invalid model name");
@@ -452,7 +461,7 @@ pub async fn create(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
 }
 
 pub fn delete(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
-    let r = match parse_names(ctx, body) {
+    let r = match parse_names(ctx, body, &schemas::DELETE) {
         Ok(r) => r,
         Err(e) => return e,
     };
@@ -471,13 +480,16 @@ pub fn delete(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
 }
 
 pub fn copy(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
-    let r = match parse_names(ctx, body) {
+    let r: NameRequest = match parse(ctx, body, Flavor::Native, &schemas::COPY) {
         Ok(r) => r,
         Err(e) => return e,
     };
     let src = r.source.clone().unwrap_or_default();
     let dst = r.destination.clone().unwrap_or_default();
-    ctx.commit_log(Some(src.as_str()));
+    ctx.bound(
+        Some(src.as_str()).filter(|s| !s.is_empty()),
+        Some(dst.as_str()).filter(|s| !s.is_empty()),
+    );
     if !valid_name(&src) {
         return native_err(
             StatusCode::BAD_REQUEST,
@@ -510,7 +522,7 @@ fn valid_digest(d: &str) -> bool {
 /// HEAD/POST /api/blobs/:digest. Uploads are hashed as they stream in, never buffered.
 pub async fn blob(ctx: &mut Ctx, mut body: Incoming) -> Response<Body> {
     use sha2::{Digest, Sha256};
-    let param = ctx.path["/api/blobs/".len()..].to_string();
+    let param = ctx.param.clone().unwrap_or_default();
     if !valid_digest(&param) {
         http::drain(ctx, body).await;
         return native_err(StatusCode::BAD_REQUEST, "invalid digest format");

@@ -4,6 +4,7 @@
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
+use crate::bind::schemas;
 use crate::http::{self, Ctx, Flavor};
 use crate::native::json_of;
 use crate::state::Model;
@@ -50,26 +51,9 @@ pub fn models(ctx: &Ctx) -> Response<Body> {
     })
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 pub fn model(ctx: &mut Ctx) -> Response<Body> {
-    let id = percent_decode(&ctx.path["/v1/models/".len()..]);
+    // middleware/openai.go RetrieveMiddleware: the `:model` param, decoded once by Go.
+    let id = ctx.param.clone().unwrap_or_default();
     ctx.commit_log(Some(&id));
     match ctx.state.find_model(&id) {
         Some(m) => json_of(&object(&id, &m)),
@@ -79,4 +63,24 @@ pub fn model(ctx: &mut Ctx) -> Response<Body> {
             &format!("model '{id}' not found"),
         ),
     }
+}
+
+/// `POST /v1/responses`: bound like Ollama's ResponsesMiddleware so the log shows the model,
+/// then answered 501 (the mock does not generate Responses API output).
+pub fn responses(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        #[serde(default)]
+        model: Option<String>,
+    }
+    let req: Req = match crate::infer::parse(ctx, body, Flavor::OpenAi, &schemas::OA_RESPONSES) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    ctx.commit_log(req.model.as_deref().filter(|m| !m.is_empty()));
+    http::error(
+        Flavor::OpenAi,
+        StatusCode::NOT_IMPLEMENTED,
+        "mock-ollama does not implement /v1/responses",
+    )
 }

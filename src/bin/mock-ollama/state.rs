@@ -533,7 +533,17 @@ pub struct LogEntry {
     pub headers: HeaderMap,
     pub body_len: Option<u64>,
     pub body_sha256: Option<String>,
+    /// `URL.Path` as Go decoded it; None when Go rejects the target.
+    pub decoded_path: Option<String>,
+    /// The gin pattern whose handler ran.
+    pub route: Option<&'static str>,
+    /// handled, bind_error, not_found, method_not_allowed, redirect, bad_request,
+    /// forbidden (CORS or Host check), preflight (CORS preflight answered).
+    pub outcome: &'static str,
+    /// The model the handler acts on, as bound (/api/copy: the source).
     pub model: Option<String>,
+    /// /api/copy's destination, as bound.
+    pub destination: Option<String>,
 }
 
 pub struct State {

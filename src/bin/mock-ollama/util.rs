@@ -1,4 +1,4 @@
-//! Small helpers: Go-style timestamps, hex, base64, Go-like JSON error texts.
+//! Small helpers: Go-style timestamps, hex, base64, Go-style JSON strings.
 
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -115,41 +115,6 @@ pub fn fnv1a(data: &[u8]) -> u64 {
 /// A JSON string literal (with quotes) for `s`.
 pub fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string())
-}
-
-/// A Go `encoding/json`-like message for a body serde could not parse.
-pub fn json_error_text(body: &[u8], e: &serde_json::Error) -> String {
-    use serde_json::error::Category;
-    match e.classify() {
-        Category::Eof => "unexpected EOF".to_string(),
-        Category::Syntax => {
-            // Find the offending byte from line/column (both 1-based).
-            let mut line = 1;
-            let mut start = 0;
-            for (i, b) in body.iter().enumerate() {
-                if line == e.line() {
-                    start = i;
-                    break;
-                }
-                if *b == b'\n' {
-                    line += 1;
-                    start = i + 1;
-                }
-            }
-            let idx = start + e.column().saturating_sub(1);
-            match body.get(idx) {
-                Some(c) if c.is_ascii_graphic() => {
-                    format!(
-                        "invalid character '{}' looking for beginning of value",
-                        *c as char
-                    )
-                }
-                _ => format!("invalid character looking for beginning of value ({e})"),
-            }
-        }
-        Category::Data => format!("json: cannot unmarshal: {e}"),
-        Category::Io => e.to_string(),
-    }
 }
 
 #[cfg(test)]
