@@ -250,18 +250,18 @@ async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant)
         });
     }
 
-    // net/http, before any handler: requests Go refuses to serve.
-    if missing_host {
-        // request.go readRequest: HTTP/1.1 requires a Host header.
-        drain(&mut ctx, body).await;
-        ctx.finish("bad_request");
-        return go_bad_request(Some("missing required Host header"));
-    }
+    // net/http, before any handler: requests Go refuses to serve. readRequest parses the
+    // target first (url.ParseRequestURI), then insists on Host for HTTP/1.1.
     let Some(url) = url else {
         drain(&mut ctx, body).await;
         ctx.finish("bad_request");
         return go_bad_request(None);
     };
+    if missing_host {
+        drain(&mut ctx, body).await;
+        ctx.finish("bad_request");
+        return go_bad_request(Some("missing required Host header"));
+    }
     if star {
         drain(&mut ctx, body).await;
         if method == Method::OPTIONS {
