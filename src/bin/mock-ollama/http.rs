@@ -15,6 +15,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode};
 
 use crate::cli::split_host_port;
+use crate::gourl::GoUrl;
 use crate::router::{self, Resolution, Route};
 use crate::state::{LogEntry, State};
 use crate::stream::Body;
@@ -90,13 +91,6 @@ impl Drop for Ctx {
     }
 }
 
-/// The path a request is counted under: Go's decoded path when it has one.
-fn counted_path(uri: &hyper::Uri) -> String {
-    gourl::parse(uri.path(), None, "")
-        .map(|u| u.path)
-        .unwrap_or_else(|| uri.path().to_string())
-}
-
 pub async fn handle(
     state: Arc<State>,
     req: Request<Incoming>,
@@ -115,20 +109,22 @@ pub async fn handle(
             std::process::exit(2);
         }
     }
+    let (raw_path, origin) = raw_target(req.uri());
+    let url = gourl::parse(raw_path, req.uri().query(), &origin);
     let user_agent = req
         .headers()
         .get(hyper::header::USER_AGENT)
         .map(|v| v.as_bytes());
-    state
-        .stats
-        .count(req.method(), &counted_path(req.uri()), user_agent);
+    // Counted under Go's decoded path when it has one.
+    let counted = url.as_ref().map_or(raw_path, |u| u.path.as_str());
+    state.stats.count(req.method(), counted, user_agent);
     let t0 = Instant::now();
     let (parts, body) = req.into_parts();
     let line = state
         .cfg
         .log
         .then(|| format!("{} {}", parts.method, parts.uri));
-    let resp = dispatch(&state, parts, body, t0).await;
+    let resp = dispatch(&state, parts, url, body, t0).await;
     if let Some(line) = line {
         eprintln!(
             "mock-ollama: {line} -> {} in {:?}",
@@ -191,9 +187,14 @@ fn go_redirect(method: &Method, status: u16, location: &str) -> Response<Body> {
     r
 }
 
-async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant) -> Response<Body> {
-    let (raw_path, origin) = raw_target(&parts.uri);
-    let url = gourl::parse(raw_path, parts.uri.query(), &origin);
+async fn dispatch(
+    state: &Arc<State>,
+    parts: Parts,
+    url: Option<GoUrl>,
+    body: Incoming,
+    t0: Instant,
+) -> Response<Body> {
+    let (raw_path, _) = raw_target(&parts.uri);
     let star = raw_path == "*";
     let resolution = url
         .as_ref()
@@ -250,18 +251,18 @@ async fn dispatch(state: &Arc<State>, parts: Parts, body: Incoming, t0: Instant)
         });
     }
 
-    // net/http, before any handler: requests Go refuses to serve.
-    if missing_host {
-        // request.go readRequest: HTTP/1.1 requires a Host header.
-        drain(&mut ctx, body).await;
-        ctx.finish("bad_request");
-        return go_bad_request(Some("missing required Host header"));
-    }
+    // net/http, before any handler: requests Go refuses to serve. readRequest parses the
+    // target first (url.ParseRequestURI), then insists on Host for HTTP/1.1.
     let Some(url) = url else {
         drain(&mut ctx, body).await;
         ctx.finish("bad_request");
         return go_bad_request(None);
     };
+    if missing_host {
+        drain(&mut ctx, body).await;
+        ctx.finish("bad_request");
+        return go_bad_request(Some("missing required Host header"));
+    }
     if star {
         drain(&mut ctx, body).await;
         if method == Method::OPTIONS {
