@@ -781,10 +781,7 @@ impl Default for CorsFile {
 pub struct SharedStateFile {
     /// `redis://[user:password@]host:port[/db]` or `unix:///path`; unset: limits are this
     /// process's own. `check` prints the password as `***`.
-    #[serde(
-        default,
-        serialize_with = "serialize_redacted_url"
-    )]
+    #[serde(default, serialize_with = "serialize_redacted_url")]
     pub redis: Option<String>,
     /// Prepended to every Redis key the sidecar writes.
     #[serde(default = "default_shared_prefix")]
