@@ -8,20 +8,30 @@ cd "$(dirname "$0")"
 
 say() { echo "dev.sh: $*" >&2; }
 
+# Installs Debian packages that are missing (as root with apt-get), or says how and stops.
+#   need_packages "why" command:package ...
+need_packages() {
+  local why=$1; shift
+  local missing=() pair
+  for pair in "$@"; do
+    command -v "${pair%%:*}" >/dev/null || missing+=("${pair#*:}")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${missing[*]} ($why) with apt-get"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  else
+    say "missing: ${missing[*]} ($why). Install with:"
+    say "    sudo apt-get install -y ${missing[*]}      (Debian/Ubuntu)"
+    exit 1
+  fi
+}
+
 # Pingora's zlib-ng dependency needs cmake to build; a fresh machine lacks it.
 need_build_tools() {
   command -v cargo >/dev/null || { say "cargo is missing: install Rust from https://rustup.rs"; exit 1; }
-  command -v cmake >/dev/null && return 0
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    say "installing cmake (Pingora's zlib-ng needs it) with apt-get"
-    DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null
-  else
-    say "cmake is missing; Pingora's zlib-ng dependency needs it to build. Install it with:"
-    say "    sudo apt-get install -y cmake      (Debian/Ubuntu)"
-    say "    sudo dnf install -y cmake          (Fedora)      brew install cmake   (macOS)"
-    exit 1
-  fi
+  need_packages "Pingora's zlib-ng builds with cmake" cmake:cmake
 }
 
 cmd="${1:-}"
@@ -41,6 +51,8 @@ case "$cmd" in
     ;;
   test)
     need_build_tools
+    # tests/redis.rs starts its own redis-server on a loopback port.
+    need_packages "tests/redis.rs runs a real Redis" redis-server:redis-server
     cargo test --all-targets
     tests/clients/run.sh
     ;;
