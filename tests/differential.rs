@@ -682,6 +682,8 @@ fn known_cases() -> Vec<Case> {
         key,
     };
     vec![
+        // A path parameter that is not UTF-8 once decoded.
+        case("GET", b"/v1/models/qwen2.%FF5:0.5b%20", b"", Key::Alice),
         case(
             "POST",
             b"/api/%70ull",

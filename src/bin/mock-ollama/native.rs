@@ -296,7 +296,7 @@ async fn progress(
 }
 
 fn short(digest: &str) -> &str {
-    &digest[..12]
+    digest.get(..12).unwrap_or(digest)
 }
 
 fn layers(m: &Model) -> Vec<(String, u64)> {

@@ -303,10 +303,17 @@ struct LoadState {
 /// Split a model reference into (base, tag), dropping the default registry and namespace.
 fn split_name(s: &str) -> (&str, &str) {
     let mut s = s.trim();
-    if s.len() > 19 && s[..19].eq_ignore_ascii_case("registry.ollama.ai/") {
+    // `get` rather than slicing: a name decoded from a path may hold multi-byte characters.
+    if s.len() > 19
+        && s.get(..19)
+            .is_some_and(|p| p.eq_ignore_ascii_case("registry.ollama.ai/"))
+    {
         s = &s[19..];
     }
-    if s.len() > 8 && s[..8].eq_ignore_ascii_case("library/") {
+    if s.len() > 8
+        && s.get(..8)
+            .is_some_and(|p| p.eq_ignore_ascii_case("library/"))
+    {
         s = &s[8..];
     }
     let last_slash = s.rfind('/').map_or(0, |i| i + 1);
