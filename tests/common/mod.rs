@@ -18,6 +18,42 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Whether process `pid` holds a listening TCP socket on `port` (any address). Answers the
+/// question `port_open` cannot: `free_port` releases its port before the child binds it, so a
+/// parallel test may take it first, and then `port_open` would see that other process.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let cols: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = cols.get(1)?.rsplit(':').next()?;
+                    let listening = *cols.get(3)? == "0A";
+                    let inode = cols.get(9)?;
+                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                        .then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+        })
+        .unwrap_or(false)
+}
+
+/// How many times a test child is started on fresh ports when another process took its port
+/// between `free_port` and the child's bind.
+const PORT_ATTEMPTS: usize = 5;
+
 /// A child process killed (and reaped) on drop.
 pub struct Proc {
     pub child: Child,
@@ -83,12 +119,27 @@ pub struct Mock {
 }
 
 impl Mock {
+    /// A mock on a free port; started again on another port if a parallel test took this one.
     pub fn start(env: &[(&str, &str)]) -> Mock {
+        for _ in 1..PORT_ATTEMPTS {
+            if let Some(mock) = Self::try_start_on(free_port(), env) {
+                return mock;
+            }
+        }
         Self::start_on(free_port(), env)
     }
 
     /// A mock on a given port (to bring an instance back where it was).
     pub fn start_on(port: u16, env: &[(&str, &str)]) -> Mock {
+        match Self::try_start_on(port, env) {
+            Some(mock) => mock,
+            None => panic!("mock-ollama did not start listening on {port}"),
+        }
+    }
+
+    /// Starts a mock and waits until it (not another process) listens on `port`; `None` when it
+    /// exits or does not listen within 10 s.
+    fn try_start_on(port: u16, env: &[(&str, &str)]) -> Option<Mock> {
         let mut cmd = Command::new(MOCK);
         cmd.arg("serve")
             .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
@@ -98,15 +149,15 @@ impl Mock {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn mock-ollama");
-        let mock = Mock {
+        let mut mock = Mock {
             port,
             proc: Proc { child },
         };
-        assert!(
-            wait_until(Duration::from_secs(10), || port_open(port)),
-            "mock-ollama did not start on {port}"
-        );
-        mock
+        let pid = mock.proc.pid();
+        wait_until(Duration::from_secs(10), || {
+            listens_on(pid, port) || matches!(mock.proc.child.try_wait(), Ok(Some(_)))
+        });
+        listens_on(pid, port).then_some(mock)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -147,8 +198,24 @@ impl Sidecar {
     /// [`SIDECAR`], so the child is the sidecar); its output goes to the log file.
     pub fn start_with_command(
         body: &str,
-        command: impl FnOnce(&std::path::Path) -> Command,
+        mut command: impl FnMut(&std::path::Path) -> Command,
     ) -> Sidecar {
+        let mut last_log = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            match Self::try_start(body, &mut command) {
+                Ok(sidecar) => return sidecar,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("sidecar did not start; log:\n{last_log}")
+    }
+
+    /// One start on fresh ports: the sidecar once its proxy and admin ports are its own, or its log
+    /// when it exited or another process holds a port.
+    fn try_start(
+        body: &str,
+        command: &mut impl FnMut(&std::path::Path) -> Command,
+    ) -> Result<Sidecar, String> {
         let port = free_port();
         let admin_port = free_port();
         let mut config = tempfile::Builder::new()
@@ -174,15 +241,16 @@ impl Sidecar {
             log,
             _dir: dir,
         };
-        let up = wait_until(Duration::from_secs(15), || {
-            port_open(port) || matches!(sidecar.proc.child.try_wait(), Ok(Some(_)))
+        let pid = sidecar.proc.pid();
+        let owns_ports = || listens_on(pid, port) && listens_on(pid, admin_port);
+        wait_until(Duration::from_secs(15), || {
+            owns_ports() || matches!(sidecar.proc.child.try_wait(), Ok(Some(_)))
         });
-        assert!(
-            up && port_open(port),
-            "sidecar did not start; log:\n{}",
-            sidecar.log_text()
-        );
-        sidecar
+        if owns_ports() {
+            Ok(sidecar)
+        } else {
+            Err(sidecar.log_text())
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
