@@ -20,7 +20,7 @@
 //! The registry is process-wide ([`global`]), like the `prometheus` crate's default registry: any
 //! module can record an event without plumbing, and a process has one `/metrics`.
 
-use crate::admission::{AdmissionSnapshot, SlotUse};
+use crate::admission::{AdmissionSnapshot, SlotUse, WaiterView};
 use crate::app::App;
 use crate::proxy::inference::Outcome;
 use crate::proxy::tap::TapSummary;
@@ -209,6 +209,8 @@ pub struct Metrics {
     queue_requests: IntGauge,
     queue_bytes: IntGauge,
     queue_clients: IntGauge,
+    /// Waiters per configured API key (bounded: key names come from the configuration).
+    key_queued: IntGaugeVec,
     queue_oldest_wait: Gauge,
     running_requests: IntGauge,
     busy_slots_ratio: Gauge,
@@ -502,6 +504,15 @@ impl Metrics {
                     "queue_bytes",
                     "Request body bytes held by requests waiting for a slot."
                 )
+            ),
+            key_queued: metric!(
+                r,
+                IntGaugeVec,
+                opts(
+                    "key_queue_requests",
+                    "Inference requests waiting in the admission queue, by API key (every configured key; requests without a key are not counted here)."
+                ),
+                &["key"]
             ),
             queue_clients: metric!(
                 r,
@@ -814,6 +825,7 @@ impl Metrics {
             &app.registry,
             app.lifecycle.active(),
         );
+        self.refresh_keys(&app.config.access.keys, &app.admission.waiters());
         self.encode()
     }
 
@@ -841,6 +853,23 @@ impl Metrics {
                     .find(|inst| inst.index == i)
                     .map_or(0, |inst| inst.slot_limit())
             }));
+    }
+
+    /// Mirrors the queue per configured key (a key with nothing waiting reads 0).
+    pub fn refresh_keys(&self, keys: &[crate::config::ApiKey], waiters: &[WaiterView]) {
+        for key in keys {
+            let waiting = waiters.iter().filter(|w| *w.client == *key.name).count();
+            set(&self.key_queued, &[&key.name], waiting as i64);
+        }
+    }
+
+    /// The models `instance` last listed in `/api/tags` (kept while it does not answer).
+    pub fn installed_models(&self, instance: &str) -> Vec<String> {
+        self.known_models
+            .read()
+            .ok()
+            .and_then(|k| k.by_instance.get(instance).cloned())
+            .unwrap_or_default()
     }
 
     /// Mirrors the queue, slot and instance state into their gauges and counters.

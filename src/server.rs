@@ -124,6 +124,7 @@ impl BackgroundService for InstanceWatch {
             models::poke_on_change(app.registry.clone(), app.admission.clone()),
             metrics::poll_known_models(app.registry.clone(), metrics::global()),
             memory::release_after_load(app.lifecycle.clone()),
+            crate::admin::history::sample(app.clone()),
         );
     }
 }

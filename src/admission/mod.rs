@@ -18,11 +18,13 @@
 //! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
 
 mod queue;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
 use crate::upstream::Instance;
 use queue::{Entry, FairQueue};
+pub use snapshot::WaiterView;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;

@@ -191,6 +191,38 @@ impl<T> FairQueue<T> {
         Some(entry)
     }
 
+    /// Every queued entry's id in the order `pop` would serve them if nothing changed meanwhile
+    /// (read-only: replays the ring on a copy of the turn keys).
+    pub fn serving_order(&self, epoch: i64) -> Vec<u64> {
+        let mut ring = self.ring.clone();
+        let mut waiters: HashMap<&Arc<str>, Vec<(Reverse<i32>, u64)>> = self
+            .clients
+            .iter()
+            .map(|(c, q)| (c, q.waiters.iter().rev().copied().collect()))
+            .collect();
+        let mut next_turn = self.next_turn;
+        let mut order = Vec::with_capacity(self.entries.len());
+        while let Some((_, client)) = ring.pop_first() {
+            let Some(queue) = waiters.get_mut(&client) else {
+                continue;
+            };
+            let Some((_, seq)) = queue.pop() else {
+                continue;
+            };
+            order.push(seq);
+            if let Some((Reverse(p), _)) = queue.last() {
+                ring.insert((Reverse(ring_key(*p, epoch)), next_turn), client);
+                next_turn += 1;
+            }
+        }
+        order
+    }
+
+    /// A queued entry by id.
+    pub fn get(&self, seq: u64) -> Option<&Entry<T>> {
+        self.entries.get(&seq)
+    }
+
     /// Empties the queue, returning every entry in arrival order.
     pub fn drain(&mut self) -> Vec<Entry<T>> {
         self.ring.clear();

@@ -204,6 +204,7 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         bytes_out,
     };
     crate::metrics::global().record(&record);
+    crate::admin::recent::observe(session, ctx, &record, e);
     if !app.config.log.access {
         return;
     }

@@ -83,18 +83,37 @@ impl Checker {
             .req
             .insert_header(http::header::HOST, self.instance.host_header_for(addr))
             .map_err(|e| failed(&e))?;
-        self.check
-            .check(&backend)
-            .await
-            .map_err(|e| failed(&describe(&e)))
+        let Err(e) = self.check.check(&backend).await else {
+            return Ok(());
+        };
+        let mut cause = describe(&e, self.timeout);
+        if let pingora_error::ErrorType::CustomCode(_, _) = e.etype() {
+            // Pingora's check reads only the status: ask once more for what the body says.
+            let host = self.instance.host_header_for(addr);
+            if let Some(body) = body_excerpt(addr, host, self.timeout).await {
+                cause = format!("{cause}: {body}");
+            }
+        }
+        Err(failed(&cause))
     }
 
     /// Runs one check and applies the thresholds; returns whether the state changed.
     async fn run_once(&mut self) -> bool {
         let result = self.probe().await;
         let ok = result.is_ok();
-        if let Err(e) = &result {
-            tracing::debug!(instance = %self.instance.name, error = %e, "health check failed");
+        let before = self.instance.problem();
+        match (&result, &before) {
+            // Logged when failures start and when their cause changes, not every interval.
+            (Err(e), Some(b)) if e == b => {
+                tracing::debug!(instance = %self.instance.name, error = %e, "health check failed")
+            }
+            (Err(e), _) => {
+                tracing::warn!(instance = %self.instance.name, error = %e, "health check failed")
+            }
+            (Ok(()), Some(b)) => {
+                tracing::info!(instance = %self.instance.name, previous_error = %b, "health check passes again")
+            }
+            (Ok(()), None) => {}
         }
         self.instance.set_problem(result.err());
         crate::metrics::global()
@@ -109,6 +128,9 @@ impl Checker {
         let threshold = |success: bool| self.check.health_threshold(success) as i64;
         match state {
             InstanceState::Ready if self.streak <= -threshold(false) => {
+                let error = self.instance.problem().unwrap_or_default();
+                tracing::warn!(instance = %self.instance.name, %error, failures = -self.streak,
+                    "instance out of rotation: its health checks fail");
                 self.instance.set_state(InstanceState::Unhealthy);
                 true
             }
@@ -127,18 +149,46 @@ impl Checker {
     }
 }
 
-/// A check's failure in a few words (Pingora's own text repeats the address and its contexts):
-/// the status that was not 200, or the error type and its root cause.
-fn describe(e: &pingora_error::Error) -> String {
-    if let pingora_error::ErrorType::CustomCode(_, status) = e.etype() {
-        return format!("answered {status}");
+/// A check's failure in the words an operator reads: `connection refused`, `no answer within
+/// 1s`, `answered 503`... (Pingora's own text repeats the address and its contexts).
+fn describe(e: &pingora_error::Error, timeout: Duration) -> String {
+    use pingora_error::ErrorType as T;
+    let within = humantime::format_duration(timeout);
+    match e.etype() {
+        T::CustomCode(_, status) => format!("answered {status}"),
+        T::ConnectRefused => "connection refused".to_string(),
+        T::ConnectTimedout => format!("connect timed out after {within}"),
+        T::ReadTimedout | T::WriteTimedout => format!("no answer within {within}"),
+        T::ConnectNoRoute => "no route to host".to_string(),
+        _ => {
+            let root = e.root_cause();
+            if root.is::<pingora_error::Error>() {
+                e.root_etype().as_str().to_string()
+            } else {
+                format!("{}: {root}", e.etype().as_str())
+            }
+        }
     }
-    let root = e.root_cause();
-    if root.is::<pingora_error::Error>() {
-        e.root_etype().as_str().to_string()
-    } else {
-        format!("{}: {root}", e.etype().as_str())
-    }
+}
+
+/// Longest part of a failing check's body kept in its cause.
+const BODY_EXCERPT: usize = 200;
+
+/// The start of what `GET /api/version` answers at `addr`, on one line.
+async fn body_excerpt(addr: SocketAddr, host: &str, timeout: Duration) -> Option<String> {
+    let answer =
+        super::client::request(addr, host, http::Method::GET, "/api/version", None, timeout)
+            .await
+            .ok()?;
+    let text = String::from_utf8_lossy(&answer.body);
+    let text: String = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .chars()
+        .take(BODY_EXCERPT)
+        .collect();
+    (!text.is_empty()).then_some(text)
 }
 
 fn checkers(registry: &Registry, config: &HealthFile) -> Vec<Checker> {

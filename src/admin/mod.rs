@@ -7,10 +7,20 @@
 //! - `GET /readyz`: 200 when at least one instance can serve inference, else 503 with a JSON
 //!   reason (also 503 while shutting down);
 //! - `GET /status`: JSON for operators: version, uptime, every instance (state, process,
-//!   health, loaded models, load), the queue and its counters, the model allow-list.
+//!   health and its last check's cause, installed and loaded models, load), the queue with every
+//!   waiting request (client, key, model, position, wait) and its counters, each key's use
+//!   against its limits, the last refusals, the model allow-list;
+//! - `GET /status/history`: the last 15 minutes of the charts ([`history`]);
+//! - `GET /`: the status page, a static shell (HTML, `status.js`, `status.css` compiled into the
+//!   binary, no other assets) that polls `/status` and `/status/history`. The shell holds no
+//!   data, so it is open; with an admin token the page reads it from the address's fragment
+//!   (`/#token=...`, which the browser never sends) and sends it as a bearer token.
 //!
 //! Anything else: 404 (or 405 for another method), as JSON. It is a Pingora `ServeHttp` app in a
 //! listening service, so its sockets get `TCP_NODELAY` like the proxy's.
+
+pub mod history;
+pub mod recent;
 
 use crate::app::App;
 use crate::metrics::{self, Metrics};
@@ -31,6 +41,28 @@ pub const PATHS: &[&str] = &[
     "/healthz",
     "/readyz",
     "/status",
+    HISTORY_PATH,
+    "/",
+    "/status.js",
+    "/status.css",
+];
+
+/// The charts' samples.
+pub const HISTORY_PATH: &str = "/status/history";
+
+/// The status page: its static files, served as they are (they hold no data).
+const PAGE: &[(&str, &str, &str)] = &[
+    ("/", "text/html; charset=utf-8", include_str!("page.html")),
+    (
+        "/status.js",
+        "text/javascript; charset=utf-8",
+        include_str!("page.js"),
+    ),
+    (
+        "/status.css",
+        "text/css; charset=utf-8",
+        include_str!("page.css"),
+    ),
 ];
 
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -56,6 +88,16 @@ impl AdminApp {
 /// The admin service, listening on `admin.listen` with one worker thread.
 pub fn service(app: Arc<App>) -> Service<HttpServer<AdminApp>> {
     let listen = app.config.admin_listen.to_string();
+    if let (Some(header), false) = (
+        &app.config.admission.client_id_header,
+        app.config.access.keys.is_empty(),
+    ) {
+        // A key is the unit of fairness: a header its holder sets must not buy more turns.
+        tracing::warn!(
+            header = %header,
+            "admission.client_id_header names only requests without an API key: with keys configured, each key is one client (fairness, /status, the access log)"
+        );
+    }
     let mut service = Service::new(
         "ollama-sidecar admin".to_string(),
         HttpServer::new_app(AdminApp::new(app)),
@@ -111,6 +153,17 @@ impl ServeHttp for AdminApp {
         // The endpoint picker's scraper can present no bearer token (llm-d/llm-d-router
         // `pkg/epp/framework/plugins/datalayer/source/metrics/datasource.go`: TLS options only),
         // and these three load gauges say no more than /readyz.
+        if let Some((_, content_type, text)) = PAGE.iter().find(|(p, _, _)| *p == path) {
+            let mut resp = respond(StatusCode::OK, content_type, text.as_bytes().to_vec());
+            // The page runs only its own script and loads only from this listener.
+            resp.headers_mut().insert(
+                header::CONTENT_SECURITY_POLICY,
+                header::HeaderValue::from_static(
+                    "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                ),
+            );
+            return resp;
+        }
         if path != metrics::GATEWAY_PATH {
             let access = &self.app.config.access;
             if let Some(denied) = crate::policy::admin_gate(access, session.req_header(), &path) {
@@ -142,6 +195,14 @@ impl ServeHttp for AdminApp {
                 };
                 json_response(status, &body)
             }
+            HISTORY_PATH => json_response(
+                StatusCode::OK,
+                &json!({
+                    "sample_every_seconds": history::SAMPLE_EVERY.as_secs(),
+                    "max_samples": history::MAX_SAMPLES,
+                    "samples": history::global().samples(),
+                }),
+            ),
             _ => json_response(StatusCode::OK, &status(&self.app, self.metrics).await),
         }
     }
@@ -271,15 +332,26 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
         .map(|(inst, ps)| {
             let p = inst.process_info();
             let slot = snap.slots.iter().find(|s| s.index == inst.index);
+            // An instance out of rotation has nothing loaded as far as traffic is concerned.
             let models = ps.unwrap_or_else(|| {
                 inst.loaded_models()
                     .into_iter()
+                    .filter(|_| inst.is_ready())
                     .map(|m| json!({"name": m}))
                     .collect()
             });
-            let last_check = metrics
-                .last_health_check(&inst.name)
+            let health_check = metrics.last_health_check(&inst.name);
+            let last_check_legacy = health_check
+                .as_ref()
                 .map(|h| json!({"result": h.result, "seconds_ago": h.at.elapsed().as_secs_f64()}));
+            let last_check = health_check.map(|h| {
+                json!({
+                    "result": h.result,
+                    "error": if h.result == "success" { None } else { inst.problem() },
+                    "at": SystemTime::now().checked_sub(h.at.elapsed()).and_then(unix_seconds),
+                    "seconds_ago": h.at.elapsed().as_secs_f64(),
+                })
+            });
             let mut v = json!({
                 "name": inst.name,
                 "url": inst.upstream.to_string(),
@@ -292,9 +364,11 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 "address": inst.addr().map(|a| a.to_string()),
                 "addresses": inst.addresses().all().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 "host_header": inst.addr().map(|a| inst.host_header_for(a)),
-                "last_health_check": last_check,
+                "last_health_check": last_check_legacy,
+                "last_check": last_check,
                 "ejections": inst.ejections(),
                 "loaded_models": models,
+                "installed_models": metrics.installed_models(&inst.name),
                 "in_flight": inst.in_flight(),
                 "busy_slots": slot.map(|s| s.busy),
                 "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
@@ -318,6 +392,67 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
         .collect();
     let c = snap.counters;
     let (ready, _) = readiness(app);
+    let waiters = app.admission.waiters();
+    let keys = &app.config.access.keys;
+    // With keys configured every inference request carries one, and its name is the client.
+    let key_of = |client: &str| {
+        keys.iter()
+            .find(|k| k.name == client)
+            .map(|k| k.name.clone())
+    };
+    let now = SystemTime::now();
+    let waiting: Vec<Value> = waiters
+        .iter()
+        .map(|w| {
+            json!({
+                "position": w.position,
+                "client": &*w.client,
+                "key": key_of(&w.client),
+                "model": w.model,
+                "priority": w.priority,
+                "body_bytes": w.body_bytes,
+                "waited_seconds": w.waited.as_secs_f64(),
+                "since": now.checked_sub(w.waited).and_then(unix_seconds),
+            })
+        })
+        .collect();
+    let recent = recent::global();
+    let key_usage: Vec<Value> = keys
+        .iter()
+        .map(|k| {
+            let used = recent.key_usage(&k.name);
+            json!({
+                "name": k.name,
+                "priority": k.priority,
+                "queued": waiters.iter().filter(|w| *w.client == *k.name).count(),
+                "requests_last_minute": used.requests,
+                "tokens_last_minute": used.tokens,
+                "limits": {
+                    "max_concurrent": k.max_concurrent,
+                    "requests_per_minute": k.requests_per_minute,
+                    "tokens_per_minute": k.tokens_per_minute,
+                },
+            })
+        })
+        .collect();
+    let refusals: Vec<Value> = recent
+        .refusals()
+        .into_iter()
+        .map(|r| {
+            json!({
+                "at": r.at,
+                "request_id": r.request_id,
+                "client": r.client,
+                "key": r.key,
+                "method": r.method,
+                "route": r.route,
+                "model": r.model,
+                "status": r.status,
+                "reason": r.reason,
+                "error": r.error,
+            })
+        })
+        .collect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_seconds": app.started.elapsed().as_secs_f64(),
@@ -331,6 +466,9 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
             "clients_queued": snap.clients_queued,
             "oldest_wait_seconds": snap.oldest_wait.map(|d| d.as_secs_f64()),
             "held_slots": snap.held(),
+            "waiting": waiting,
+            "client_id_header": app.config.admission.client_id_header,
+            "client_is": if keys.is_empty() { "client_id_header, else address" } else { "key" },
             "closed": snap.closed,
             "limits": {
                 "max_queued": app.config.admission.max_queued,
@@ -348,6 +486,8 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 "undelivered": c.undelivered,
             },
         },
+        "keys": key_usage,
+        "recent_refusals": refusals,
         "known_models": metrics.known_models(),
     })
 }
