@@ -118,12 +118,13 @@ fn status_page_shows_waiting_clients_and_a_dead_instance_with_its_cause() {
         return;
     }
     // m0 streams slowly (20 s a request), so one request holds its only slot; m1 will be killed.
+    // (A check timeout of 1 s: a busy mock on a loaded machine must not look dead.)
     let slow = Mock::start(&[("MOCK_TOKENS", "400"), ("MOCK_TOKEN_DELAY_MS", "50")]);
     let doomed = Mock::start(&[]);
     let config = format!(
         "  token_env: SP_ADMIN_TOKEN\n\
          admission:\n  client_id_header: X-Client-Id\n\
-         health:\n  interval: 250ms\n  timeout: 250ms\n  fall: 1\n  rise: 1\n\
+         health:\n  interval: 250ms\n  timeout: 1s\n  fall: 2\n  rise: 1\n\
          auth:\n  keys:\n\
          \x20   - name: alice\n      key_env: SP_ALICE\n      requests_per_minute: 100\n      max_concurrent: 4\n\
          \x20   - name: bob\n      key_env: SP_BOB\n      priority: 5\n\

@@ -157,7 +157,9 @@ function chart(title, samples, pick, fmt) {
   const points = samples.map(s => [s.at, pick(s)]).filter(p => p[1] !== null && p[1] !== undefined);
   let last = "–";
   if (points.length > 0) {
-    const t1 = samples[samples.length - 1].at, t0 = t1 - 15 * 60;
+    // The span of the samples kept (up to 15 min), at least a minute wide.
+    const t1 = samples[samples.length - 1].at;
+    const t0 = Math.min(t1 - 60, Math.max(t1 - 15 * 60, samples[0].at));
     const top = Math.max(...points.map(p => p[1]));
     const max = top > 0 ? top : 1;
     const line = document.createElementNS(SVG, "polyline");
@@ -166,7 +168,9 @@ function chart(title, samples, pick, fmt) {
     svg.append(line);
     last = fmt(points[points.length - 1][1]) + " (max " + fmt(top) + ")";
   }
-  return el("div", { class: "chart" }, el("div", { class: "title" }, title, el("span", { class: "value" }, last)), svg);
+  const span = samples.length ? ago(samples[samples.length - 1].at - samples[0].at) : "";
+  return el("div", { class: "chart" }, el("div", { class: "title" }, title + (span ? " · " + span : ""),
+    el("span", { class: "value" }, last)), svg);
 }
 
 function renderHistory(h) {
