@@ -224,7 +224,7 @@ fn chat_in_background(
 /// position and wait), keeps recent refusals with their reason, and the page's history fills.
 #[test]
 fn status_names_waiting_clients_and_recent_refusals() {
-    let mock = Mock::start(&[("MOCK_TOKENS", "200"), ("MOCK_TOKEN_DELAY_MS", "50")]);
+    let mock = Mock::start(&[("MOCK_TOKENS", "600"), ("MOCK_TOKEN_DELAY_MS", "50")]);
     let sc = Sidecar::start(&format!(
         "admission:\n  client_id_header: X-Client-Id\n{}",
         external_instances(&[&mock], 1)
@@ -312,7 +312,7 @@ fn status_names_waiting_clients_and_recent_refusals() {
 /// says at startup that it applies only to requests without a key.
 #[test]
 fn keys_label_the_queue_and_client_id_header_is_not_silently_ignored() {
-    let mock = Mock::start(&[("MOCK_TOKENS", "200"), ("MOCK_TOKEN_DELAY_MS", "50")]);
+    let mock = Mock::start(&[("MOCK_TOKENS", "600"), ("MOCK_TOKEN_DELAY_MS", "50")]);
     let sc = Sidecar::start_with_env(
         &format!(
             "admission:\n  client_id_header: X-Client-Id\nauth:\n  keys:\n    - name: alice\n      key_env: ADM_ALICE\n      requests_per_minute: 50\n    - name: bob\n      key_env: ADM_BOB\n{}",

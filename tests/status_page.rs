@@ -117,9 +117,9 @@ fn status_page_shows_waiting_clients_and_a_dead_instance_with_its_cause() {
     if !have_chromium() {
         return;
     }
-    // m0 streams slowly (20 s a request), so one request holds its only slot; m1 will be killed.
+    // m0 streams slowly (30 s a request), so one request holds its only slot; m1 will be killed.
     // (A check timeout of 1 s: a busy mock on a loaded machine must not look dead.)
-    let slow = Mock::start(&[("MOCK_TOKENS", "400"), ("MOCK_TOKEN_DELAY_MS", "50")]);
+    let slow = Mock::start(&[("MOCK_TOKENS", "600"), ("MOCK_TOKEN_DELAY_MS", "50")]);
     let doomed = Mock::start(&[]);
     let config = format!(
         "  token_env: SP_ADMIN_TOKEN\n\
@@ -237,11 +237,11 @@ fn status_page_shows_waiting_clients_and_a_dead_instance_with_its_cause() {
         "keys: {keys}"
     );
 
-    // The screenshot (for the README: after 25 s of this load, so the charts have a few points
+    // The screenshot (for the README: after 35 s of this load, so the charts have a few points
     // and the first stream has finished with its tokens).
     let update = std::env::var_os("UPDATE_STATUS_PAGE_SCREENSHOT").is_some();
     if update {
-        std::thread::sleep(Duration::from_secs(25));
+        std::thread::sleep(Duration::from_secs(35));
     }
     let shot_dir = tempfile::tempdir().expect("dir");
     let shot = shot_dir.path().join("status-page.png");

@@ -36,11 +36,17 @@ function el(tag, attrs, ...children) {
   return e;
 }
 
+// Rows shown per table (a queue can hold a thousand waiters; the JSON has them all).
+const MAX_ROWS = 200;
+
 function table(id, head, rows, empty) {
   const t = document.getElementById(id);
   t.replaceChildren(el("tr", null, ...head.map(h => el("th", null, h))));
-  if (rows.length === 0) {
-    t.append(el("tr", null, el("td", { class: "empty", colspan: String(head.length) }, empty)));
+  const note = (text) => t.append(el("tr", null, el("td", { class: "empty", colspan: String(head.length) }, text)));
+  if (rows.length === 0) note(empty);
+  if (rows.length > MAX_ROWS) {
+    note("showing " + MAX_ROWS + " of " + rows.length + " (all of them are in /status)");
+    rows = rows.slice(0, MAX_ROWS);
   }
   for (const r of rows) t.append(el("tr", null, ...r.map(c => c instanceof Node && c.tagName === "TD" ? c : el("td", null, c))));
 }

@@ -253,3 +253,27 @@ pub async fn check_external_instances(registry: Arc<Registry>, config: HealthFil
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::describe;
+    use pingora_error::{Error, ErrorType};
+    use std::time::Duration;
+
+    #[test]
+    fn causes_in_words() {
+        let t = Duration::from_secs(1);
+        let cause = |etype| describe(&Error::new(etype), t);
+        assert_eq!(cause(ErrorType::ConnectRefused), "connection refused");
+        assert_eq!(
+            cause(ErrorType::ConnectTimedout),
+            "connect timed out after 1s"
+        );
+        assert_eq!(cause(ErrorType::ReadTimedout), "no answer within 1s");
+        assert_eq!(
+            cause(ErrorType::CustomCode("non 200 code", 503)),
+            "answered 503"
+        );
+        assert_eq!(cause(ErrorType::ConnectNoRoute), "no route to host");
+    }
+}
