@@ -28,6 +28,17 @@ fn admin_json(sc: &Sidecar, path: &str) -> (u16, Value) {
     (status, serde_json::from_str(&body).expect("JSON body"))
 }
 
+/// One chat through the proxy, answered 200 and read to its end.
+fn chat_once(sc: &Sidecar) {
+    let chat = client()
+        .post(sc.url("/api/chat"))
+        .body(r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#)
+        .send()
+        .expect("chat");
+    assert_eq!(chat.status(), 200);
+    let _ = chat.text();
+}
+
 fn wait_admin(sc: &Sidecar) {
     assert!(
         wait_until(Duration::from_secs(10), || port_open(sc.admin_port)),
@@ -52,13 +63,7 @@ fn healthz_readyz_status_and_unknown_paths() {
     assert_eq!(ready["instances"]["m0"], "healthy");
 
     // Some traffic, so the status has something to say.
-    let chat = client()
-        .post(sc.url("/api/chat"))
-        .body(r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#)
-        .send()
-        .expect("chat");
-    assert_eq!(chat.status(), 200);
-    let _ = chat.text();
+    chat_once(&sc);
 
     let (status, s) = admin_json(&sc, "/status");
     assert_eq!(status, 200);
@@ -427,13 +432,7 @@ fn health_failures_keep_their_cause() {
     ));
     wait_admin(&sc);
     // Traffic loads a model on m0, so it has one to lose.
-    let chat = client()
-        .post(sc.url("/api/chat"))
-        .body(r#"{"model":"llama3.2","messages":[{"role":"user","content":"hi"}]}"#)
-        .send()
-        .expect("chat");
-    assert_eq!(chat.status(), 200);
-    let _ = chat.text();
+    chat_once(&sc);
     assert!(wait_until(Duration::from_secs(10), || {
         let s = sc.status();
         !s["instances"][0]["loaded_models"]

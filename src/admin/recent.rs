@@ -107,19 +107,24 @@ pub fn global() -> &'static Recent {
     &RECENT
 }
 
-/// One finished client request, as the access log sees it.
-pub fn observe(session: &Session, ctx: &RequestCtx, record: &RequestRecord<'_>, e: Option<&Error>) {
-    let client = match (&ctx.client, session.client_addr()) {
+/// Who sent a request, as the access log names it: the key's name or the client header, else
+/// the address.
+pub fn client_name(session: &Session, ctx: &RequestCtx) -> String {
+    match (&ctx.client, session.client_addr()) {
         (Some(c), _) => c.to_string(),
         (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
             a.ip().to_string()
         }
         (None, Some(other)) => other.to_string(),
         (None, None) => "-".to_string(),
-    };
+    }
+}
+
+/// One finished client request, as the access log sees it.
+pub fn observe(session: &Session, ctx: &RequestCtx, record: &RequestRecord<'_>, e: Option<&Error>) {
     let seen = Seen {
         request_id: &ctx.request_id,
-        client,
+        client: client_name(session, ctx),
         key: ctx.policy.key_name(),
         method: session.req_header().method.as_str(),
         error: e.map(|e| e.etype().as_str()),
