@@ -53,7 +53,7 @@ case "$cmd" in
     need_build_tools
     # tests/redis.rs starts its own redis-server on a loopback port.
     need_packages "tests/redis.rs runs a real Redis" redis-server:redis-server
-    cargo test --all-targets
+    cargo test --workspace --all-targets
     tests/clients/run.sh
     ;;
   *)
