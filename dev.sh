@@ -54,7 +54,7 @@ case "$cmd" in
     # tests/redis.rs starts its own redis-server on a loopback port.
     need_packages "tests/redis.rs runs a real Redis" redis-server:redis-server
     need_packages "tests/status_page.rs drives headless Chromium" chromium:chromium
-    cargo test --all-targets
+    cargo test --workspace --all-targets
     tests/clients/run.sh
     ;;
   *)

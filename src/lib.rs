@@ -5,7 +5,7 @@ pub mod admin;
 pub mod admission;
 pub mod app;
 pub mod config;
-pub mod health_check;
+pub mod health_cmd;
 pub mod memory;
 pub mod metrics;
 pub mod policy;

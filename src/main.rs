@@ -6,7 +6,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::{Args, Parser, Subcommand};
 use ollama_sidecar::config::{self, LogFormat, Overrides};
-use ollama_sidecar::health_check;
+use ollama_sidecar::health_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -54,26 +54,26 @@ struct HealthOpts {
 
 fn health(opts: HealthOpts) -> ExitCode {
     let target = match &opts.url {
-        Some(url) => health_check::Target::parse_url(url),
+        Some(url) => health_cmd::Target::parse_url(url),
         None => {
             let path = opts
                 .config
                 .or_else(|| std::env::var_os(config::ENV_CONFIG).map(PathBuf::from))
                 .unwrap_or_else(config::default_config_path);
-            health_check::target_from_config(&path)
+            health_cmd::target_from_config(&path)
         }
     };
     let target = match target {
         Ok(t) => t,
         Err(e) => {
             eprintln!("ollama-sidecar health: {e}");
-            return ExitCode::from(health_check::EXIT_UNREACHABLE);
+            return ExitCode::from(health_cmd::EXIT_UNREACHABLE);
         }
     };
-    let outcome = health_check::check(&target, opts.timeout);
+    let outcome = health_cmd::check(&target, opts.timeout);
     match &outcome {
-        health_check::Outcome::Answered { status, body } => println!("{target}: {status} {body}"),
-        health_check::Outcome::Unreachable(why) => {
+        health_cmd::Outcome::Answered { status, body } => println!("{target}: {status} {body}"),
+        health_cmd::Outcome::Unreachable(why) => {
             eprintln!("ollama-sidecar health: {target}: unreachable: {why}")
         }
     }

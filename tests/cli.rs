@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use std::io::Write;
-use std::process::Command;
 
 fn config(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
@@ -14,15 +13,9 @@ fn config(text: &str) -> tempfile::NamedTempFile {
 }
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = Command::new(SIDECAR);
-    cmd.args(args)
-        .env_remove("OLLAMA_SIDECAR_LISTEN")
-        .env_remove("OLLAMA_SIDECAR_ADMIN_LISTEN")
-        .env_remove("OLLAMA_SIDECAR_CONFIG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
+    let mut cmd = sidecar_command();
+    cmd.args(args).envs(env.iter().copied());
+    let out = run_to_end(cmd);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -263,19 +256,14 @@ fn localhost_listens_on_loopback_and_other_host_names_are_refused() {
         },
     );
     // `localhost` runs: both listeners answer on 127.0.0.1.
-    let (port, admin_port) = (free_port(), free_port());
-    let f = config(&format!(
-        "listen: localhost:{port}\nadmin:\n  listen: LOCALHOST:{admin_port}\n{ONE_INSTANCE}"
-    ));
-    let child = Command::new(SIDECAR)
-        .args(["--config", f.path().to_str().unwrap()])
-        .env_remove("OLLAMA_SIDECAR_LISTEN")
-        .env_remove("OLLAMA_SIDECAR_ADMIN_LISTEN")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _sidecar = Proc { child };
+    let sidecar = SidecarCmd::config(|p| {
+        format!(
+            "listen: localhost:{}\nadmin:\n  listen: LOCALHOST:{}\n{ONE_INSTANCE}",
+            p.proxy, p.admin
+        )
+    })
+    .start();
+    let (port, admin_port) = (sidecar.port, sidecar.admin_port);
     assert!(
         wait_until(std::time::Duration::from_secs(15), || port_open(port)
             && port_open(admin_port)),
@@ -415,14 +403,9 @@ fn help_shows_the_variable_without_a_value() {
 fn the_default_configuration_is_the_checkouts_then_the_systems() {
     let dir = tempfile::tempdir().unwrap();
     let in_dir = |args: &[&str]| {
-        let out = Command::new(SIDECAR)
-            .args(args)
-            .current_dir(dir.path())
-            .env_remove("OLLAMA_SIDECAR_CONFIG")
-            .env_remove("OLLAMA_SIDECAR_LISTEN")
-            .env_remove("OLLAMA_SIDECAR_ADMIN_LISTEN")
-            .output()
-            .unwrap();
+        let mut cmd = sidecar_command();
+        cmd.args(args).current_dir(dir.path());
+        let out = run_to_end(cmd);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

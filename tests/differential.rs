@@ -1,6 +1,6 @@
 //! Differential tests of the sidecar's canonical request view against the mock Ollama, which
 //! routes and binds the way Ollama's Go server does (Go net/http + gin + encoding/json, see
-//! src/bin/mock-ollama). Generated requests (paths: encodings, dot segments, doubled slashes,
+//! mock-ollama/). Generated requests (paths: encodings, dot segments, doubled slashes,
 //! case, `%2F`, overlong and invalid escapes, `;` `?` `#`; bodies: key case variants, Unicode
 //! folds, duplicates, nesting, escapes, huge strings, wrong types) go byte for byte through the
 //! real binary, with API keys and model allow-lists configured, over one keep-alive connection.

@@ -2,13 +2,15 @@
 //! 127.0.0.1 (answers 200, answers 503, accepts and says nothing) and against a closed port.
 //! Every loop and wait is bounded in time.
 
+mod common;
+
+use common::{run_to_end, sidecar_command};
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-const SIDECAR: &str = env!("CARGO_BIN_EXE_ollama-sidecar");
 /// The longest any fake server waits for its one client.
 const SERVER_LIMIT: Duration = Duration::from_secs(10);
 
@@ -80,18 +82,10 @@ fn serve_once(reply: Reply) -> (u16, JoinHandle<String>) {
 }
 
 fn health(args: &[&str], env: &[(&str, &str)]) -> (Output, Duration) {
-    let mut cmd = Command::new(SIDECAR);
-    cmd.arg("health").args(args);
-    for var in [
-        "OLLAMA_SIDECAR_CONFIG",
-        "OLLAMA_SIDECAR_LISTEN",
-        "OLLAMA_SIDECAR_ADMIN_LISTEN",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.envs(env.iter().copied());
+    let mut cmd = sidecar_command();
+    cmd.arg("health").args(args).envs(env.iter().copied());
     let started = Instant::now();
-    let out = cmd.output().expect("run ollama-sidecar health");
+    let out = run_to_end(cmd);
     (out, started.elapsed())
 }
 
@@ -254,15 +248,9 @@ fn deployment_configurations_are_valid() {
         root.join("conf/docker-supervised.yaml"),
         from_configmap,
     ] {
-        let out = Command::new(SIDECAR)
-            .arg("check")
-            .arg("--config")
-            .arg(&path)
-            .env_remove("OLLAMA_SIDECAR_CONFIG")
-            .env_remove("OLLAMA_SIDECAR_LISTEN")
-            .env_remove("OLLAMA_SIDECAR_ADMIN_LISTEN")
-            .output()
-            .unwrap();
+        let mut cmd = sidecar_command();
+        cmd.arg("check").arg("--config").arg(&path);
+        let out = run_to_end(cmd);
         assert_eq!(
             out.status.code(),
             Some(0),

@@ -91,23 +91,13 @@ fn hosts_seen(ip: &str, port: u16) -> Vec<(String, String)> {
 }
 
 /// A mock Ollama listening on `ip:port`, `ip` a loopback address (`127.0.0.2`, `[::1]`).
-fn mock_at(ip: &str, port: u16) -> Proc {
-    let child = Command::new(MOCK)
-        .arg("serve")
-        .env("OLLAMA_HOST", format!("{ip}:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn mock-ollama");
-    let mock = Proc { child };
-    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().expect("address");
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-        }),
-        "mock-ollama did not start on {addr}"
-    );
-    mock
+fn mock_at(ip: &str, port: u16) -> Mock {
+    MockCmd::new().host(ip).start_on(port)
+}
+
+/// A mock Ollama on `ip` and a fresh port.
+fn mock_on(ip: &str) -> Mock {
+    MockCmd::new().host(ip).start()
 }
 
 /// The value of the sample `series` (name and labels exactly as written) in the text format.
@@ -201,16 +191,16 @@ impl Names {
 struct OneNamed {
     names: Names,
     port: u16,
-    mock: Proc,
+    mock: Mock,
     sidecar: Sidecar,
 }
 
 fn one_named(test: &str, entries: &[&str], mock_ip: &str, interval: &str) -> Option<OneNamed> {
     let names = Names::new(test)?;
-    let port = free_port();
     let entries: Vec<(&str, &str)> = entries.iter().map(|ip| (*ip, "ollama-a.test")).collect();
     names.map(&entries);
-    let mock = mock_at(mock_ip, port);
+    let mock = mock_on(mock_ip);
+    let port = mock.port;
     let sidecar = names.sidecar(&format!(
         "health:\n  interval: {interval}\ninstances:\n  - name: a\n    url: http://ollama-a.test:{port}\n"
     ));
@@ -295,8 +285,8 @@ fn localhost_url_serves_chat_tags_and_metadata() {
 
 #[test]
 fn ipv6_literal_url_serves() {
-    let port = free_port();
-    let _mock = mock_at("[::1]", port);
+    let mock = mock_on("[::1]");
+    let port = mock.port;
     let sidecar = Sidecar::start(&format!(
         "instances:\n  - name: v6\n    url: http://[::1]:{port}\n"
     ));
@@ -322,9 +312,9 @@ fn a_name_that_does_not_resolve_is_reported_and_the_other_instance_serves() {
     else {
         return;
     };
-    let (port_a, port_b) = (free_port(), free_port());
     names.map(&[("127.0.0.2", "ollama-a.test")]);
-    let _mock_a = mock_at("127.0.0.2", port_a);
+    let mock_a = mock_on("127.0.0.2");
+    let (port_a, port_b) = (mock_a.port, free_port());
     let interval = Duration::from_millis(300);
     let sidecar = names.sidecar(&format!(
         "health:\n  interval: 300ms\n  rise: 1\ninstances:\n  - name: a\n    url: http://ollama-a.test:{port_a}\n  - name: b\n    url: http://ollama-b.internal:{port_b}\n"

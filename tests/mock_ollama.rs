@@ -1,51 +1,51 @@
 //! Behaviour of the `mock-ollama` binary that the project's tests, demo and benchmarks rely on.
-//! Every test spawns its own mock on a free 127.0.0.1 port; a guard kills it on every path.
+//! Every test spawns its own mock through the shared harness (tests/common), on a free 127.0.0.1
+//! port it is seen to hold; a guard kills it on every path.
+
+mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
+use common::{free_port, listens_on, run_to_end, wait_until, MockCmd, Proc, MOCK};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 const BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
 
+/// A mock from the shared harness (tests/common) with this file's async client.
 struct Mock {
-    child: Child,
-    port: u16,
-    base: String,
+    mock: common::Mock,
     http: reqwest::Client,
 }
 
-impl Drop for Mock {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// The harness's mock: `port`, `url`, and its process (`child`, signals).
+impl std::ops::Deref for Mock {
+    type Target = common::Mock;
+    fn deref(&self) -> &common::Mock {
+        &self.mock
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+impl std::ops::DerefMut for Mock {
+    fn deref_mut(&mut self) -> &mut common::Mock {
+        &mut self.mock
+    }
+}
+
+/// This file's mocks: two worker threads, stderr kept for the tests that read it.
+fn mock_cmd(envs: &[(&str, &str)], args: &[&str]) -> MockCmd {
+    MockCmd::new()
+        .env("MOCK_THREADS", "2")
+        .envs(envs)
+        .args(args)
+        .capture_stderr()
 }
 
 fn command(port: u16, envs: &[(&str, &str)], args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mock-ollama"));
-    cmd.arg("serve")
-        .args(args)
-        .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
-        .env("MOCK_THREADS", "2")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    cmd
+    mock_cmd(envs, args).command(port)
 }
 
 fn client() -> reqwest::Client {
@@ -56,39 +56,11 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
-/// Wait (bounded) until a TCP connection to the port succeeds.
-fn wait_listening(port: u16, child: &mut Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    false
-}
-
 fn spawn_with(envs: &[(&str, &str)], args: &[&str]) -> Mock {
-    for _attempt in 0..3 {
-        let port = free_port();
-        let mut child = command(port, envs, args)
-            .spawn()
-            .expect("spawn mock-ollama");
-        if wait_listening(port, &mut child, Duration::from_secs(10)) {
-            return Mock {
-                child,
-                port,
-                base: format!("http://127.0.0.1:{port}"),
-                http: client(),
-            };
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+    Mock {
+        mock: mock_cmd(envs, args).start(),
+        http: client(),
     }
-    panic!("mock-ollama did not start");
 }
 
 fn spawn(envs: &[(&str, &str)]) -> Mock {
@@ -96,10 +68,6 @@ fn spawn(envs: &[(&str, &str)]) -> Mock {
 }
 
 impl Mock {
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
     async fn get(&self, path: &str) -> reqwest::Response {
         self.http.get(self.url(path)).send().await.unwrap()
     }
@@ -141,14 +109,10 @@ impl Mock {
 
     /// Wait (bounded) for the process to exit.
     fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                return st;
-            }
-            assert!(Instant::now() < deadline, "mock-ollama did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.mock
+            .proc
+            .wait_exit(limit)
+            .expect("mock-ollama did not exit")
     }
 }
 
@@ -1298,7 +1262,7 @@ fn process_lifecycle() {
     // port taken: exits non-zero with a one-line error
     let holder = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = holder.local_addr().unwrap().port();
-    let out = command(port, &[], &[]).output().unwrap();
+    let out = run_to_end(command(port, &[], &[]));
     assert_ne!(out.status.code(), Some(0));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("address already in use"), "{err}");
@@ -1311,22 +1275,22 @@ fn process_lifecycle() {
 
     // start delay: not listening at first, then serving
     let port = free_port();
-    let mut child = command(port, &[("MOCK_START_DELAY_MS", "400")], &[])
-        .spawn()
-        .unwrap();
+    let delayed = Proc {
+        child: command(port, &[("MOCK_START_DELAY_MS", "400")], &[])
+            .spawn()
+            .unwrap(),
+    };
     std::thread::sleep(Duration::from_millis(100));
-    let early = TcpStream::connect(("127.0.0.1", port)).is_ok();
-    let later = wait_listening(port, &mut child, Duration::from_secs(5));
-    let _ = child.kill();
-    let _ = child.wait();
+    let early = listens_on(delayed.pid(), port);
+    let later = wait_until(Duration::from_secs(5), || listens_on(delayed.pid(), port));
+    drop(delayed);
     assert!(!early, "must not listen during the start delay");
     assert!(later);
 
     // --help documents the knobs
-    let out = Command::new(env!("CARGO_BIN_EXE_mock-ollama"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let mut help = Command::new(MOCK);
+    help.arg("--help");
+    let out = run_to_end(help);
     let help = String::from_utf8_lossy(&out.stdout);
     for k in [
         "MOCK_MODELS",

@@ -818,43 +818,16 @@ fn cors_off_passes_through() {
 }
 
 /// A sidecar with an admin token (the `admin` section is not `Sidecar::start`'s to write).
-struct AdminSidecar {
-    admin_port: u16,
-    _proc: Proc,
-    _config: tempfile::NamedTempFile,
-}
-
-fn start_admin_token_sidecar(mock: &Mock, token: &str) -> AdminSidecar {
-    use std::io::Write;
-    let port = free_port();
-    let admin_port = free_port();
-    let mut config = tempfile::Builder::new()
-        .suffix(".yaml")
-        .tempfile()
-        .expect("config");
-    write!(
-        config,
-        "listen: 127.0.0.1:{port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\n  token_env: TEST_ADMIN_TOKEN\n{}",
-        external_instances(&[mock], 1)
-    )
-    .expect("write");
-    let child = std::process::Command::new(SIDECAR)
-        .arg("--config")
-        .arg(config.path())
-        .env("TEST_ADMIN_TOKEN", token)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn sidecar");
-    let proc = Proc { child };
-    assert!(wait_until(Duration::from_secs(15), || port_open(
-        admin_port
-    ) && port_open(port)));
-    AdminSidecar {
-        admin_port,
-        _proc: proc,
-        _config: config,
-    }
+fn start_admin_token_sidecar(mock: &Mock, token: &str) -> Sidecar {
+    let instances = external_instances(&[mock], 1);
+    SidecarCmd::config(move |p| {
+        format!(
+            "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\n  token_env: TEST_ADMIN_TOKEN\n{instances}",
+            p.proxy, p.admin
+        )
+    })
+    .env("TEST_ADMIN_TOKEN", token)
+    .start()
 }
 
 #[test]
@@ -916,12 +889,9 @@ fn invalid_access_config_names_the_key() {
             format!("{yaml}instances:\n  - name: a\n    url: http://127.0.0.1:1\n").as_bytes(),
         )
         .expect("write");
-        let out = std::process::Command::new(SIDECAR)
-            .arg("check")
-            .arg("--config")
-            .arg(config.path())
-            .output()
-            .expect("check");
+        let mut check = sidecar_command();
+        check.arg("check").arg("--config").arg(config.path());
+        let out = run_to_end(check);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
         assert!(

@@ -2,29 +2,20 @@
 //! `mock-ollama` processes. Every wait is bounded by a count and a time; every process spawned
 //! here is killed by a guard, whatever happens.
 
-use std::io::Write;
+mod common;
+
+use common::*;
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
-
-const SIDECAR: &str = env!("CARGO_BIN_EXE_ollama-sidecar");
-const MOCK: &str = env!("CARGO_BIN_EXE_mock-ollama");
-
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One supervised instance in the test configuration.
 struct Inst {
     name: &'static str,
     command: String,
-    port: u16,
+    /// A port of the test's choosing; else a fresh one on every start attempt
+    /// (`Sidecar::port_of(name)` says which).
+    port: Option<u16>,
     /// Extra YAML lines for the instance (indented by the caller's convention: 4 spaces).
     extra: String,
 }
@@ -34,7 +25,7 @@ impl Inst {
         Inst {
             name,
             command: MOCK.to_string(),
-            port: free_port(),
+            port: None,
             extra: String::new(),
         }
     }
@@ -45,110 +36,26 @@ impl Inst {
     }
 }
 
-/// A running sidecar; killed (SIGKILL) with every instance pid seen, on drop.
-struct Sidecar {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    listen: u16,
-    /// Instance pids seen by the test, killed on drop in case the sidecar failed to.
-    pids: Vec<u32>,
-}
-
-fn config_yaml(listen: u16, admin: u16, instances: &[Inst]) -> String {
+fn config_yaml(ports: &mut Ports, instances: &[Inst]) -> String {
     let mut y = format!(
-        "listen: 127.0.0.1:{listen}\nadmin:\n  listen: 127.0.0.1:{admin}\nshutdown:\n  drain_timeout: 1s\ninstances:\n"
+        "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\nshutdown:\n  drain_timeout: 1s\ninstances:\n",
+        ports.proxy, ports.admin
     );
     for i in instances {
+        let port = i.port.unwrap_or_else(|| ports.port(i.name));
         y.push_str(&format!(
             "  - name: {}\n    command: {}\n    port: {}\n    stop_grace: 3s\n{}",
-            i.name, i.command, i.port, i.extra
+            i.name, i.command, port, i.extra
         ));
     }
     y
 }
 
-impl Sidecar {
-    fn config(instances: &[Inst]) -> (tempfile::TempDir, PathBuf, u16) {
-        let dir = tempfile::tempdir().unwrap();
-        let listen = free_port();
-        let yaml = config_yaml(listen, free_port(), instances);
-        let path = dir.path().join("sidecar.yaml");
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        (dir, path, listen)
-    }
-
-    fn start(instances: &[Inst]) -> Sidecar {
-        let (dir, path, listen) = Self::config(instances);
-        let log = std::fs::File::create(dir.path().join("sidecar.log")).unwrap();
-        let child = Command::new(SIDECAR)
-            .arg("--config")
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Sidecar {
-            child: Some(child),
-            dir,
-            listen,
-            pids: Vec::new(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.listen)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        unsafe { libc::kill(self.pid() as i32, sig) };
-    }
-
-    /// Waits up to `bound` for the sidecar to exit.
-    fn wait_exit(&mut self, bound: Duration) -> Option<ExitStatus> {
-        let child = self.child.as_mut()?;
-        let deadline = Instant::now() + bound;
-        for _ in 0..(bound.as_millis() / 20 + 1) {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for &pid in &self.pids {
-            if process_alive(pid) {
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!("--- sidecar log ---\n{}", self.log());
-        }
-    }
+/// The sidecar supervising `instances`, listening (the instances may not be ready yet).
+fn start(instances: Vec<Inst>) -> Sidecar {
+    SidecarCmd::config(move |ports| config_yaml(ports, &instances))
+        .env("NO_COLOR", "1")
+        .start()
 }
 
 /// `/proc/<pid>/stat`: (state, ppid), or `None` when the process does not exist.
@@ -242,9 +149,9 @@ async fn proxy_answers_once_the_instance_is_ready() {
         ),
         ..inst
     };
-    let port = inst.port;
-    let mut sc = Sidecar::start(&[inst]);
-    let started = Instant::now();
+    let mut sc = start(vec![inst]);
+    let port = sc.port_of("a");
+    let started = sc.started;
     let seen = wait_status(&sc.url("/api/version"), 200, READY_BOUND)
         .await
         .unwrap_or_else(|| panic!("not ready within {READY_BOUND:?}"));
@@ -274,8 +181,8 @@ async fn proxy_answers_once_the_instance_is_ready() {
 #[tokio::test]
 async fn kill_9_of_an_instance_is_restarted() {
     let inst = Inst::new("a").with("    restart:\n      initial_backoff: 300ms\n");
-    let port = inst.port;
-    let mut sc = Sidecar::start(&[inst]);
+    let mut sc = start(vec![inst]);
+    let port = sc.port_of("a");
     wait_status(&sc.url("/api/version"), 200, READY_BOUND)
         .await
         .expect("ready");
@@ -309,7 +216,7 @@ async fn kill_9_of_an_instance_is_restarted() {
         eventually(Duration::from_secs(2), || proc_stat(old).is_none()).await,
         "pid {old} left as a zombie"
     );
-    assert!(sc.log().contains("signal 9 (SIGKILL)"));
+    assert!(sc.log_text().contains("signal 9 (SIGKILL)"));
 }
 
 #[tokio::test]
@@ -320,7 +227,7 @@ async fn a_crash_looping_instance_does_not_stop_the_healthy_one() {
     let crashing = Inst::new("bad").with(
         "    env:\n      MOCK_EXIT_AFTER_MS: \"50\"\n      MOCK_START_DELAY_MS: \"5000\"\n    restart:\n      initial_backoff: 100ms\n      max_backoff: 400ms\n      crashloop_after: 3\n",
     );
-    let mut sc = Sidecar::start(&[healthy, crashing]);
+    let mut sc = start(vec![healthy, crashing]);
     wait_status(&sc.url("/api/version"), 200, READY_BOUND)
         .await
         .expect("ready");
@@ -338,7 +245,7 @@ async fn a_crash_looping_instance_does_not_stop_the_healthy_one() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(n > 10);
-    let log = sc.log();
+    let log = sc.log_text();
     assert!(
         log.lines()
             .any(|l| l.contains("instance=bad") && l.contains("crashloop")),
@@ -366,7 +273,7 @@ fn spawned_pids(log: &str) -> Vec<u32> {
 
 /// Every instance process the (exited) sidecar spawned is gone, not even a zombie.
 fn assert_all_gone(sc: &Sidecar) {
-    let pids = spawned_pids(&sc.log());
+    let pids = spawned_pids(&sc.log_text());
     assert!(!pids.is_empty());
     for pid in pids {
         assert_eq!(proc_stat(pid), None, "instance pid {pid} still exists");
@@ -378,9 +285,9 @@ async fn an_instance_that_never_answers_is_killed_at_start_timeout() {
     let inst = Inst::new("slow").with(
         "    start_timeout: 1s\n    env:\n      MOCK_START_DELAY_MS: \"30000\"\n    restart:\n      initial_backoff: 100ms\n",
     );
-    let mut sc = Sidecar::start(&[inst]);
+    let mut sc = start(vec![inst]);
     let found = eventually(Duration::from_secs(15), || {
-        sc.log()
+        sc.log_text()
             .contains("killed by the sidecar: no answer within start_timeout (1s)")
     })
     .await;
@@ -399,8 +306,8 @@ async fn an_instance_that_never_answers_is_killed_at_start_timeout() {
 async fn a_hung_instance_fails_liveness_and_is_replaced() {
     let inst = Inst::new("a")
         .with("    restart:\n      liveness_failures: 1\n      initial_backoff: 100ms\n");
-    let port = inst.port;
-    let mut sc = Sidecar::start(&[inst]);
+    let mut sc = start(vec![inst]);
+    let port = sc.port_of("a");
     wait_status(&sc.url("/api/version"), 200, READY_BOUND)
         .await
         .expect("ready");
@@ -425,7 +332,7 @@ async fn a_hung_instance_fails_liveness_and_is_replaced() {
     let new = new.expect("the hung instance was not replaced within 20 s");
     sc.pids.push(new);
     assert_eq!(proc_stat(old), None, "the hung instance was not reaped");
-    let log = sc.log();
+    let log = sc.log_text();
     assert!(log.contains("killed by the sidecar after 1 failed liveness checks"));
     assert!(log.contains("to=\"unhealthy\""));
     wait_status(&sc.url("/api/version"), 200, READY_BOUND)
@@ -437,8 +344,8 @@ async fn a_hung_instance_fails_liveness_and_is_replaced() {
 async fn sigterm_stops_the_instances_and_exits_zero() {
     let a = Inst::new("a");
     let b = Inst::new("b");
-    let ports = [a.port, b.port];
-    let mut sc = Sidecar::start(&[a, b]);
+    let mut sc = start(vec![a, b]);
+    let ports = [sc.port_of("a"), sc.port_of("b")];
     for port in ports {
         wait_status(
             &format!("http://127.0.0.1:{port}/api/version"),
@@ -469,8 +376,8 @@ async fn sigterm_stops_the_instances_and_exits_zero() {
 #[tokio::test]
 async fn sigkill_of_the_sidecar_takes_the_instances_down() {
     let inst = Inst::new("a");
-    let port = inst.port;
-    let mut sc = Sidecar::start(&[inst]);
+    let mut sc = start(vec![inst]);
+    let port = sc.port_of("a");
     wait_status(&sc.url("/api/version"), 200, READY_BOUND)
         .await
         .expect("ready");
@@ -486,30 +393,15 @@ async fn sigkill_of_the_sidecar_takes_the_instances_down() {
 
 /// Runs the sidecar expecting a startup failure; returns (exit status, stderr).
 fn startup_failure(instances: &[Inst]) -> (ExitStatus, String) {
-    let (_dir, path, _) = Sidecar::config(instances);
-    let mut child = Command::new(SIDECAR)
-        .arg("--config")
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("the sidecar did not fail within 10 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-    (status, stderr)
+    let config = tempfile::Builder::new().suffix(".yaml").tempfile().unwrap();
+    std::fs::write(config.path(), config_yaml(&mut Ports::fresh(), instances)).unwrap();
+    let mut cmd = sidecar_command();
+    cmd.arg("--config").arg(config.path());
+    let out = run_within(cmd, Duration::from_secs(10));
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -532,9 +424,12 @@ fn a_missing_command_is_one_clear_line() {
 
 #[test]
 fn a_port_in_use_is_one_clear_line() {
-    let inst = Inst::new("gpu0");
-    let busy = TcpListener::bind(("127.0.0.1", inst.port)).unwrap();
-    let port = inst.port;
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let inst = Inst {
+        port: Some(port),
+        ..Inst::new("gpu0")
+    };
     let (status, stderr) = startup_failure(&[inst]);
     drop(busy);
     assert!(!status.success());

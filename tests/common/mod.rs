@@ -22,32 +22,41 @@ pub fn free_port() -> u16 {
 /// question `port_open` cannot: `free_port` releases its port before the child binds it, so a
 /// parallel test may take it first, and then `port_open` would see that other process.
 pub fn listens_on(pid: u32, port: u16) -> bool {
-    let inodes: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|table| std::fs::read_to_string(table).ok())
-        .flat_map(|text| {
-            text.lines()
-                .skip(1)
-                .filter_map(|line| {
-                    let cols: Vec<&str> = line.split_whitespace().collect();
-                    let local_port = cols.get(1)?.rsplit(':').next()?;
-                    let listening = *cols.get(3)? == "0A";
-                    let inode = cols.get(9)?;
-                    (listening && u16::from_str_radix(local_port, 16).ok()? == port)
-                        .then(|| format!("socket:[{inode}]"))
-                })
-                .collect::<Vec<_>>()
+    // The process's sockets first (a few descriptors), then only the lines of the kernel's
+    // tables that mention the port: a busy machine's table has thousands of lines, and parsing
+    // each one took 70-100 ms per call in a debug build, longer than a short-lived child lives.
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    let sockets: Vec<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let inode = target
+                .to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?;
+            Some(inode.to_string())
         })
         .collect();
-    if inodes.is_empty() {
+    if sockets.is_empty() {
         return false;
     }
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|fds| {
-            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-                .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    let local = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .any(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|l| l.contains(&local))
+                .any(|line| {
+                    let cols: Vec<&str> = line.split_whitespace().collect();
+                    let on_port = cols.get(1).is_some_and(|a| a.ends_with(&local));
+                    let listening = cols.get(3) == Some(&"0A");
+                    let ours = cols.get(9).is_some_and(|i| sockets.iter().any(|s| s == i));
+                    on_port && listening && ours
+                })
         })
-        .unwrap_or(false)
 }
 
 /// How many times a test child is started on fresh ports when another process took its port
@@ -112,44 +121,198 @@ pub fn port_open(port: u16) -> bool {
     .is_ok()
 }
 
+/// The variables that override the sidecar's configuration.
+const OVERRIDE_VARS: [&str; 3] = [
+    "OLLAMA_SIDECAR_CONFIG",
+    "OLLAMA_SIDECAR_LISTEN",
+    "OLLAMA_SIDECAR_ADMIN_LISTEN",
+];
+
+/// The sidecar's command with the variables that override its configuration removed from the
+/// environment it inherits (a developer's shell may set them).
+pub fn sidecar_command() -> Command {
+    let mut cmd = Command::new(SIDECAR);
+    for var in OVERRIDE_VARS {
+        cmd.env_remove(var);
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// How long a command run to its end ([`run_to_end`]) may take.
+pub const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs a short-lived command (`check`, `health`, a startup failure) to its end and collects its
+/// output, killing it after `limit`.
+pub fn run_within(mut cmd: Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut proc = Proc {
+        child: cmd.spawn().expect("spawn the command"),
+    };
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(proc.child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(proc.child.stderr.take().map(|p| Box::new(p) as _));
+    let Some(status) = proc.wait_exit(limit) else {
+        panic!("{cmd:?} did not end within {limit:?}");
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// [`run_within`] [`RUN_LIMIT`].
+pub fn run_to_end(cmd: Command) -> std::process::Output {
+    run_within(cmd, RUN_LIMIT)
+}
+
 /// A mock Ollama on its own port.
 pub struct Mock {
+    /// The loopback address it listens on (`127.0.0.1` unless [`MockCmd::host`] said otherwise).
+    pub host: String,
     pub port: u16,
     pub proc: Proc,
+}
+
+/// A mock's process: its pid, signals, exit.
+impl std::ops::Deref for Mock {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Mock {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
 }
 
 impl Mock {
     /// A mock on a free port; started again on another port if a parallel test took this one.
     pub fn start(env: &[(&str, &str)]) -> Mock {
-        for _ in 1..PORT_ATTEMPTS {
-            if let Some(mock) = Self::try_start_on(free_port(), env) {
-                return mock;
-            }
-        }
-        Self::start_on(free_port(), env)
+        MockCmd::new().envs(env).start()
     }
 
     /// A mock on a given port (to bring an instance back where it was).
     pub fn start_on(port: u16, env: &[(&str, &str)]) -> Mock {
-        match Self::try_start_on(port, env) {
+        MockCmd::new().envs(env).start_on(port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}:{}{path}", self.host, self.port)
+    }
+}
+
+/// How a mock is run: its environment, arguments and address. Every mock of the tests starts
+/// through [`MockCmd::start`] or [`MockCmd::start_on`], which count it as started only once it
+/// holds its port ([`listens_on`]).
+#[derive(Clone, Debug)]
+pub struct MockCmd {
+    host: String,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    capture_stderr: bool,
+}
+
+impl Default for MockCmd {
+    fn default() -> Self {
+        MockCmd {
+            host: "127.0.0.1".to_string(),
+            env: Vec::new(),
+            args: Vec::new(),
+            capture_stderr: false,
+        }
+    }
+}
+
+impl MockCmd {
+    pub fn new() -> MockCmd {
+        MockCmd::default()
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> MockCmd {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn envs(self, env: &[(&str, &str)]) -> MockCmd {
+        env.iter().fold(self, |cmd, (k, v)| cmd.env(k, v))
+    }
+
+    /// Arguments after `serve`.
+    pub fn args(mut self, args: &[&str]) -> MockCmd {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Another loopback address to listen on (`127.0.0.2`, `[::1]`).
+    pub fn host(mut self, host: &str) -> MockCmd {
+        self.host = host.to_string();
+        self
+    }
+
+    /// Keeps the mock's stderr readable (`proc.child.stderr`) instead of discarding it.
+    pub fn capture_stderr(mut self) -> MockCmd {
+        self.capture_stderr = true;
+        self
+    }
+
+    /// The command for a mock on `port`, not started: for tests of how it starts (a taken port,
+    /// a start delay).
+    pub fn command(&self, port: u16) -> Command {
+        let mut cmd = Command::new(MOCK);
+        cmd.arg("serve")
+            .args(&self.args)
+            .env("OLLAMA_HOST", format!("{}:{port}", self.host))
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(if self.capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
+        cmd
+    }
+
+    /// A mock on a free port; started again on another port if a parallel test took this one.
+    pub fn start(&self) -> Mock {
+        for _ in 1..PORT_ATTEMPTS {
+            if let Some(mock) = self.try_start_on(free_port()) {
+                return mock;
+            }
+        }
+        self.start_on(free_port())
+    }
+
+    /// A mock on a given port (to bring an instance back where it was).
+    pub fn start_on(&self, port: u16) -> Mock {
+        match self.try_start_on(port) {
             Some(mock) => mock,
-            None => panic!("mock-ollama did not start listening on {port}"),
+            None => panic!(
+                "mock-ollama did not start listening on {}:{port}",
+                self.host
+            ),
         }
     }
 
     /// Starts a mock and waits until it (not another process) listens on `port`; `None` when it
     /// exits or does not listen within 10 s.
-    fn try_start_on(port: u16, env: &[(&str, &str)]) -> Option<Mock> {
-        let mut cmd = Command::new(MOCK);
-        cmd.arg("serve")
-            .env("OLLAMA_HOST", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn mock-ollama");
+    fn try_start_on(&self, port: u16) -> Option<Mock> {
+        let child = self.command(port).spawn().expect("spawn mock-ollama");
         let mut mock = Mock {
+            host: self.host.clone(),
             port,
             proc: Proc { child },
         };
@@ -159,50 +322,103 @@ impl Mock {
         });
         listens_on(pid, port).then_some(mock)
     }
+}
 
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+/// The ports of one start attempt: the proxy's, the admin listener's, and those the
+/// configuration asks for by name (supervised instances). Every attempt draws fresh ones.
+#[derive(Clone, Debug)]
+pub struct Ports {
+    pub proxy: u16,
+    pub admin: u16,
+    named: Vec<(String, u16)>,
+}
+
+impl Ports {
+    pub fn fresh() -> Ports {
+        Ports {
+            proxy: free_port(),
+            admin: free_port(),
+            named: Vec::new(),
+        }
+    }
+
+    /// The port called `name` in this attempt, drawn on first use.
+    pub fn port(&mut self, name: &str) -> u16 {
+        if let Some((_, port)) = self.named.iter().find(|(n, _)| n == name) {
+            return *port;
+        }
+        let port = free_port();
+        self.named.push((name.to_string(), port));
+        port
+    }
+
+    /// A port drawn by [`Ports::port`].
+    pub fn of(&self, name: &str) -> u16 {
+        self.named
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, port)| *port)
+            .unwrap_or_else(|| panic!("no port called {name}"))
     }
 }
 
-/// A running sidecar with its configuration file.
-pub struct Sidecar {
-    pub port: u16,
-    pub admin_port: u16,
-    pub proc: Proc,
-    pub config: tempfile::NamedTempFile,
-    pub log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
+type ConfigFn = Box<dyn FnMut(&mut Ports) -> String>;
+type WrapFn = Box<dyn FnMut(&std::path::Path) -> Command>;
+
+/// How a sidecar is run: its configuration (written from each attempt's [`Ports`]), its
+/// environment, and an optional wrapper command. Every sidecar of the tests starts through
+/// [`SidecarCmd::start`]: on fresh ports, again when another process took one of them.
+pub struct SidecarCmd {
+    config: ConfigFn,
+    env: Vec<(String, String)>,
+    wrap: Option<WrapFn>,
 }
 
-impl Sidecar {
-    /// Starts the sidecar with `body` appended to generated `listen`/`admin` keys, and waits
-    /// until the proxy port accepts connections.
-    pub fn start(body: &str) -> Sidecar {
-        Self::start_with_env(body, &[])
-    }
-
-    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
-        Self::start_with_command(body, |config| {
-            let mut cmd = Command::new(SIDECAR);
-            cmd.arg("--config").arg(config).env("RUST_LOG", "info");
-            for (k, v) in env {
-                cmd.env(k, v);
-            }
-            cmd
+impl SidecarCmd {
+    /// `body` after generated `listen` and `admin.listen` lines.
+    pub fn new(body: &str) -> SidecarCmd {
+        let body = body.to_string();
+        SidecarCmd::config(move |p| {
+            format!(
+                "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\n{body}",
+                p.proxy, p.admin
+            )
         })
     }
 
-    /// Starts the sidecar with the command `command` makes from the configuration file's path
-    /// (to run it under a wrapper such as `unshare`; the command must end by exec-ing
-    /// [`SIDECAR`], so the child is the sidecar); its output goes to the log file.
-    pub fn start_with_command(
-        body: &str,
-        mut command: impl FnMut(&std::path::Path) -> Command,
-    ) -> Sidecar {
+    /// The whole configuration, written from each attempt's ports (the sidecar must listen on
+    /// `proxy` and `admin`).
+    pub fn config(config: impl FnMut(&mut Ports) -> String + 'static) -> SidecarCmd {
+        SidecarCmd {
+            config: Box::new(config),
+            env: vec![("RUST_LOG".to_string(), "info".to_string())],
+            wrap: None,
+        }
+    }
+
+    pub fn env(mut self, name: &str, value: &str) -> SidecarCmd {
+        self.env.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn envs(self, env: &[(&str, &str)]) -> SidecarCmd {
+        env.iter().fold(self, |cmd, (k, v)| cmd.env(k, v))
+    }
+
+    /// Runs the sidecar under a wrapper such as `unshare`: `wrap` makes the command from the
+    /// configuration file's path, and must end by exec-ing [`SIDECAR`], so the child is the
+    /// sidecar. The environment is applied to the wrapper, which passes it on.
+    pub fn wrapped(mut self, wrap: impl FnMut(&std::path::Path) -> Command + 'static) -> Self {
+        self.wrap = Some(Box::new(wrap));
+        self
+    }
+
+    /// Starts the sidecar and waits until its proxy and admin ports are its own; on fresh ports
+    /// again when it exited (another process took a port) or did not listen within 15 s.
+    pub fn start(mut self) -> Sidecar {
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            match Self::try_start(body, &mut command) {
+            match self.try_start() {
                 Ok(sidecar) => return sidecar,
                 Err(log) => last_log = log,
             }
@@ -210,38 +426,55 @@ impl Sidecar {
         panic!("sidecar did not start; log:\n{last_log}")
     }
 
+    /// The command for `config`, not started (env and wrapper applied).
+    fn command(&mut self, config: &std::path::Path) -> Command {
+        let mut cmd = match &mut self.wrap {
+            Some(wrap) => wrap(config),
+            None => {
+                let mut cmd = Command::new(SIDECAR);
+                cmd.arg("--config").arg(config);
+                cmd
+            }
+        };
+        for var in OVERRIDE_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd
+    }
+
     /// One start on fresh ports: the sidecar once its proxy and admin ports are its own, or its log
     /// when it exited or another process holds a port.
-    fn try_start(
-        body: &str,
-        command: &mut impl FnMut(&std::path::Path) -> Command,
-    ) -> Result<Sidecar, String> {
-        let port = free_port();
-        let admin_port = free_port();
+    fn try_start(&mut self) -> Result<Sidecar, String> {
+        let mut ports = Ports::fresh();
+        let text = (self.config)(&mut ports);
         let mut config = tempfile::Builder::new()
             .suffix(".yaml")
             .tempfile()
             .expect("temp config");
-        write!(
-            config,
-            "listen: 127.0.0.1:{port}\nadmin:\n  listen: 127.0.0.1:{admin_port}\n{body}"
-        )
-        .expect("write config");
+        config.write_all(text.as_bytes()).expect("write config");
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("sidecar.log");
         let log_file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = command(config.path());
-        cmd.stdout(Stdio::null()).stderr(log_file);
+        let mut cmd = self.command(config.path());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        let started = Instant::now();
         let child = cmd.spawn().expect("spawn ollama-sidecar");
         let mut sidecar = Sidecar {
-            port,
-            admin_port,
+            port: ports.proxy,
+            admin_port: ports.admin,
+            ports,
+            started,
+            pids: Vec::new(),
             proc: Proc { child },
             config,
             log,
             _dir: dir,
         };
         let pid = sidecar.proc.pid();
+        let (port, admin_port) = (sidecar.port, sidecar.admin_port);
         let owns_ports = || listens_on(pid, port) && listens_on(pid, admin_port);
         wait_until(Duration::from_secs(15), || {
             owns_ports() || matches!(sidecar.proc.child.try_wait(), Ok(Some(_)))
@@ -251,6 +484,76 @@ impl Sidecar {
         } else {
             Err(sidecar.log_text())
         }
+    }
+}
+
+/// A running sidecar with its configuration file.
+pub struct Sidecar {
+    pub port: u16,
+    pub admin_port: u16,
+    /// Every port its configuration was written with.
+    pub ports: Ports,
+    /// When the process was spawned (before it listened).
+    pub started: Instant,
+    /// Supervised mock instances the test saw: killed on drop in case the sidecar failed to.
+    pub pids: Vec<u32>,
+    pub proc: Proc,
+    pub config: tempfile::NamedTempFile,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The sidecar's process: its pid, signals, exit.
+impl std::ops::Deref for Sidecar {
+    type Target = Proc;
+    fn deref(&self) -> &Proc {
+        &self.proc
+    }
+}
+
+impl std::ops::DerefMut for Sidecar {
+    fn deref_mut(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
+        // Only a pid that still runs the mock: a pid the system reused is not ours to kill.
+        let mock = std::fs::canonicalize(MOCK).ok();
+        for &pid in &self.pids {
+            if std::fs::read_link(format!("/proc/{pid}/exe")).ok() == mock {
+                unsafe {
+                    libc::kill(pid as i32, libc::SIGKILL);
+                }
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("--- sidecar log ---\n{}", self.log_text());
+        }
+    }
+}
+
+impl Sidecar {
+    /// Starts the sidecar with `body` appended to generated `listen`/`admin` keys, and waits
+    /// until the proxy port accepts connections.
+    pub fn start(body: &str) -> Sidecar {
+        SidecarCmd::new(body).start()
+    }
+
+    pub fn start_with_env(body: &str, env: &[(&str, &str)]) -> Sidecar {
+        SidecarCmd::new(body).envs(env).start()
+    }
+
+    /// Starts the sidecar with the command `command` makes from the configuration file's path
+    /// (see [`SidecarCmd::wrapped`]).
+    pub fn start_with_command(
+        body: &str,
+        command: impl FnMut(&std::path::Path) -> Command + 'static,
+    ) -> Sidecar {
+        SidecarCmd::new(body).wrapped(command).start()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -279,6 +582,11 @@ impl Sidecar {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// The port called `name` in its configuration ([`Ports::port`]).
+    pub fn port_of(&self, name: &str) -> u16 {
+        self.ports.of(name)
     }
 }
 

@@ -1,6 +1,7 @@
 //! `mock-ollama`: a fast, faithful stand-in for `ollama serve`.
 //!
-//! Stands alone (it does not use the `ollama_sidecar` library): the project's integration
+//! A crate of its own in the workspace (the `mock-ollama` executable, built by the root package,
+//! only calls [`main`]); it does not use the `ollama_sidecar` library. The project's integration
 //! tests, the demo configuration (supervised exactly like `ollama serve`) and the
 //! benchmarks run it. Behaviour follows Ollama 0.33's routes, shapes, scheduler limits
 //! (`OLLAMA_NUM_PARALLEL`, `OLLAMA_MAX_QUEUE`), keep-alive, CORS and Host checks; knobs
@@ -37,7 +38,8 @@ use tokio::net::TcpListener;
 use crate::cli::{Args, Config};
 use crate::state::State;
 
-fn main() -> ExitCode {
+/// The whole program: parses the command line and serves until SIGTERM or SIGINT.
+pub fn main() -> ExitCode {
     let cfg = match Config::from_args(Args::parse()) {
         Ok(c) => c,
         Err(e) => {
