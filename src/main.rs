@@ -97,12 +97,10 @@ struct RunOpts {
 
 impl RunOpts {
     fn overrides(&self) -> Overrides {
-        Overrides::from_env().merge(Overrides {
-            listen: self.listen.clone(),
-            admin_listen: self.admin_listen.clone(),
-            listen_from: Some("--listen"),
-            admin_listen_from: Some("--admin-listen"),
-        })
+        Overrides::from_env().merge(Overrides::from_flags(
+            self.listen.clone(),
+            self.admin_listen.clone(),
+        ))
     }
 
     fn config_path(&self) -> PathBuf {
