@@ -520,3 +520,42 @@ fn serialize_redacted_url<S: serde::Serializer>(
         None => s.serialize_none(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_defaults_read_back_the_same() {
+        // What `check` prints can be used as a configuration file as it is.
+        let text = yaml_serde::to_string(&Config::default()).unwrap();
+        let back: Config = yaml_serde::from_str(&text).unwrap();
+        assert_eq!(yaml_serde::to_string(&back).unwrap(), text);
+    }
+
+    #[test]
+    fn a_missing_or_empty_section_is_its_default() {
+        let c: Config = yaml_serde::from_str("health: {}\nlimits:\n  max_headers: 7\n").unwrap();
+        assert_eq!(
+            format!("{:?}", c.health),
+            format!("{:?}", Health::default())
+        );
+        assert_eq!(
+            format!("{:?}", c.retries),
+            format!("{:?}", Retries::default())
+        );
+        assert_eq!(c.limits.max_headers, 7);
+        assert_eq!(c.limits.max_body, Limits::default().max_body);
+    }
+
+    #[test]
+    fn list_items_require_a_name_and_default_the_rest() {
+        let c: Config = yaml_serde::from_str("instances:\n  - name: a\n").unwrap();
+        assert_eq!(c.instances[0].num_parallel, 1);
+        let c: Config = yaml_serde::from_str("auth:\n  keys:\n    - name: k\n").unwrap();
+        assert_eq!(c.auth.keys[0].models, ["*"]);
+        assert_eq!(c.auth.keys[0].routes, ["inference", "metadata", "other"]);
+        let e = yaml_serde::from_str::<Config>("instances:\n  - url: x:1\n").unwrap_err();
+        assert!(e.to_string().contains("missing field `name`"), "{e}");
+    }
+}
