@@ -13,6 +13,7 @@
 mod access;
 mod address;
 mod admission;
+mod cli;
 pub mod file;
 mod health;
 mod instances;
@@ -30,6 +31,7 @@ mod yaml;
 pub use access::{AccessConfig, ApiKey, CorsConfig, PolicyConfig, ROUTE_CLASSES};
 pub use address::{parse_instance_url, UpstreamAddress};
 pub use admission::QueueConfig;
+pub use cli::ConfigArgs;
 pub use file::Config as FileConfig;
 pub use health::{HealthConfig, PassiveConfig};
 pub use instances::{
