@@ -5,7 +5,7 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use clap::{Args, Parser, Subcommand};
-use ollama_sidecar::config::{self, LogFormat, Overrides};
+use ollama_sidecar::config::{self, ConfigArgs, LogFormat};
 use ollama_sidecar::health_cmd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,13 +22,13 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    run: RunOpts,
+    run: ConfigArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run(RunOpts),
+    Run(ConfigArgs),
     /// Validate a configuration and print the effective configuration.
     Check(CheckOpts),
     /// Ask a running sidecar whether it can serve (GET /readyz on its admin listener): exit 0
@@ -81,41 +81,9 @@ fn health(opts: HealthOpts) -> ExitCode {
 }
 
 #[derive(Args, Clone)]
-struct RunOpts {
-    /// The configuration file [default: conf/sidecar.yaml when it exists in the working
-    /// directory, else /etc/ollama-sidecar/sidecar.yaml].
-    // The variable's value is hidden: `--help` would print it, or an empty `=` when unset.
-    #[arg(long, short, env = config::ENV_CONFIG, hide_env_values = true)]
-    config: Option<PathBuf>,
-    /// Override `listen` (also OLLAMA_SIDECAR_LISTEN).
-    #[arg(long)]
-    listen: Option<String>,
-    /// Override `admin.listen` (also OLLAMA_SIDECAR_ADMIN_LISTEN).
-    #[arg(long)]
-    admin_listen: Option<String>,
-}
-
-impl RunOpts {
-    fn overrides(&self) -> Overrides {
-        Overrides::from_env().merge(Overrides {
-            listen: self.listen.clone(),
-            admin_listen: self.admin_listen.clone(),
-            listen_from: Some("--listen"),
-            admin_listen_from: Some("--admin-listen"),
-        })
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.config
-            .clone()
-            .unwrap_or_else(config::default_config_path)
-    }
-}
-
-#[derive(Args, Clone)]
 struct CheckOpts {
     #[command(flatten)]
-    run: RunOpts,
+    run: ConfigArgs,
     /// Validate without reading secrets (`key_env`, `key_file`, `admin.token_env`): only their
     /// form is checked, e.g. in CI where production keys are absent.
     #[arg(long)]
@@ -158,17 +126,10 @@ fn main() -> ExitCode {
         Some(Command::Health(o)) => return health(o),
         None => ("run", cli.run, config::Secrets::Read),
     };
-    let path = opts.config_path();
-    let config = match config::load_with(&path, &opts.overrides(), secrets) {
+    let config = match opts.load(secrets) {
         Ok(c) => c,
         Err(e) => {
-            // A missing default file: say it was the default, and how to name another.
-            let hint = if opts.config.is_none() && !path.is_file() {
-                " (the default; name a file with --config or OLLAMA_SIDECAR_CONFIG)"
-            } else {
-                ""
-            };
-            eprintln!("ollama-sidecar: invalid configuration: {e}{hint}");
+            eprintln!("ollama-sidecar: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };

@@ -7,7 +7,7 @@
 //! from any worker thread share one socket (requests pipelined on it) and nothing depends on
 //! which runtime made the connection.
 
-use crate::config::{redact_url, SharedStateFile};
+use crate::config::{redact_url, SharedStateConfig};
 use crate::metrics;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, FromRedisValue, ScriptInvocation};
@@ -58,8 +58,8 @@ pub struct SharedState {
 impl SharedState {
     /// Starts the keeper thread and waits (up to `connect_timeout`) for the first connection,
     /// so the first requests find it; an unreachable Redis is retried in the background.
-    pub fn start(config: &SharedStateFile) -> Result<Arc<SharedState>, String> {
-        let url = config.redis.clone().unwrap_or_default();
+    pub fn start(config: &SharedStateConfig) -> Result<Arc<SharedState>, String> {
+        let url = config.redis.clone();
         let client = redis::Client::open(url.as_str())
             .map_err(|e| format!("shared_state.redis `{}`: {e}", redact_url(&url)))?;
         let runtime = tokio::runtime::Builder::new_current_thread()

@@ -6,7 +6,7 @@
 //! Cases per property: `PROPTEST_CASES` (default 10,000). cargo-fuzz needs a nightly toolchain,
 //! which this project's machines cannot install; these run on stable in the ordinary test suite.
 
-use ollama_sidecar::config::LimitsFile;
+use ollama_sidecar::config::LimitsConfig;
 use ollama_sidecar::policy::{glob, keys, limits};
 use ollama_sidecar::proxy::body::{inspect, inspect_fields, key_binds, Field};
 use ollama_sidecar::proxy::canonical::{path_view, PathView};
@@ -184,7 +184,7 @@ proptest! {
         for (k, v) in headers {
             let _ = req.append_header(k, v);
         }
-        let limits = LimitsFile::default();
+        let limits = LimitsConfig::default();
         if let Some(err) = limits::check(&limits, &req) {
             prop_assert!(matches!(err.status, 400 | 414 | 431));
         }

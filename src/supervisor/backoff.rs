@@ -1,7 +1,7 @@
 //! Restart pacing: exponential backoff with jitter, reset by a stable run, and the crash-loop
 //! verdict. Pure logic (the caller supplies the random jitter), so it is tested here directly.
 
-use crate::config::RestartFile;
+use crate::config::RestartConfig;
 use std::time::Duration;
 
 /// Jitter applied to every delay: ±20 %.
@@ -18,7 +18,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(restart: &RestartFile) -> Backoff {
+    pub fn new(restart: &RestartConfig) -> Backoff {
         Backoff {
             initial: restart.initial_backoff,
             max: restart.max_backoff.max(restart.initial_backoff),
@@ -66,8 +66,8 @@ impl Backoff {
 mod tests {
     use super::*;
 
-    fn restart() -> RestartFile {
-        RestartFile {
+    fn restart() -> RestartConfig {
+        RestartConfig {
             initial_backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(60),
             stable_after: Duration::from_secs(60),

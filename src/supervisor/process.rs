@@ -171,7 +171,7 @@ fn signal_name(sig: i32) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::RestartFile;
+    use crate::config::RestartConfig;
     use std::collections::BTreeMap;
 
     fn spec() -> SupervisedSpec {
@@ -192,7 +192,7 @@ mod tests {
             log_file: None,
             start_timeout: Duration::from_secs(5),
             stop_grace: Duration::from_secs(1),
-            restart: RestartFile::default(),
+            restart: RestartConfig::default(),
         }
     }
 

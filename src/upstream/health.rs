@@ -9,7 +9,7 @@
 
 use super::resolve::Resolver;
 use super::{Instance, InstanceState, Registry};
-use crate::config::HealthFile;
+use crate::config::HealthConfig;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck};
 use pingora_load_balancing::Backend;
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ struct Checker {
 }
 
 impl Checker {
-    fn new(instance: Arc<Instance>, config: &HealthFile) -> Option<Checker> {
+    fn new(instance: Arc<Instance>, config: &HealthConfig) -> Option<Checker> {
         let written = instance.upstream.host_header();
         let mut check = HttpHealthCheck::new(&written, instance.upstream.tls);
         let mut req = pingora_http::RequestHeader::build("GET", b"/api/version", None).ok()?;
@@ -191,7 +191,7 @@ async fn body_excerpt(addr: SocketAddr, host: &str, timeout: Duration) -> Option
     (!text.is_empty()).then_some(text)
 }
 
-fn checkers(registry: &Registry, config: &HealthFile) -> Vec<Checker> {
+fn checkers(registry: &Registry, config: &HealthConfig) -> Vec<Checker> {
     registry
         .all()
         .iter()
@@ -209,7 +209,7 @@ async fn check_all(checkers: &mut [Checker]) -> bool {
 
 /// Checks every external instance once, before the proxy starts taking requests, so traffic
 /// never goes to one that is down at startup (and none waits for a first check that is due).
-pub async fn initial_check(registry: &Registry, config: &HealthFile) {
+pub async fn initial_check(registry: &Registry, config: &HealthConfig) {
     let mut checkers = checkers(registry, config);
     check_all(&mut checkers).await;
     for c in &checkers {
@@ -224,7 +224,7 @@ pub async fn initial_check(registry: &Registry, config: &HealthFile) {
 
 /// Checks every external instance every `interval`, forever; between checks, resolves a name
 /// again when a connection to its instance failed.
-pub async fn check_external_instances(registry: Arc<Registry>, config: HealthFile) {
+pub async fn check_external_instances(registry: Arc<Registry>, config: HealthConfig) {
     let mut checkers = checkers(&registry, &config);
     if checkers.is_empty() {
         return;

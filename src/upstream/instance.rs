@@ -2,7 +2,7 @@
 //! how busy it is, and the process facts the supervisor records for `/status` and metrics.
 
 use super::target::{Addresses, HostRule};
-use crate::config::{InstanceConfig, PassiveFile, UpstreamAddress};
+use crate::config::{InstanceConfig, PassiveConfig, UpstreamAddress};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -105,7 +105,7 @@ pub struct Instance {
     /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
     /// normalised with `model_key`.
     loaded_models: RwLock<Vec<String>>,
-    passive_config: PassiveFile,
+    passive_config: PassiveConfig,
     passive: Mutex<Passive>,
 }
 
@@ -143,7 +143,7 @@ pub fn model_key(name: &str) -> String {
 }
 
 impl Instance {
-    pub fn new(index: usize, config: &InstanceConfig, passive: &PassiveFile) -> Instance {
+    pub fn new(index: usize, config: &InstanceConfig, passive: &PassiveConfig) -> Instance {
         let supervised = config.supervised.is_some();
         // A supervised instance earns `Ready` from the supervisor, an external one from its
         // first health check (run before the proxy starts).
@@ -433,7 +433,7 @@ impl Drop for InFlightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{InstanceConfig, PassiveFile, UpstreamAddress};
+    use crate::config::{InstanceConfig, PassiveConfig, UpstreamAddress};
 
     fn instance() -> Instance {
         let cfg = InstanceConfig {
@@ -446,7 +446,7 @@ mod tests {
             num_parallel: 4,
             supervised: None,
         };
-        let passive = PassiveFile {
+        let passive = PassiveConfig {
             failures: 2,
             cooldown: Duration::from_millis(50),
             max_cooldown: Duration::from_millis(120),
