@@ -633,3 +633,34 @@ fn bad_input_gets_a_clear_answer_and_the_proxy_keeps_serving() {
         sidecar.log_text()
     );
 }
+
+#[test]
+fn a_failure_is_logged_by_its_label_not_an_internal_name() {
+    let port = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "instances:\n  - name: gone\n    url: http://127.0.0.1:{port}\n"
+    ));
+    let r = client()
+        .get(sidecar.url("/api/tags"))
+        .header("x-request-id", "no-instance-1")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let mut line = String::new();
+    let logged = wait_until(Duration::from_secs(5), || {
+        line = sidecar
+            .log_text()
+            .lines()
+            .find(|l| l.contains("access:") && l.contains("no-instance-1"))
+            .unwrap_or_default()
+            .to_string();
+        !line.is_empty()
+    });
+    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    assert!(line.contains("error=\"no_instance\""), "{line}");
+    assert!(line.contains("outcome=\"failed\""), "{line}");
+    assert!(!line.contains("NoInstanceReady"), "{line}");
+    // Absent values are left out, not written as "-".
+    assert!(!line.contains("model="), "{line}");
+    assert!(!line.contains("\"-\""), "{line}");
+}

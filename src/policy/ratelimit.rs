@@ -75,11 +75,6 @@ impl Bucket {
     }
 }
 
-/// `Retry-After` seconds for a wait: rounded up, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    (wait.as_secs_f64().ceil() as u64).max(1)
-}
-
 /// Locks a mutex, recovering the data if a panic poisoned it (a bucket is always consistent).
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -177,6 +172,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reject::retry_after_secs;
 
     #[test]
     fn buckets_refill() {

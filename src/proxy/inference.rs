@@ -6,12 +6,15 @@
 //! Pingora only replays a consumed body through its 64 KiB retry buffer. The subrequest gets the
 //! buffered body through its channel instead (docs/adr/0001-inference-body-and-subrequests.md).
 
-use super::errors::{self, SidecarError, SERVER_BUSY};
+use super::ctx::RequestCtx;
 use super::retry::{self, RetryReason};
-use super::{body, respond_error, RequestCtx, SidecarProxy};
+use super::{body, errors, request_body, respond};
 use crate::admission::{AdmitRequest, Admitted as AdmissionOutcome, Permit, Refusal};
+use crate::app::App;
+use crate::metrics::Outcome;
+use crate::reject::Reject;
 use crate::upstream::{model_key, Instance};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use pingora_core::protocols::http::HttpTask;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::subrequest::{BodyMode, Ctx as SubrequestCtx};
@@ -26,73 +29,9 @@ pub struct Dispatch {
     pub request_id: String,
 }
 
-/// How an inference request ended, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Outcome {
-    #[default]
-    Pending,
-    Served,
-    Refused,
-    /// The client left while queued.
-    CancelledQueued,
-    /// The client left before the first response byte.
-    CancelledWaiting,
-    /// The client left while the response streamed.
-    CancelledStreaming,
-    /// The upstream failed.
-    Failed,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Pending => "pending",
-            Outcome::Served => "served",
-            Outcome::Refused => "refused",
-            Outcome::CancelledQueued => "cancelled_queued",
-            Outcome::CancelledWaiting => "cancelled_waiting",
-            Outcome::CancelledStreaming => "cancelled_streaming",
-            Outcome::Failed => "failed",
-        }
-    }
-}
-
-enum BodyRead {
-    Complete(Bytes),
-    TooLarge,
-    /// The client went silent for `limits.body_read_timeout`.
-    TimedOut,
-}
-
-/// Reads the whole request body, refusing it once it passes `limit` bytes.
-async fn read_body(session: &mut Session, limit: u64) -> Result<BodyRead> {
-    let hint = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if hint.is_some_and(|n| n > limit) {
-        return Ok(BodyRead::TooLarge);
-    }
-    let capacity = hint.unwrap_or(0).min(limit) as usize;
-    let mut buf = BytesMut::with_capacity(capacity);
-    while let Some(chunk) = match session.read_request_body().await {
-        Err(e) if *e.etype() == ErrorType::ReadTimedout => return Ok(BodyRead::TimedOut),
-        // A malformed or broken body is the client's doing: 400, or no answer when it left.
-        read => read.map_err(|e| e.into_down())?,
-    } {
-        if (buf.len() + chunk.len()) as u64 > limit {
-            return Ok(BodyRead::TooLarge);
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(BodyRead::Complete(buf.freeze()))
-}
-
 /// Who the client is, for fairness: the configured header, else the client's address.
-fn client_identity(proxy: &SidecarProxy, session: &Session) -> Arc<str> {
-    let admission = &proxy.app.config.admission;
+fn client_identity(app: &App, session: &Session) -> Arc<str> {
+    let admission = &app.config.admission;
     if let Some(name) = &admission.client_id_header {
         if let Some(v) = session
             .req_header()
@@ -113,8 +52,8 @@ fn client_identity(proxy: &SidecarProxy, session: &Session) -> Arc<str> {
     }
 }
 
-fn priority(proxy: &SidecarProxy, session: &Session, client: &str) -> i32 {
-    let admission = &proxy.app.config.admission;
+fn priority(app: &App, session: &Session, client: &str) -> i32 {
+    let admission = &app.config.admission;
     if let Some(name) = &admission.priority_header {
         if let Some(p) = session
             .req_header()
@@ -138,8 +77,8 @@ enum Admitted {
 /// Asks admission for a slot (so every request is counted there, even one whose client is
 /// already gone), then waits for it while watching the client: one that disconnects leaves the
 /// queue at once.
-async fn admit(proxy: &SidecarProxy, session: &mut Session, req: AdmitRequest) -> Admitted {
-    let waiting = match proxy.app.admission.admit(req) {
+async fn admit(app: &App, session: &mut Session, req: AdmitRequest) -> Admitted {
+    let waiting = match app.admission.admit(req) {
         Ok(AdmissionOutcome::Now(permit)) => return Admitted::Granted(permit),
         Ok(AdmissionOutcome::Queued(waiting)) => waiting,
         Err(refusal) => return Admitted::Refused(refusal),
@@ -167,119 +106,67 @@ async fn admit(proxy: &SidecarProxy, session: &mut Session, req: AdmitRequest) -
     }
 }
 
-fn refusal_error(refusal: &Refusal, proxy: &SidecarProxy) -> SidecarError {
-    let wait = proxy.app.config.admission.max_wait;
+/// The answer to a request admission refused.
+fn refused(refusal: &Refusal, app: &App) -> Reject {
     match refusal {
-        Refusal::QueueFull | Refusal::QueueBytesFull => {
-            SidecarError::new(503, SERVER_BUSY).retry_after(1)
-        }
-        Refusal::WaitExpired { waited } => SidecarError::new(
-            503,
-            format!(
-                "{SERVER_BUSY} (ollama-sidecar: waited {} for a slot; admission.max_wait is {})",
-                humantime::format_duration(std::time::Duration::from_secs(waited.as_secs())),
-                humantime::format_duration(wait)
-            ),
-        )
-        .retry_after(5),
-        Refusal::Closed => SidecarError::new(503, "ollama-sidecar is shutting down").retry_after(1),
+        Refusal::QueueFull => Reject::QueueFull,
+        Refusal::QueueBytesFull => Reject::QueueBytesFull,
+        Refusal::WaitExpired { waited } => Reject::WaitExpired {
+            waited: *waited,
+            max_wait: app.config.admission.max_wait,
+        },
+        Refusal::Closed => Reject::ShuttingDown,
     }
 }
 
 /// Serves one inference request from `request_filter`; always returns `Ok(true)` (answered).
-pub(super) async fn serve(
-    proxy: &SidecarProxy,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-) -> Result<bool> {
-    let shape = ctx.route.shape;
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
-    if expects_continue {
-        session
-            .as_downstream_mut()
-            .write_continue_response()
-            .await?;
-    }
-
-    let limit = proxy.app.config.limits.max_body.0;
-    let body = match read_body(session, limit).await? {
-        BodyRead::Complete(b) => b,
-        BodyRead::TimedOut => {
-            return crate::policy::on_body_timeout(&proxy.app, session, ctx).await
-        }
-        BodyRead::TooLarge => {
-            // The rest of the body is unread: the connection cannot be reused.
-            session.set_keepalive(None);
-            ctx.outcome = Outcome::Refused;
-            let err = SidecarError::new(
-                413,
-                format!(
-                    "request body is larger than {} (limits.max_body)",
-                    proxy.app.config.limits.max_body
-                ),
-            );
-            respond_error(session, shape, &err, &ctx.request_id).await?;
+pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let limits = &app.config.limits;
+    let too_large = Reject::BodyTooLarge {
+        limit: limits.max_body,
+    };
+    let read = request_body::read(
+        session,
+        ctx,
+        limits.max_body.0,
+        too_large,
+        limits.body_read_timeout,
+    )
+    .await?;
+    let checked = read.and_then(|body| check_body(app, session, ctx, &body).map(|()| body));
+    let body = match checked {
+        Ok(body) => body,
+        Err(refused) => {
+            respond::reject(app, session, ctx, refused).await?;
             return Ok(true);
         }
     };
-    ctx.request_bytes = body.len() as u64;
-
-    // A compressed body is forwarded untouched; it just cannot be routed by model.
-    let encoded = session
-        .req_header()
-        .headers
-        .contains_key(http::header::CONTENT_ENCODING);
-    let is_json = !encoded && ctx.route.has_model_body();
-    if is_json {
-        match body::inspect_fields(&body, ctx.route.fields) {
-            Ok(facts) => {
-                ctx.model = facts.model;
-                ctx.stream = facts.stream;
-            }
-            Err(message) => {
-                ctx.outcome = Outcome::Refused;
-                let err = SidecarError::new(400, message);
-                respond_error(session, shape, &err, &ctx.request_id).await?;
-                return Ok(true);
-            }
-        }
-    }
-    if crate::policy::on_inference_body(&proxy.app, session, ctx, &body).await? {
-        return Ok(true);
-    }
 
     // A key's name (set by the policy) is the client's identity.
     let client = ctx
         .client
         .clone()
-        .unwrap_or_else(|| client_identity(proxy, session));
+        .unwrap_or_else(|| client_identity(app, session));
     let request = AdmitRequest {
-        priority: crate::policy::key_priority(ctx)
-            .unwrap_or_else(|| priority(proxy, session, &client)),
+        priority: ctx
+            .policy
+            .priority()
+            .unwrap_or_else(|| priority(app, session, &client)),
         client: client.clone(),
         model: ctx.model.as_deref().map(model_key),
         body_bytes: body.len() as u64,
         avoid: None,
     };
     ctx.client = Some(client);
-    proxy.app.retry_budget.record_request();
+    app.retry_budget.record_request();
     let mut request = request;
     let mut attempt = 1u32;
     loop {
         let queued_at = Instant::now();
-        let permit = match admit(proxy, session, request.clone()).await {
+        let permit = match admit(app, session, request.clone()).await {
             Admitted::Granted(p) => p,
             Admitted::Refused(refusal) => {
-                ctx.outcome = Outcome::Refused;
-                ctx.refusal = Some(refusal.as_str());
-                let err = refusal_error(&refusal, proxy);
-                ctx.status = err.status;
-                respond_error(session, shape, &err, &ctx.request_id).await?;
+                respond::reject(app, session, ctx, refused(&refusal, app)).await?;
                 return Ok(true);
             }
             Admitted::ClientGone => {
@@ -295,13 +182,13 @@ pub(super) async fn serve(
         *ctx.queue_wait.get_or_insert(Duration::ZERO) += queued_at.elapsed();
         let instance = permit.instance().clone();
         ctx.instance = Some(instance.name.clone());
-        let may_retry = attempt < proxy.app.config.retries.max_attempts;
-        let result = attempt_once(proxy, session, ctx, &instance, body.clone(), may_retry).await;
+        let may_retry = attempt < app.config.retries.max_attempts;
+        let result = attempt_once(app, session, ctx, &instance, body.clone(), may_retry).await;
         // The slot is held until the response is complete or the client is gone.
         drop(permit);
         match result? {
             Attempt::Finished { instance_ok } => {
-                proxy.app.registry.report(&instance, instance_ok);
+                app.registry.report(&instance, instance_ok);
                 return Ok(true);
             }
             Attempt::ClientGone => return Ok(true),
@@ -309,12 +196,11 @@ pub(super) async fn serve(
                 reason,
                 retry_after,
             } => {
-                proxy.app.registry.report(&instance, false);
+                app.registry.report(&instance, false);
                 crate::metrics::global().retry(reason.as_str());
                 ctx.retries += 1;
                 ctx.retry_reasons.push(reason);
-                let others_ready = proxy
-                    .app
+                let others_ready = app
                     .registry
                     .all()
                     .iter()
@@ -322,7 +208,7 @@ pub(super) async fn serve(
                 let delay = if others_ready {
                     Duration::ZERO
                 } else {
-                    retry::backoff(&proxy.app.config.retries, attempt)
+                    retry::backoff(&app.config.retries, attempt)
                 }
                 .max(retry_after.unwrap_or_default());
                 tracing::info!(request_id = %ctx.request_id, instance = %instance.name,
@@ -379,14 +265,13 @@ enum Attempt {
 /// response header goes to the client, a retryable failure is returned instead (when
 /// `may_retry` and the retry budget allow it).
 async fn attempt_once(
-    proxy: &SidecarProxy,
+    app: &App,
     session: &mut Session,
     ctx: &mut RequestCtx,
     instance: &Arc<Instance>,
     body: Bytes,
     may_retry: bool,
 ) -> Result<Attempt> {
-    let shape = ctx.route.shape;
     let Some(spawner) = session.subrequest_spawner.as_ref() else {
         return Error::e_explain(ErrorType::InternalError, "subrequests are not enabled");
     };
@@ -423,8 +308,8 @@ async fn attempt_once(
         );
     }
 
-    let timeouts = &proxy.app.config.timeouts;
-    let retry_allowed = || may_retry && proxy.app.retry_budget.try_spend();
+    let timeouts = &app.config.timeouts;
+    let retry_allowed = || may_retry && app.retry_budget.try_spend();
     let mut header_sent = false;
     let mut complete = false;
     let mut watch_client = true;
@@ -534,7 +419,6 @@ async fn attempt_once(
 
     // The subrequest ended without finishing the response.
     let cause = proxy_error.try_recv().ok();
-    let instance_name = instance.name.as_str();
     if !header_sent {
         let reason = match (&cause, timed_out) {
             (_, true) => Some(RetryReason::ResponseTimeout),
@@ -550,39 +434,52 @@ async fn attempt_once(
             }
         }
     }
-    let (status, message) = match (&cause, timed_out) {
-        (_, true) if header_sent => (
-            504,
-            format!(
-                "ollama-sidecar: instance `{instance_name}` sent nothing for {} (timeouts.idle)",
-                humantime::format_duration(timeouts.idle.unwrap_or_default())
-            ),
-        ),
-        (_, true) => (
-            504,
-            format!(
-                "ollama-sidecar: instance `{instance_name}` did not answer within {} (timeouts.response_header)",
-                humantime::format_duration(timeouts.response_header)
-            ),
-        ),
-        (Some(e), _) => super::describe_failure(e, Some(instance_name), &proxy.app),
-        (None, _) => (
-            502,
-            format!("ollama-sidecar: instance `{instance_name}` ended the response early"),
-        ),
-    };
-    ctx.outcome = Outcome::Failed;
+    let failure = match (&cause, timed_out) {
+        (_, true) if header_sent => Some(Reject::IdleTimeout {
+            instance: instance.name.clone(),
+            after: timeouts.idle.unwrap_or_default(),
+        }),
+        (_, true) => Some(Reject::ResponseTimeout {
+            instance: instance.name.clone(),
+            after: timeouts.response_header,
+        }),
+        (Some(e), _) => respond::classify(e, Some(&instance.name), &app.config),
+        (None, _) => None,
+    }
+    .unwrap_or_else(|| Reject::EndedEarly {
+        instance: instance.name.clone(),
+    });
     if header_sent {
         // The client has a status line: end the stream in its own framing, then close.
-        if let Some(line) = errors::in_band_error(ctx.response_content_type.as_deref(), &message) {
+        let content_type = ctx.response_content_type.as_deref();
+        if let Some(line) = errors::in_band_error(content_type, &failure.message()) {
             let _ = session.write_response_body(Some(line), true).await;
         }
+        ctx.outcome = Outcome::Failed;
+        ctx.reject = Some(failure);
         session.set_keepalive(None);
         return Ok(Attempt::Finished { instance_ok: false });
     }
-    let status = if status == 0 { 502 } else { status };
-    ctx.status = status;
-    let err = SidecarError::new(status, message);
-    respond_error(session, shape, &err, &ctx.request_id).await?;
+    respond::reject(app, session, ctx, failure).await?;
     Ok(Attempt::Finished { instance_ok: false })
+}
+
+/// The parsed body's decision fields (`model`, `stream`) and the policy's checks on them.
+fn check_body(
+    app: &App,
+    session: &Session,
+    ctx: &mut RequestCtx,
+    body: &[u8],
+) -> std::result::Result<(), Reject> {
+    // A compressed body is forwarded untouched; it just cannot be routed by model.
+    let compressed = session
+        .req_header()
+        .headers
+        .contains_key(http::header::CONTENT_ENCODING);
+    if !compressed && ctx.route.has_model_body() {
+        let facts = body::inspect_fields(body, ctx.route.fields).map_err(Reject::InvalidBody)?;
+        ctx.model = facts.model;
+    }
+    let model = ctx.model.as_deref();
+    crate::policy::check_inference_body(app, &ctx.policy, &ctx.route, compressed, model, body)
 }
