@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 pub struct RequestCtx {
     /// Classification (`request_filter`).
-    pub route: route::Route,
+    pub(super) route: route::Route,
     /// The canonical path (`canonical::path_view`): the decoded path gin routes on, or why the
     /// target was refused (`request_filter`).
-    pub path: Result<canonical::PathView, canonical::PathRefusal>,
-    pub request_id: String,
-    pub started: Instant,
+    pub(super) path: Result<canonical::PathView, canonical::PathRefusal>,
+    pub(super) request_id: String,
+    pub(super) started: Instant,
     /// Set in a subrequest: the instance its parent was admitted to.
     pub(super) dispatch: Option<Dispatch>,
     /// Keeps the request counted for the shutdown drain.
@@ -88,7 +88,7 @@ impl RequestCtx {
         }
     }
 
-    pub fn instance_name(&self) -> Option<&str> {
+    pub(super) fn instance_name(&self) -> Option<&str> {
         self.upstream
             .as_ref()
             .map(|g| g.instance().name.as_str())
@@ -97,10 +97,5 @@ impl RequestCtx {
 
     pub(super) fn is_subrequest(&self) -> bool {
         self.dispatch.is_some()
-    }
-
-    /// The model the request names, as the access log shows it.
-    pub fn model(&self) -> Option<&str> {
-        self.model.as_deref()
     }
 }
