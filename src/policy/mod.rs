@@ -362,16 +362,16 @@ async fn check_limits(
             Some(shared) => match shared.admit_client(ip, limiter.per_minute()).await {
                 Ok(decided) => {
                     if decided.is_ok() {
-                        limiter.charge(ip, now);
+                        limiter.charge(ip);
                     }
                     decided
                 }
                 Err(e) => {
                     policy.without_redis(&e)?;
-                    limiter.take(ip, now)
+                    limiter.take(ip)
                 }
             },
-            None => limiter.take(ip, now),
+            None => limiter.take(ip),
         };
         return taken.map_err(|wait| Reject::ClientRequests {
             client: ip,
