@@ -1,14 +1,20 @@
 //! What one request has learned so far: the context Pingora hands every hook. Each field is
 //! written by one stage (named beside it); the conductor's `logging` reads them all.
 
-use super::inference::Dispatch;
 use super::{canonical, retry, route, tap};
 use crate::app::ActiveGuard;
 use crate::metrics::Outcome;
 use crate::reject::Reject;
-use crate::upstream::InFlightGuard;
+use crate::upstream::{InFlightGuard, Instance};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// What the parent request hands its subrequest: the instance chosen and the request id.
+#[derive(Clone)]
+pub struct Dispatch {
+    pub instance: Arc<Instance>,
+    pub request_id: String,
+}
 
 pub struct RequestCtx {
     /// Classification (`request_filter`).

@@ -20,8 +20,7 @@ use crate::policy::{self, Verdict};
 use crate::reject::Reject;
 use crate::upstream::{select, target};
 use async_trait::async_trait;
-pub use ctx::RequestCtx;
-use inference::Dispatch;
+pub use ctx::{Dispatch, RequestCtx};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -136,6 +135,18 @@ async fn answer_preflight(app: &App, session: &mut Session, ctx: &mut RequestCtx
     Ok(true)
 }
 
+/// Who the access log says the client is: the key's name or client id, else its address.
+fn client_label(ctx: &RequestCtx, session: &Session) -> Option<String> {
+    match (&ctx.client, session.client_addr()) {
+        (Some(c), _) => Some(c.to_string()),
+        (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
+            Some(a.ip().to_string())
+        }
+        (None, Some(other)) => Some(other.to_string()),
+        (None, None) => None,
+    }
+}
+
 /// Records a finished client request: its metrics, and its access-log line (target `access`,
 /// unless `log.access` is off). Absent values are left out of the line.
 fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -176,21 +187,13 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
     // Milliseconds, to the microsecond.
     let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let req = session.req_header();
-    let client = match (&ctx.client, session.client_addr()) {
-        (Some(c), _) => Some(c.to_string()),
-        (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
-            Some(a.ip().to_string())
-        }
-        (None, Some(other)) => Some(other.to_string()),
-        (None, None) => None,
-    };
+    let client = client_label(ctx, session);
     // An error status Ollama answered is its own message, not a stream's end.
     let success = (200..300).contains(&status);
-    let error = match &own {
-        Some(own) => Some(own.label()),
-        None if !success => tap.error.as_deref(),
-        None => None,
-    };
+    let error = own
+        .as_ref()
+        .map(Reject::label)
+        .or(tap.error.as_deref().filter(|_| !success));
     let stream_error = tap.error.as_deref().filter(|_| success);
     // The path as the client sent it (what was forwarded); `route` names what it meant.
     let raw_path = String::from_utf8_lossy(req.raw_path());

@@ -26,13 +26,6 @@ use relay::{Attempt, Retry};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the parent request hands its subrequest: the instance chosen and the request id.
-#[derive(Clone)]
-pub struct Dispatch {
-    pub instance: Arc<Instance>,
-    pub request_id: String,
-}
-
 /// Serves one inference request from `request_filter`; always returns `Ok(true)` (answered).
 pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     let body = match read::read_checked(app, session, ctx).await? {

@@ -3,11 +3,10 @@
 //! Before the status line reaches the client a failure can still be retried or answered with a
 //! status of the sidecar's own; after it, a failure ends the stream in band.
 
-use super::super::ctx::RequestCtx;
+use super::super::ctx::{Dispatch, RequestCtx};
 use super::super::retry::{self, RetryReason};
 use super::super::{errors, respond};
 use super::admit::ClientWatch;
-use super::Dispatch;
 use crate::app::App;
 use crate::metrics::Outcome;
 use crate::reject::Reject;
