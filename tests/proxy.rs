@@ -664,3 +664,24 @@ fn a_failure_is_logged_by_its_label_not_an_internal_name() {
     assert!(!line.contains("model="), "{line}");
     assert!(!line.contains("\"-\""), "{line}");
 }
+
+#[test]
+fn an_announced_body_over_max_body_gets_413_before_100_continue() {
+    let mock = Mock::start(&[]);
+    let sidecar = Sidecar::start(&format!(
+        "limits:\n  max_body: 1KiB\n{}",
+        external_instances(&[&mock], 1)
+    ));
+    let mut s = TcpStream::connect(("127.0.0.1", sidecar.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    // The client is told at once, and never invited to send the 4 KiB.
+    assert!(line.starts_with("HTTP/1.1 413"), "{line:?}");
+}

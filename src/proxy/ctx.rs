@@ -1,5 +1,7 @@
-//! What one request has learned so far: the context Pingora hands every hook. Each field is
-//! written by one stage (named beside it); the conductor's `logging` reads them all.
+//! What one request has learned so far: the context Pingora hands every hook. Its fields are
+//! private to `proxy/`; where one stage alone writes a field it is named beside it. `outcome`
+//! and `status` are set wherever the request ends (`respond::reject` for the sidecar's own
+//! answers, the relay, the conductor's `logging` for the ordinary proxy path).
 
 use super::{canonical, retry, route, tap};
 use crate::app::ActiveGuard;
