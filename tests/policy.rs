@@ -1266,3 +1266,76 @@ fn sidecar_errors_carry_cors_headers() {
     let streamed = holder.join().expect("holder thread").expect("stream");
     assert!(streamed.contains("\"done\":true"), "{streamed}");
 }
+
+#[test]
+fn the_token_budget_has_its_own_label() {
+    let mock = Mock::start(&[("MOCK_TOKENS", "20")]);
+    let sc = start_with_keys(
+        &mock,
+        "      tokens_per_minute: 10\n",
+        "log:\n  format: json\n",
+    );
+    let alice = format!("Bearer {ALICE}");
+    // Alice's first answer uses 20 tokens of her 10: the next is refused for tokens.
+    let (status, _, text) = post_chat(&sc, &[("authorization", alice.as_str())], "llama3.2");
+    assert_eq!(status, 200, "{text}");
+    let tokens_refused = wait_until(Duration::from_secs(5), || {
+        let (status, _, _) = send(
+            "GET",
+            &sc.url("/api/tags"),
+            &[
+                ("authorization", alice.as_str()),
+                ("x-request-id", "over-tokens"),
+            ],
+            None,
+        );
+        status == 429
+    });
+    assert!(tokens_refused, "tokens were not charged");
+    let line = line_of(&sc, "over-tokens");
+    assert_eq!(line["rejection"], "rate_limited_tokens", "{line}");
+    assert_eq!(
+        metric_value(
+            sc.admin_port,
+            "ollama_sidecar_rejections_total{reason=\"rate_limited_tokens\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            sc.admin_port,
+            "ollama_sidecar_rejections_total{reason=\"rate_limited_requests\"}"
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn the_per_address_limit_has_its_own_label() {
+    let mock = Mock::start(&[]);
+    let sc = Sidecar::start(&format!(
+        "policy:\n  requests_per_minute_per_client: 1\nlog:\n  format: json\n{}",
+        external_instances(&[&mock], 1)
+    ));
+    let (status, _, _) = send("GET", &sc.url("/api/tags"), &[], None);
+    assert_eq!(status, 200);
+    let (status, h, text) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[("x-request-id", "over-address")],
+        None,
+    );
+    assert_eq!(status, 429, "{text}");
+    assert!(h.get("retry-after").is_some());
+    assert!(error_in_shape("/api/tags", 429, &text).contains("client 127.0.0.1"));
+    let line = line_of(&sc, "over-address");
+    assert_eq!(line["rejection"], "rate_limited_client", "{line}");
+    assert_eq!(line["error"], "rate_limited_client", "{line}");
+    assert_eq!(
+        metric_value(
+            sc.admin_port,
+            "ollama_sidecar_rejections_total{reason=\"rate_limited_client\"}"
+        ),
+        1.0
+    );
+}
