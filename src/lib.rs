@@ -10,6 +10,7 @@ pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod reject;
 pub mod server;
 pub mod shared_state;
 pub mod supervisor;

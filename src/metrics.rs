@@ -22,7 +22,6 @@
 
 use crate::admission::{AdmissionSnapshot, SlotUse, WaiterView};
 use crate::app::App;
-use crate::proxy::inference::Outcome;
 use crate::proxy::tap::TapSummary;
 use crate::upstream::{model_key, InstanceState, Registry};
 use prometheus::{
@@ -35,22 +34,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// Every metric name starts with this.
 pub const PREFIX: &str = "ollama_sidecar";
-
-/// The `reason` label of `ollama_sidecar_rejections_total`. Whoever refuses a request sets
-/// `RequestCtx::refusal` to one of these; `other` stands for anything else.
-pub const REJECTION_REASONS: &[&str] = &[
-    "queue_full",
-    "queue_bytes_full",
-    "wait_expired",
-    "body_too_large",
-    "invalid_body",
-    "unauthorized",
-    "rate_limited",
-    "shutting_down",
-    "management_busy",
-    "limits_unavailable",
-    "other",
-];
 
 /// The `phase` label of `ollama_sidecar_cancellations_total`: where the client left.
 pub const CANCEL_PHASES: &[&str] = &["queued", "waiting", "streaming"];
@@ -105,6 +88,38 @@ pub fn global() -> &'static Metrics {
     &GLOBAL
 }
 
+/// How a client request ended, for the access log and the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    #[default]
+    Pending,
+    Served,
+    /// The sidecar refused it (a `Reject` that is a refusal).
+    Refused,
+    /// The client left while queued.
+    CancelledQueued,
+    /// The client left before the first response byte.
+    CancelledWaiting,
+    /// The client left while the response streamed.
+    CancelledStreaming,
+    /// No instance could answer it.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pending => "pending",
+            Outcome::Served => "served",
+            Outcome::Refused => "refused",
+            Outcome::CancelledQueued => "cancelled_queued",
+            Outcome::CancelledWaiting => "cancelled_waiting",
+            Outcome::CancelledStreaming => "cancelled_streaming",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
 /// What one finished client request contributes to the metrics.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestRecord<'a> {
@@ -118,7 +133,8 @@ pub struct RequestRecord<'a> {
     pub first_byte: Option<Duration>,
     pub tap: &'a TapSummary,
     pub outcome: Outcome,
-    pub refusal: Option<&'a str>,
+    /// The refusal's label (`Reject::label`), when the sidecar refused the request.
+    pub rejection: Option<&'static str>,
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
@@ -133,34 +149,6 @@ pub fn status_class(status: u16) -> &'static str {
         500..=599 => "5xx",
         _ => "none",
     }
-}
-
-/// The rejection reason of a refused request, as a bounded label.
-pub fn rejection_reason(
-    outcome: Outcome,
-    refusal: Option<&str>,
-    status: u16,
-) -> Option<&'static str> {
-    if let Some(r) = refusal {
-        let r = if r == "closed" { "shutting_down" } else { r };
-        return Some(
-            REJECTION_REASONS
-                .iter()
-                .find(|k| **k == r)
-                .copied()
-                .unwrap_or("other"),
-        );
-    }
-    if outcome != Outcome::Refused {
-        return None;
-    }
-    Some(match status {
-        413 => "body_too_large",
-        400 => "invalid_body",
-        401 | 403 => "unauthorized",
-        429 => "rate_limited",
-        _ => "other",
-    })
 }
 
 /// Generation speed: from Ollama's `eval_count`/`eval_duration`, else from the time between the
@@ -664,7 +652,7 @@ impl Metrics {
         ] {
             m.gateway.register(gauge).expect("unique metric name");
         }
-        for reason in REJECTION_REASONS {
+        for reason in crate::reject::REFUSAL_LABELS {
             let _ = m.rejections.get_metric_with_label_values(&[reason]);
         }
         for phase in CANCEL_PHASES {
@@ -761,7 +749,7 @@ impl Metrics {
         if r.bytes_out > 0 {
             inc(&self.response_bytes, &[r.class], r.bytes_out);
         }
-        if let Some(reason) = rejection_reason(r.outcome, r.refusal, r.status) {
+        if let Some(reason) = r.rejection {
             inc(&self.rejections, &[reason], 1);
         }
         let phase = match r.outcome {
@@ -1155,7 +1143,7 @@ mod tests {
             first_byte: Some(Duration::from_millis(10)),
             tap: &tap,
             outcome: Outcome::Served,
-            refusal: None,
+            rejection: None,
             bytes_in: 50,
             bytes_out: 500,
         };
@@ -1176,31 +1164,6 @@ mod tests {
         assert!(text.contains(
             "ollama_sidecar_time_to_first_token_seconds_count{model=\"llama3.2:latest\",route=\"/api/chat\"} 2"
         ));
-    }
-
-    #[test]
-    fn rejection_reasons() {
-        assert_eq!(
-            rejection_reason(Outcome::Refused, Some("queue_full"), 503),
-            Some("queue_full")
-        );
-        assert_eq!(
-            rejection_reason(Outcome::Refused, Some("closed"), 503),
-            Some("shutting_down")
-        );
-        assert_eq!(
-            rejection_reason(Outcome::Refused, None, 413),
-            Some("body_too_large")
-        );
-        assert_eq!(
-            rejection_reason(Outcome::Refused, None, 400),
-            Some("invalid_body")
-        );
-        assert_eq!(
-            rejection_reason(Outcome::Refused, Some("weird"), 400),
-            Some("other")
-        );
-        assert_eq!(rejection_reason(Outcome::Served, None, 400), None);
     }
 
     #[test]

@@ -660,3 +660,59 @@ fn a_prometheus_server_scrapes_the_exact_counts() {
     }
     drop(prometheus);
 }
+
+#[test]
+fn a_relayed_error_is_not_a_stream_error_and_absent_values_are_left_out() {
+    let mock = Mock::start(&[]);
+    let sc = start_sidecar(&format!(
+        "log:\n  format: json\n{}",
+        external_instances(&[&mock], 2)
+    ));
+    let send = |id: &str, body: &str| {
+        client()
+            .post(sc.url("/api/chat"))
+            .header("x-request-id", id)
+            .body(body.to_string())
+            .send()
+            .expect("request")
+            .status()
+            .as_u16()
+    };
+    let unknown = json!({"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]});
+    assert_eq!(send("unknown-model", &unknown.to_string()), 404);
+    assert_eq!(send("not-json", "{not json"), 400);
+    let lines = access_lines(&sc, |ls| ls.len() >= 2);
+    let line = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no line for {id}; log:\n{}", sc.log_text()))
+    };
+    // Ollama's 404 is relayed: served, its message is the line's error, no stream broke.
+    let relayed = line("unknown-model");
+    assert_eq!(relayed["status"], 404, "{relayed}");
+    assert_eq!(relayed["outcome"], "served", "{relayed}");
+    assert!(relayed.get("stream_error").is_none(), "{relayed}");
+    assert!(
+        relayed["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not found"),
+        "{relayed}"
+    );
+    assert!(relayed.get("rejection").is_none(), "{relayed}");
+    // Refused before any instance: no instance, no model, no "-" placeholders.
+    let refused = line("not-json");
+    assert_eq!(refused["rejection"], "invalid_body", "{refused}");
+    assert_eq!(refused["error"], "invalid_body", "{refused}");
+    assert!(refused.get("instance").is_none(), "{refused}");
+    assert!(refused.get("model").is_none(), "{refused}");
+    assert!(!refused.to_string().contains("\"-\""), "{refused}");
+    let text = scrape(&sc);
+    assert_eq!(
+        metric(&text, "ollama_sidecar_stream_errors_total", &[]),
+        0.0,
+        "{text}"
+    );
+}

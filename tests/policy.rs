@@ -1068,3 +1068,244 @@ fn blob_uploads_with_and_without_an_encoded_colon() {
         sc.log_text()
     );
 }
+
+/// The access line of the request with `request_id`, once it is written.
+fn line_of(sc: &Sidecar, request_id: &str) -> Value {
+    let lines = access_lines(sc, |ls| ls.iter().any(|l| l["request_id"] == request_id));
+    lines
+        .into_iter()
+        .find(|l| l["request_id"] == request_id)
+        .unwrap_or_else(|| panic!("no access line for {request_id}; log:\n{}", sc.log_text()))
+}
+
+/// (authorization, method, path, body, status, label, words of the message)
+type RefusalCase<'a> = (
+    &'a str,
+    &'a str,
+    &'a str,
+    Option<String>,
+    u16,
+    &'a str,
+    &'a str,
+);
+
+#[test]
+fn refusals_say_their_cause_in_the_metric_and_the_log() {
+    let mock = Mock::start(&[]);
+    let sc = start_with_keys(
+        &mock,
+        "      requests_per_minute: 2\n",
+        "log:\n  format: json\n",
+    );
+    let alice = format!("Bearer {ALICE}");
+    let bob = format!("Bearer {BOB}");
+    let cases: Vec<RefusalCase> = vec![
+        (
+            "",
+            "GET",
+            "/api/tags",
+            None,
+            401,
+            "unauthorized",
+            "API key is required",
+        ),
+        (
+            bob.as_str(),
+            "POST",
+            "/api/pull",
+            Some(json!({"model": "llama3.2"}).to_string()),
+            403,
+            "forbidden_route",
+            "may not use management routes",
+        ),
+        (
+            bob.as_str(),
+            "POST",
+            "/api/chat",
+            Some(chat_body("qwen3")),
+            403,
+            "forbidden_model",
+            "not allowed for key `bob` (auth.keys[].models)",
+        ),
+        (alice.as_str(), "GET", "/api/tags", None, 200, "", ""),
+        (alice.as_str(), "GET", "/api/tags", None, 200, "", ""),
+        (
+            alice.as_str(),
+            "GET",
+            "/api/tags",
+            None,
+            429,
+            "rate_limited_requests",
+            "(requests_per_minute)",
+        ),
+    ];
+    for (i, (auth, method, path, body, status, label, words)) in cases.into_iter().enumerate() {
+        let id = format!("refusal-{i}");
+        let mut headers = vec![("x-request-id", id.as_str())];
+        if !auth.is_empty() {
+            headers.push(("authorization", auth));
+        }
+        let (got, _, text) = send(method, &sc.url(path), &headers, body);
+        assert_eq!(got, status, "{path}: {text}");
+        let line = line_of(&sc, &id);
+        if label.is_empty() {
+            assert!(line.get("rejection").is_none(), "{line}");
+            assert!(line.get("error").is_none(), "{line}");
+            continue;
+        }
+        let message = error_in_shape(path, status, &text);
+        assert!(message.contains(words), "{message}");
+        // `policy.models` is empty: the refusal names only the list that refused.
+        assert!(!message.contains("policy.models"), "{message}");
+        assert_eq!(line["status"], status, "{line}");
+        assert_eq!(line["outcome"], "refused", "{line}");
+        assert_eq!(line["rejection"], label, "{line}");
+        assert_eq!(line["error"], label, "{line}");
+        // Absent values are left out, never written as "-".
+        assert!(line.get("instance").is_none(), "{line}");
+        assert!(!line.to_string().contains("\"-\""), "{line}");
+        let series = format!("ollama_sidecar_rejections_total{{reason=\"{label}\"}}");
+        assert_eq!(metric_value(sc.admin_port, &series), 1.0, "{series}");
+    }
+}
+
+#[test]
+fn sidecar_errors_carry_cors_headers() {
+    let origin = "https://app.example";
+    let slow = Mock::start(&[("MOCK_TOKENS", "20"), ("MOCK_TOKEN_DELAY_MS", "200")]);
+    let sc = Sidecar::start(&format!(
+        "cors:\n  origins: [\"{origin}\"]\nlimits:\n  max_body: 1KiB\nadmission:\n  max_wait: 1s\nlog:\n  format: json\n{}",
+        external_instances(&[&slow], 1)
+    ));
+    let hang = Mock::start(&[("MOCK_HANG", "true")]);
+    let hung = Sidecar::start(&format!(
+        "cors:\n  origins: [\"{origin}\"]\ntimeouts:\n  response_header: 1s\nretries:\n  max_attempts: 1\n{}",
+        external_instances(&[&hang], 1)
+    ));
+    let dead_port = free_port();
+    let dead = Sidecar::start(&format!(
+        "cors:\n  origins: [\"{origin}\"]\ninstances:\n  - name: gone\n    url: http://127.0.0.1:{dead_port}\n"
+    ));
+    let with_origin = [("origin", origin)];
+    let has_cors = |h: &reqwest::header::HeaderMap| {
+        h.get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok())
+            == Some(origin)
+            && h.get("access-control-expose-headers")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("Retry-After"))
+    };
+    // One slow stream holds the only slot.
+    let url = sc.url("/api/chat");
+    let holder = std::thread::spawn(move || {
+        let body = json!({"model": "llama3.2", "messages": [{"role": "user", "content": "hi"}]});
+        client()
+            .post(url)
+            .body(body.to_string())
+            .send()
+            .map(|r| r.text().unwrap_or_default())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let cases: Vec<(&Sidecar, &str, &str, Option<String>, u16)> = vec![
+        (&sc, "POST", "/api/chat", Some("{not json".to_string()), 400),
+        (
+            &sc,
+            "POST",
+            "/v1/chat/completions",
+            Some("x".repeat(2048)),
+            413,
+        ),
+        (&sc, "POST", "/api/chat", Some(chat_body("llama3.2")), 503),
+        (&hung, "POST", "/api/chat", Some(chat_body("llama3.2")), 504),
+        (&dead, "GET", "/api/tags", None, 503),
+    ];
+    for (sidecar, method, path, body, status) in cases {
+        let (got, h, text) = send(method, &sidecar.url(path), &with_origin, body);
+        assert_eq!(got, status, "{path}: {text}");
+        error_in_shape(path, status, &text);
+        assert!(has_cors(&h), "{status} on {path} without CORS: {h:?}");
+    }
+    // Shutting down: new requests get 503 with CORS while the stream drains.
+    sc.proc.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    let (got, h, text) = send("GET", &sc.url("/api/tags"), &with_origin, None);
+    assert_eq!(got, 503, "{text}");
+    assert!(error_in_shape("/api/tags", 503, &text).contains("shutting down"));
+    assert!(has_cors(&h), "draining 503 without CORS: {h:?}");
+    assert!(h.get("retry-after").is_some());
+    let streamed = holder.join().expect("holder thread").expect("stream");
+    assert!(streamed.contains("\"done\":true"), "{streamed}");
+}
+
+#[test]
+fn the_token_budget_has_its_own_label() {
+    let mock = Mock::start(&[("MOCK_TOKENS", "20")]);
+    let sc = start_with_keys(
+        &mock,
+        "      tokens_per_minute: 10\n",
+        "log:\n  format: json\n",
+    );
+    let alice = format!("Bearer {ALICE}");
+    // Alice's first answer uses 20 tokens of her 10: the next is refused for tokens.
+    let (status, _, text) = post_chat(&sc, &[("authorization", alice.as_str())], "llama3.2");
+    assert_eq!(status, 200, "{text}");
+    let tokens_refused = wait_until(Duration::from_secs(5), || {
+        let (status, _, _) = send(
+            "GET",
+            &sc.url("/api/tags"),
+            &[
+                ("authorization", alice.as_str()),
+                ("x-request-id", "over-tokens"),
+            ],
+            None,
+        );
+        status == 429
+    });
+    assert!(tokens_refused, "tokens were not charged");
+    let line = line_of(&sc, "over-tokens");
+    assert_eq!(line["rejection"], "rate_limited_tokens", "{line}");
+    assert_eq!(
+        metric_value(
+            sc.admin_port,
+            "ollama_sidecar_rejections_total{reason=\"rate_limited_tokens\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            sc.admin_port,
+            "ollama_sidecar_rejections_total{reason=\"rate_limited_requests\"}"
+        ),
+        0.0
+    );
+}
+
+#[test]
+fn the_per_address_limit_has_its_own_label() {
+    let mock = Mock::start(&[]);
+    let sc = Sidecar::start(&format!(
+        "policy:\n  requests_per_minute_per_client: 1\nlog:\n  format: json\n{}",
+        external_instances(&[&mock], 1)
+    ));
+    let (status, _, _) = send("GET", &sc.url("/api/tags"), &[], None);
+    assert_eq!(status, 200);
+    let (status, h, text) = send(
+        "GET",
+        &sc.url("/api/tags"),
+        &[("x-request-id", "over-address")],
+        None,
+    );
+    assert_eq!(status, 429, "{text}");
+    assert!(h.get("retry-after").is_some());
+    assert!(error_in_shape("/api/tags", 429, &text).contains("client 127.0.0.1"));
+    let line = line_of(&sc, "over-address");
+    assert_eq!(line["rejection"], "rate_limited_client", "{line}");
+    assert_eq!(line["error"], "rate_limited_client", "{line}");
+    assert_eq!(
+        metric_value(
+            sc.admin_port,
+            "ollama_sidecar_rejections_total{reason=\"rate_limited_client\"}"
+        ),
+        1.0
+    );
+}

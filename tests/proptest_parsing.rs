@@ -186,7 +186,7 @@ proptest! {
         }
         let limits = LimitsConfig::default();
         if let Some(err) = limits::check(&limits, &req) {
-            prop_assert!(matches!(err.status, 400 | 414 | 431));
+            prop_assert!(matches!(err.status(), 400 | 414 | 431));
         }
     }
 

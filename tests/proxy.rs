@@ -633,3 +633,55 @@ fn bad_input_gets_a_clear_answer_and_the_proxy_keeps_serving() {
         sidecar.log_text()
     );
 }
+
+#[test]
+fn a_failure_is_logged_by_its_label_not_an_internal_name() {
+    let port = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "instances:\n  - name: gone\n    url: http://127.0.0.1:{port}\n"
+    ));
+    let r = client()
+        .get(sidecar.url("/api/tags"))
+        .header("x-request-id", "no-instance-1")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let mut line = String::new();
+    let logged = wait_until(Duration::from_secs(5), || {
+        line = sidecar
+            .log_text()
+            .lines()
+            .find(|l| l.contains("access:") && l.contains("no-instance-1"))
+            .unwrap_or_default()
+            .to_string();
+        !line.is_empty()
+    });
+    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    assert!(line.contains("error=\"no_instance\""), "{line}");
+    assert!(line.contains("outcome=\"failed\""), "{line}");
+    assert!(!line.contains("NoInstanceReady"), "{line}");
+    // Absent values are left out, not written as "-".
+    assert!(!line.contains("model="), "{line}");
+    assert!(!line.contains("\"-\""), "{line}");
+}
+
+#[test]
+fn an_announced_body_over_max_body_gets_413_before_100_continue() {
+    let mock = Mock::start(&[]);
+    let sidecar = Sidecar::start(&format!(
+        "limits:\n  max_body: 1KiB\n{}",
+        external_instances(&[&mock], 1)
+    ));
+    let mut s = TcpStream::connect(("127.0.0.1", sidecar.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 4096\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = BufReader::new(s);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    // The client is told at once, and never invited to send the 4 KiB.
+    assert!(line.starts_with("HTTP/1.1 413"), "{line:?}");
+}

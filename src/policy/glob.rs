@@ -1,33 +1,14 @@
 //! Model-name patterns: `*` matches any run of characters, `?` one character; everything else
-//! matches itself, ASCII case-insensitively. No classes, no escapes: model names need none.
+//! matches itself, ASCII case-insensitively. No classes, no escapes: model names need none. The
+//! matching is the `wildmatch` crate's (one backtracking point, linear in practice).
 
-/// Whether `text` matches `pattern`. Linear in practice: one backtracking point (the last `*`).
+use wildmatch::WildMatch;
+
+/// Whether `text` matches `pattern`.
 pub fn matches(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let t: Vec<char> = text.chars().collect();
-    let (mut pi, mut ti) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ti));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || c.eq_ignore_ascii_case(&t[ti]) => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
+    // ASCII folding on both sides, as the configuration's patterns have always been read
+    // (wildmatch's own case-insensitive mode would also fold non-ASCII letters).
+    WildMatch::new(&pattern.to_ascii_lowercase()).matches(&text.to_ascii_lowercase())
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! in the route's error shape.
 
 use crate::config::LimitsFile;
-use crate::proxy::errors::SidecarError;
+use crate::reject::Reject;
 use pingora_http::RequestHeader;
 
 /// Bytes of the request head as sent: the request line and each `name: value\r\n`.
@@ -62,42 +62,32 @@ fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
 
 /// The refusal for a request head over a limit: 414 (target), 431 (fields), or 400 for a
 /// request target with bytes outside printable ASCII (which Pingora lets through).
-pub fn check(limits: &LimitsFile, req: &RequestHeader) -> Option<SidecarError> {
+pub fn check(limits: &LimitsFile, req: &RequestHeader) -> Option<Reject> {
     if !req.raw_path().iter().all(|b| (0x21..=0x7e).contains(b)) {
-        return Some(SidecarError::new(
-            400,
-            "ollama-sidecar: the request target has bytes outside printable ASCII",
+        return Some(Reject::InvalidTarget(
+            "ollama-sidecar: the request target has bytes outside printable ASCII".to_string(),
         ));
     }
     let target = req.raw_path().len() as u64;
     if target > limits.max_uri_bytes.0 {
-        return Some(SidecarError::new(
-            414,
-            format!(
-                "ollama-sidecar: request target of {target} bytes is longer than {} (limits.max_uri_bytes)",
-                limits.max_uri_bytes
-            ),
-        ));
+        return Some(Reject::UriTooLong {
+            bytes: target,
+            limit: limits.max_uri_bytes,
+        });
     }
     let count = req.headers.len();
     if count > limits.max_headers {
-        return Some(SidecarError::new(
-            431,
-            format!(
-                "ollama-sidecar: {count} header fields are more than {} (limits.max_headers)",
-                limits.max_headers
-            ),
-        ));
+        return Some(Reject::TooManyHeaders {
+            count,
+            limit: limits.max_headers,
+        });
     }
     let bytes = head_bytes(req);
     if bytes > limits.max_header_bytes.0 {
-        return Some(SidecarError::new(
-            431,
-            format!(
-                "ollama-sidecar: request header of {bytes} bytes is larger than {} (limits.max_header_bytes)",
-                limits.max_header_bytes
-            ),
-        ));
+        return Some(Reject::HeaderTooLarge {
+            bytes,
+            limit: limits.max_header_bytes,
+        });
     }
     None
 }
@@ -120,13 +110,13 @@ mod tests {
         assert!(check(&limits, &req).is_none());
         req.insert_header("b", "1").unwrap();
         req.insert_header("c", "1").unwrap();
-        assert_eq!(check(&limits, &req).unwrap().status, 431);
+        assert_eq!(check(&limits, &req).unwrap().status(), 431);
         let long = format!("/{}", "x".repeat(400));
         let req = RequestHeader::build("GET", long.as_bytes(), None).unwrap();
-        assert_eq!(check(&limits, &req).unwrap().status, 414);
+        assert_eq!(check(&limits, &req).unwrap().status(), 414);
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.insert_header("big", "y".repeat(1100)).unwrap();
-        assert_eq!(check(&limits, &req).unwrap().status, 431);
+        assert_eq!(check(&limits, &req).unwrap().status(), 431);
     }
 
     #[test]

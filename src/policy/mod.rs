@@ -2,11 +2,13 @@
 //! limits, CORS, API keys, route and model policy, rate and concurrency limits, token budgets.
 //! Everything but the head limits and the body read timeout is off until configured.
 //!
-//! The conductor (`proxy/mod.rs`) calls in at five points:
-//! - [`on_request`] at the top of `request_filter` (client requests only): may answer on its own
-//!   (204 preflight, 401, 403, 413, 414, 429, 431, 400) and remembers the key in the context;
-//! - [`on_inference_body`] in the inference path once the body's model is known: 403 for a
-//!   model outside the allow-lists;
+//! Policy decides and never writes: each check returns `Ok` or the [`Reject`] the conductor
+//! (`proxy/mod.rs`) answers with. It is called at six points:
+//! - [`on_request`] at the top of `request_filter` (client requests only): the head limits
+//!   (414, 431, 400), an allowed preflight ([`Verdict::Preflight`]), the key (401), route
+//!   classes (403), rate and concurrency limits (429, 503); the key is kept in [`RequestPolicy`];
+//! - [`check_body_models`] for a non-inference body the conductor read: 403;
+//! - [`check_inference_body`] in the inference path once the body is parsed: 400, 403;
 //! - [`on_upstream_request`]: strips the sidecar's own key and an allowed `Origin`;
 //! - [`on_response`]: CORS headers for an allowed origin;
 //! - [`on_finish`] from `logging`: charges the response's tokens to the key, ends its in-flight
@@ -25,25 +27,17 @@ pub mod shared_limits;
 
 use crate::app::App;
 use crate::config::{AccessConfig, ApiKey, OnSharedError};
-use crate::proxy::errors::{self, SidecarError};
-use crate::proxy::inference::Outcome;
-use crate::proxy::route::RouteClass;
-use crate::proxy::RequestCtx;
+use crate::proxy::headers::body_may_follow;
+use crate::proxy::route::{self, Route, RouteClass};
+use crate::proxy::tap::TapSummary;
+use crate::reject::Reject;
 use crate::upstream::model_key;
-use bytes::BytesMut;
-use pingora_error::{ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
-use ratelimit::{
-    lock, retry_after_secs, Bucket, ClientLimiter, InFlight, InFlightCounter, Limited,
-};
+use ratelimit::{lock, Bucket, ClientLimiter, InFlight, InFlightCounter, Limited};
 use shared_limits::{KeyLimits, KeyNames, Lease, SharedLimits};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
-
-/// Largest body of a non-inference request read to check its model against the allow-lists
-/// (Pingora replays a body read this early only up to its 64 KiB retry buffer).
-pub const MAX_CHECKED_BODY: usize = 64 << 10;
 
 /// A configured key and its live counters.
 pub struct KeyState {
@@ -136,24 +130,18 @@ impl Policy {
         POLICY.get_or_init(|| Policy::new(&app.config.access))
     }
 
-    /// What `shared_state.on_error` makes of a call Redis did not answer: `None` for a
-    /// decision by the local counters, else the 503.
-    fn without_redis(&self, e: &crate::shared_state::CallError) -> Option<SidecarError> {
+    /// What `shared_state.on_error` makes of a call Redis did not answer: `Ok` for a decision
+    /// by the local counters, else the 503.
+    fn without_redis(&self, e: &crate::shared_state::CallError) -> Result<(), Reject> {
         tracing::debug!(error = %e, "shared limits: no answer from Redis");
         match self.on_shared_error {
             OnSharedError::Open => {
                 crate::metrics::global().shared_state_fallback("open");
-                None
+                Ok(())
             }
             OnSharedError::Closed => {
                 crate::metrics::global().shared_state_fallback("closed");
-                Some(
-                    SidecarError::new(
-                        503,
-                        "ollama-sidecar: the shared limits cannot be checked: Redis (shared_state.redis) does not answer, and shared_state.on_error is `closed`",
-                    )
-                    .retry_after(1),
-                )
+                Err(Reject::LimitsUnavailable)
             }
         }
     }
@@ -173,8 +161,6 @@ pub struct RequestPolicy {
     in_flight: Option<InFlight>,
     /// The same, in Redis (`shared_state`).
     lease: Option<Lease>,
-    /// The body was read here (to check its model): `Expect` must not go upstream.
-    body_consumed: bool,
 }
 
 /// A key, as the request context holds it (its name without the secret's digest in `Debug`).
@@ -192,19 +178,19 @@ impl RequestPolicy {
         self.key.as_ref().map(|k| k.0.key.name.as_str())
     }
 
-    /// The key's admission priority, when the request carried a key.
+    /// The key's admission priority, when the request carried a key (it overrides any priority
+    /// header).
     pub fn priority(&self) -> Option<i32> {
         self.key.as_ref().map(|k| k.0.key.priority)
     }
+
+    fn api_key(&self) -> Option<&ApiKey> {
+        self.key.as_ref().map(|k| &k.0.key)
+    }
 }
 
-/// The admission priority of a request that carried a key (it overrides any priority header).
-pub fn key_priority(ctx: &RequestCtx) -> Option<i32> {
-    ctx.policy.priority()
-}
-
-/// Whether a `model` named by a request is allowed by the policy and the key.
-pub fn model_allowed(access: &AccessConfig, key: Option<&ApiKey>, model: &str) -> bool {
+/// Which list refuses a model, if one does.
+fn model_refusal(access: &AccessConfig, key: Option<&ApiKey>, model: &str) -> Option<Reject> {
     let raw = model.trim();
     let canonical = model_key(raw);
     let fits = |patterns: &[String]| {
@@ -212,63 +198,23 @@ pub fn model_allowed(access: &AccessConfig, key: Option<&ApiKey>, model: &str) -
             .iter()
             .any(|p| glob::matches(p, raw) || glob::matches(p, &canonical))
     };
-    (access.policy.models.is_empty() || fits(&access.policy.models))
-        && key.is_none_or(|k| fits(&k.models))
-}
-
-/// Why a request is refused, for the access log and metrics.
-fn refusal_reason(status: u16) -> Option<&'static str> {
-    match status {
-        401 | 403 => Some("unauthorized"),
-        429 => Some("rate_limited"),
-        413 => Some("body_too_large"),
-        400 => Some("invalid_body"),
+    if !access.policy.models.is_empty() && !fits(&access.policy.models) {
+        return Some(Reject::PolicyModelDenied {
+            model: model.to_string(),
+        });
+    }
+    match key {
+        Some(k) if !fits(&k.models) => Some(Reject::KeyModelDenied {
+            key: k.name.clone(),
+            model: model.to_string(),
+        }),
         _ => None,
     }
 }
 
-/// Whether the client may still be sending a body the sidecar has not read.
-fn body_may_follow(req: &RequestHeader) -> bool {
-    req.headers.contains_key(http::header::TRANSFER_ENCODING)
-        || req
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() != b"0")
-}
-
-/// Answers a request the policy refuses, in the route's error shape (with `WWW-Authenticate` on
-/// 401, CORS headers for an allowed origin); always `Ok(true)`: answered.
-pub async fn refuse(
-    app: &App,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    err: SidecarError,
-) -> Result<bool> {
-    let body = errors::error_body(ctx.route.shape, err.status, &err.message);
-    let mut header = errors::error_header(&err, body.len(), &ctx.request_id)?;
-    if err.status == 401 {
-        header.insert_header(
-            http::header::WWW_AUTHENTICATE,
-            "Bearer realm=\"ollama-sidecar\"",
-        )?;
-    }
-    if let Some(origin) = cors::allowed_origin(&app.config.access.cors, session.req_header()) {
-        let origin = origin.to_string();
-        cors::decorate(&mut header, &origin)?;
-    }
-    if !ctx.policy.body_consumed && body_may_follow(session.req_header()) {
-        // The body is unread: the connection cannot carry another request.
-        session.set_keepalive(None);
-    }
-    ctx.outcome = Outcome::Refused;
-    ctx.refusal = refusal_reason(err.status);
-    ctx.status = err.status;
-    crate::proxy::write_whole_response(session, header, body).await?;
-    Ok(true)
-}
-
-fn too_many(message: String, wait: std::time::Duration) -> SidecarError {
-    SidecarError::new(429, message).retry_after(retry_after_secs(wait))
+/// Whether a `model` named by a request is allowed by the policy and the key.
+pub fn model_allowed(access: &AccessConfig, key: Option<&ApiKey>, model: &str) -> bool {
+    model_refusal(access, key, model).is_none()
 }
 
 /// The client's address, for per-client limits.
@@ -299,176 +245,138 @@ fn authenticate(policy: &Policy, req: &RequestHeader) -> Auth {
     Auth::Invalid
 }
 
-/// The policy's checks for a client request, at the top of `request_filter`. `Ok(true)` when
-/// the request was answered here.
-pub async fn on_request(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+/// What the conductor does with a request the policy lets through.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Go on.
+    Continue,
+    /// An allowed origin's CORS preflight: answer it (204), never forward it.
+    Preflight,
+    /// Read the (small) body and pass its model names to [`check_body_models`].
+    CheckBodyModels,
+}
+
+/// The policy's checks for a client request, at the top of `request_filter`: the head limits,
+/// a preflight, the key, route classes, rate limits, and a model named in the path. The key
+/// and its in-flight count are kept in `state` until the request ends.
+pub async fn on_request(
+    app: &App,
+    session: &Session,
+    route: &Route,
+    decoded_path: &[u8],
+    state: &mut RequestPolicy,
+) -> Result<Verdict, Reject> {
     let config = &app.config;
     let access = &config.access;
-    // A silent client is cut off while its body is read (Pingora's own default is 60 s).
-    session.set_read_timeout(Some(config.limits.body_read_timeout));
-    if let Some(err) = limits::check(&config.limits, session.req_header()) {
-        return refuse(app, session, ctx, err).await;
+    let req = session.req_header();
+    if let Some(refused) = limits::check(&config.limits, req) {
+        return Err(refused);
     }
-
-    // An allowed origin's preflight is answered here, before authentication: browsers send
-    // preflights without credentials.
-    if cors::is_preflight(session.req_header()) {
-        if let Some(origin) = cors::allowed_origin(&access.cors, session.req_header()) {
-            let header = cors::preflight_response(
-                &access.cors,
-                origin,
-                session.req_header(),
-                &ctx.request_id,
-            )?;
-            ctx.outcome = Outcome::Served;
-            ctx.status = 204;
-            if body_may_follow(session.req_header()) {
-                session.set_keepalive(None);
-            }
-            session
-                .write_response_header(Box::new(header), true)
-                .await?;
-            return Ok(true);
-        }
+    // Answered before authentication: browsers send preflights without credentials.
+    if cors::is_preflight(req) && cors::allowed_origin(&access.cors, req).is_some() {
+        return Ok(Verdict::Preflight);
     }
-
     let policy = Policy::global(app);
-    let class = ctx.route.class;
+    let class = route.class;
     let key = if policy.keys.is_empty() {
         None
     } else {
-        match authenticate(policy, session.req_header()) {
+        match authenticate(policy, req) {
             Auth::Key(k) => Some(k),
             Auth::Missing if access.allow_anonymous_metadata && class == RouteClass::Metadata => {
                 None
             }
-            Auth::Missing => {
-                let err = SidecarError::new(
-                    401,
-                    "ollama-sidecar: an API key is required (`Authorization: Bearer <key>` or `x-api-key: <key>`)",
-                );
-                return refuse(app, session, ctx, err).await;
-            }
-            Auth::Invalid => {
-                let err = SidecarError::new(401, "ollama-sidecar: invalid API key");
-                return refuse(app, session, ctx, err).await;
-            }
+            Auth::Missing => return Err(Reject::KeyMissing),
+            Auth::Invalid => return Err(Reject::KeyInvalid),
         }
     };
-    if let Some(k) = &key {
-        // The key's name is the client's identity for fairness and in the logs.
-        ctx.client = Some(Arc::from(k.key.name.as_str()));
-    }
-
     if access
         .policy
         .deny_classes
         .iter()
         .any(|c| c == class.as_str())
     {
-        let err = SidecarError::new(
-            403,
-            format!(
-                "ollama-sidecar: {} routes are disabled here (policy.deny_classes)",
-                class.as_str()
-            ),
-        );
-        return refuse(app, session, ctx, err).await;
+        return Err(Reject::ClassDenied {
+            class: class.as_str(),
+        });
     }
     if let Some(k) = key.as_ref().filter(|k| !k.allows_class(class)) {
-        let hint = if class == RouteClass::Management {
-            " (model management needs `admin: true`)"
-        } else {
-            ""
-        };
-        let err = SidecarError::new(
-            403,
-            format!(
-                "ollama-sidecar: key `{}` may not use {} routes{hint}",
-                k.key.name,
-                class.as_str()
-            ),
-        );
-        return refuse(app, session, ctx, err).await;
+        return Err(Reject::KeyClassDenied {
+            key: k.key.name.clone(),
+            class: class.as_str(),
+        });
     }
-
-    if let Some(err) = check_limits(policy, session, ctx, key.as_ref(), class).await {
-        let unavailable = err.status == 503;
-        let answered = refuse(app, session, ctx, err).await;
-        if unavailable {
-            ctx.refusal = Some("limits_unavailable");
-        }
-        return answered;
-    }
-    ctx.policy.key = key.clone().map(KeyStateRef);
+    check_limits(policy, session, state, key.as_ref(), class).await?;
+    state.key = key.clone().map(KeyStateRef);
 
     // Non-inference routes that name a model (show, pull, push, create, copy, delete, and
     // `/v1/models/:model`) are checked here; inference routes once their body is read.
     if !Policy::models_restricted(access, key.as_deref()) || class == RouteClass::Inference {
-        return Ok(false);
+        return Ok(Verdict::Continue);
     }
-    let api_key = key.as_ref().map(|k| &k.key);
-    if ctx.route.name == "/v1/models/:model" {
+    if route.name == "/v1/models/:model" {
         // The model as gin binds the `:model` parameter: from the decoded path.
-        let decoded = ctx.path.as_ref().map(|p| p.decoded()).unwrap_or_default();
-        let model = String::from_utf8_lossy(
-            crate::proxy::route::param(&ctx.route, decoded).unwrap_or_default(),
-        )
-        .into_owned();
-        if !model_allowed(access, api_key, &model) {
-            return refuse(app, session, ctx, forbidden_model(&model, api_key)).await;
-        }
-        return Ok(false);
+        let model = String::from_utf8_lossy(route::param(route, decoded_path).unwrap_or_default());
+        return match model_refusal(access, state.api_key(), &model) {
+            Some(refused) => Err(refused),
+            None => Ok(Verdict::Continue),
+        };
     }
-    if !ctx.route.has_model_body() || !body_may_follow(session.req_header()) {
-        return Ok(false);
+    if !route.has_model_body() || !body_may_follow(req) {
+        return Ok(Verdict::Continue);
     }
-    let names = match read_small_json_body(session, ctx).await? {
-        SmallBody::Models(names) => names,
-        SmallBody::Refused(err) => return refuse(app, session, ctx, err).await,
-    };
-    if let Some(bad) = names.iter().find(|m| !model_allowed(access, api_key, m)) {
-        let err = forbidden_model(bad, api_key);
-        return refuse(app, session, ctx, err).await;
-    }
-    Ok(false)
+    Ok(Verdict::CheckBodyModels)
 }
 
-/// The rate and concurrency limits of a request: a refusal, or `None` (with the key's
-/// in-flight count, and its lease in Redis, held in `ctx.policy` until the request ends).
+/// The models a non-inference body names (as Ollama binds them), against the allow-lists.
+pub fn check_body_models(
+    app: &App,
+    state: &RequestPolicy,
+    models: &[String],
+) -> Result<(), Reject> {
+    let access = &app.config.access;
+    match models
+        .iter()
+        .find_map(|m| model_refusal(access, state.api_key(), m))
+    {
+        Some(refused) => Err(refused),
+        None => Ok(()),
+    }
+}
+
+/// The rate and concurrency limits of a request (the key's in-flight count, and its lease in
+/// Redis, are kept in `state` until the request ends).
 async fn check_limits(
     policy: &Policy,
     session: &Session,
-    ctx: &mut RequestCtx,
+    state: &mut RequestPolicy,
     key: Option<&Arc<KeyState>>,
     class: RouteClass,
-) -> Option<SidecarError> {
+) -> Result<(), Reject> {
     let now = Instant::now();
     let Some(k) = key else {
-        let (limiter, ip) = (policy.per_client.as_ref()?, client_ip(session)?);
+        let (Some(limiter), Some(ip)) = (policy.per_client.as_ref(), client_ip(session)) else {
+            return Ok(());
+        };
         let taken = match &policy.shared {
             Some(shared) => match shared.admit_client(ip, limiter.per_minute()).await {
                 Ok(decided) => {
                     if decided.is_ok() {
-                        limiter.charge(ip, now);
+                        limiter.charge(ip);
                     }
                     decided
                 }
-                Err(e) => match policy.without_redis(&e) {
-                    Some(refusal) => return Some(refusal),
-                    None => limiter.take(ip, now),
-                },
+                Err(e) => {
+                    policy.without_redis(&e)?;
+                    limiter.take(ip)
+                }
             },
-            None => limiter.take(ip, now),
+            None => limiter.take(ip),
         };
-        return taken.err().map(|wait| {
-            too_many(
-                format!(
-                    "ollama-sidecar: rate limit: client {ip} may send {} requests per minute (policy.requests_per_minute_per_client)",
-                    limiter.per_minute()
-                ),
-                wait,
-            )
+        return taken.map_err(|wait| Reject::ClientRequests {
+            client: ip,
+            per_minute: limiter.per_minute(),
+            wait,
         });
     };
     let counted = matches!(class, RouteClass::Inference | RouteClass::Management);
@@ -481,25 +389,20 @@ async fn check_limits(
                 if let Some(requests) = &k.requests {
                     lock(requests).charge(1.0, now);
                 }
-                ctx.policy.in_flight = max.map(|_| k.in_flight.enter());
-                ctx.policy.lease = lease;
-                return None;
+                state.in_flight = max.map(|_| k.in_flight.enter());
+                state.lease = lease;
+                return Ok(());
             }
             Ok(Err(limited)) => Err(limited),
-            Err(e) => match policy.without_redis(&e) {
-                Some(refusal) => return Some(refusal),
-                None => local_key_limits(k, max, now),
-            },
+            Err(e) => {
+                policy.without_redis(&e)?;
+                local_key_limits(k, max, now)
+            }
         },
         _ => local_key_limits(k, max, now),
     };
-    match decided {
-        Ok(in_flight) => {
-            ctx.policy.in_flight = in_flight;
-            None
-        }
-        Err(limited) => Some(limited_error(&k.key, limited)),
-    }
+    state.in_flight = decided.map_err(|limited| limited_reject(&k.key, limited))?;
+    Ok(())
 }
 
 /// A key's limits counted in this process: the tokens budget above zero, a request taken from
@@ -526,188 +429,59 @@ fn local_key_limits(
 }
 
 /// The 429 for a key over one of its limits.
-fn limited_error(key: &ApiKey, limited: Limited) -> SidecarError {
+fn limited_reject(key: &ApiKey, limited: Limited) -> Reject {
+    let name = key.name.clone();
     match limited {
-        Limited::Tokens(wait) => too_many(
-            format!(
-                "ollama-sidecar: rate limit: key `{}` used its {} tokens per minute (tokens_per_minute)",
-                key.name,
-                key.tokens_per_minute.unwrap_or_default()
-            ),
+        Limited::Tokens(wait) => Reject::KeyTokens {
+            key: name,
+            per_minute: key.tokens_per_minute.unwrap_or_default(),
             wait,
-        ),
-        Limited::Requests(wait) => too_many(
-            format!(
-                "ollama-sidecar: rate limit: key `{}` may send {} requests per minute (requests_per_minute)",
-                key.name,
-                key.requests_per_minute.unwrap_or_default()
-            ),
+        },
+        Limited::Requests(wait) => Reject::KeyRequests {
+            key: name,
+            per_minute: key.requests_per_minute.map_or(0, u64::from),
             wait,
-        ),
-        Limited::Concurrency => SidecarError::new(
-            429,
-            format!(
-                "ollama-sidecar: key `{}` already has {} requests in flight (max_concurrent)",
-                key.name,
-                key.max_concurrent.unwrap_or_default()
-            ),
-        )
-        .retry_after(1),
+        },
+        Limited::Concurrency => Reject::KeyConcurrency {
+            key: name,
+            max: key.max_concurrent.unwrap_or_default(),
+        },
     }
 }
 
-fn forbidden_model(model: &str, key: Option<&ApiKey>) -> SidecarError {
-    let shown: String = model.chars().take(200).collect();
-    let message = match key {
-        Some(k) => format!(
-            "ollama-sidecar: model `{shown}` is not allowed for key `{}` (auth.keys[].models, policy.models)",
-            k.name
-        ),
-        None => format!("ollama-sidecar: model `{shown}` is not allowed here (policy.models)"),
-    };
-    SidecarError::new(403, message)
-}
-
-enum SmallBody {
-    Models(Vec<String>),
-    Refused(SidecarError),
-}
-
-/// Reads a small JSON body (kept by Pingora's retry buffer, which sends it upstream) and
-/// returns the model names it mentions.
-async fn read_small_json_body(session: &mut Session, ctx: &mut RequestCtx) -> Result<SmallBody> {
-    let expects_continue = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects_continue {
-        session
-            .as_downstream_mut()
-            .write_continue_response()
-            .await?;
-    }
-    session.as_downstream_mut().enable_retry_buffering();
-    ctx.policy.body_consumed = true;
-    let mut buf = BytesMut::new();
-    loop {
-        let chunk = match session.read_request_body().await {
-            Ok(Some(chunk)) => chunk,
-            Ok(None) => break,
-            Err(e) if *e.etype() == ErrorType::ReadTimedout => {
-                session.set_keepalive(None);
-                return Ok(SmallBody::Refused(body_timeout_error(
-                    ctx.route.class,
-                    session.get_read_timeout(),
-                )));
-            }
-            Err(e) => return Err(e),
-        };
-        if buf.len() + chunk.len() > MAX_CHECKED_BODY {
-            session.set_keepalive(None);
-            return Ok(SmallBody::Refused(SidecarError::new(
-                413,
-                "ollama-sidecar: a body over 64 KiB cannot be checked against the model allow-list",
-            )));
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    ctx.request_bytes = buf.len() as u64;
-    if buf.iter().all(u8::is_ascii_whitespace) {
-        return Ok(SmallBody::Models(Vec::new()));
-    }
-    // The names as Ollama binds them (Go's case-insensitive keys; conflicting duplicates refused).
-    match crate::proxy::body::inspect_fields(&buf, ctx.route.fields) {
-        Ok(facts) => Ok(SmallBody::Models(facts.models)),
-        Err(message) => Ok(SmallBody::Refused(SidecarError::new(400, message))),
-    }
-}
-
-/// The 408 for a client that went silent while sending its body.
-pub fn body_timeout_error(
-    _class: RouteClass,
-    timeout: Option<std::time::Duration>,
-) -> SidecarError {
-    SidecarError::new(
-        408,
-        format!(
-            "ollama-sidecar: the request body stopped arriving for {} (limits.body_read_timeout)",
-            humantime::format_duration(timeout.unwrap_or_default())
-        ),
-    )
-}
-
-/// Answers an inference request whose body went silent: 408, connection closed.
-pub async fn on_body_timeout(
+/// The inference path's checks once the body is read: its JSON depth, and its model (`model`,
+/// from the parsed body) against the allow-lists. A model the body does not name cannot be
+/// checked: refused when a restriction applies and the body could not be read (compressed, or
+/// not JSON); let through when a JSON body names none (Ollama answers `model is required`).
+pub fn check_inference_body(
     app: &App,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-) -> Result<bool> {
-    session.set_keepalive(None);
-    ctx.policy.body_consumed = true;
-    let err = body_timeout_error(ctx.route.class, Some(app.config.limits.body_read_timeout));
-    refuse(app, session, ctx, err).await
-}
-
-/// The inference path's model check, once the body is parsed (`ctx.model`). A model the body
-/// does not name cannot be checked: refused when a restriction applies and the body could not
-/// be read (compressed, or not JSON); let through when a JSON body names none (Ollama answers
-/// `model is required`).
-pub async fn on_inference_body(
-    app: &App,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
+    state: &RequestPolicy,
+    route: &Route,
+    compressed: bool,
+    model: Option<&str>,
     body: &[u8],
-) -> Result<bool> {
-    ctx.policy.body_consumed = true;
-    let compressed = session
-        .req_header()
-        .headers
-        .contains_key(http::header::CONTENT_ENCODING);
-    if ctx.route.has_model_body()
-        && !compressed
-        && limits::json_too_deep(body, limits::MAX_JSON_DEPTH)
-    {
-        let err = SidecarError::new(
-            400,
-            format!(
-                "invalid request body: JSON nested deeper than {} levels",
-                limits::MAX_JSON_DEPTH
-            ),
-        );
-        return refuse(app, session, ctx, err).await;
+) -> Result<(), Reject> {
+    let readable = route.has_model_body() && !compressed;
+    if readable && limits::json_too_deep(body, limits::MAX_JSON_DEPTH) {
+        return Err(Reject::BodyTooDeep {
+            depth: limits::MAX_JSON_DEPTH,
+        });
     }
     let access = &app.config.access;
-    let key = ctx.policy.key.as_ref().map(|k| k.0.clone());
-    if !Policy::models_restricted(access, key.as_deref()) {
-        return Ok(false);
+    let key = state.key.as_ref().map(|k| &*k.0);
+    if !Policy::models_restricted(access, key) {
+        return Ok(());
     }
-    let api_key = key.as_ref().map(|k| &k.key);
-    match ctx.model.clone() {
-        Some(model) if model_allowed(access, api_key, &model) => Ok(false),
-        Some(model) => refuse(app, session, ctx, forbidden_model(&model, api_key)).await,
-        None => {
-            let unreadable = !ctx.route.has_model_body() || compressed;
-            if unreadable {
-                let err = SidecarError::new(
-                    403,
-                    "ollama-sidecar: the model allow-list needs an uncompressed JSON body naming the model",
-                );
-                refuse(app, session, ctx, err).await
-            } else {
-                Ok(false)
-            }
-        }
+    match model {
+        Some(model) => model_refusal(access, state.api_key(), model).map_or(Ok(()), Err),
+        None if !readable => Err(Reject::ModelUnreadable),
+        None => Ok(()),
     }
 }
 
 /// The upstream request: without the sidecar's own key (a header that carries a configured key
 /// is removed; other `Authorization` values pass) and, for an allowed origin, without `Origin`.
-pub fn on_upstream_request(
-    app: &App,
-    upstream: &mut RequestHeader,
-    ctx: &RequestCtx,
-) -> Result<()> {
+pub fn on_upstream_request(app: &App, upstream: &mut RequestHeader) -> pingora_error::Result<()> {
     let access = &app.config.access;
     if !access.keys.is_empty() {
         let digests = &Policy::global(app).digests;
@@ -738,15 +512,15 @@ pub fn on_upstream_request(
     if cors::allowed_origin(&access.cors, upstream).is_some() {
         upstream.remove_header(&http::header::ORIGIN);
     }
-    if ctx.policy.body_consumed {
-        // The body was read (and `100 Continue` answered) here.
-        upstream.remove_header(&http::header::EXPECT);
-    }
     Ok(())
 }
 
 /// CORS headers on a relayed response for an allowed origin.
-pub fn on_response(app: &App, session: &Session, response: &mut ResponseHeader) -> Result<()> {
+pub fn on_response(
+    app: &App,
+    session: &Session,
+    response: &mut ResponseHeader,
+) -> pingora_error::Result<()> {
     if let Some(origin) = cors::allowed_origin(&app.config.access.cors, session.req_header()) {
         cors::decorate(response, origin)?;
     }
@@ -755,12 +529,10 @@ pub fn on_response(app: &App, session: &Session, response: &mut ResponseHeader) 
 
 /// The request is over: charge its tokens (prompt + completion, as the tap read them) to the
 /// key's budget and end its in-flight count.
-pub fn on_finish(ctx: &mut RequestCtx) {
-    let mut policy = std::mem::take(&mut ctx.policy);
-    let Some(key) = policy.key.as_ref().map(|k| &k.0) else {
+pub fn on_finish(mut state: RequestPolicy, tap: &TapSummary) {
+    let Some(key) = state.key.as_ref().map(|k| &k.0) else {
         return;
     };
-    let tap = ctx.tap.summary();
     let used = tap.prompt_tokens.unwrap_or(0) + tap.completion_tokens.unwrap_or(0);
     if let (Some(tokens), true) = (&key.tokens, used > 0) {
         lock(tokens).charge(used as f64, Instant::now());
@@ -768,7 +540,7 @@ pub fn on_finish(ctx: &mut RequestCtx) {
     let shared = POLICY.get().and_then(|p| p.shared.as_ref());
     if let (Some(shared), Some(names)) = (shared, &key.shared) {
         let tokens_per_minute = key.key.tokens_per_minute.unwrap_or(0);
-        shared.finish(names, tokens_per_minute, used, policy.lease.take());
+        shared.finish(names, tokens_per_minute, used, state.lease.take());
     }
 }
 

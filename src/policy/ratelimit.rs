@@ -1,9 +1,14 @@
-//! Rate limits: token buckets (a minute's worth of capacity, refilled continuously), a per-client
-//! map of them, and per-key in-flight counters.
+//! Rate limits: token buckets (a minute's worth of capacity, refilled continuously) for each
+//! key's requests and tokens, governor's keyed limiter per client address, and per-key
+//! in-flight counters. The keys' buckets stay hand-written: tokens are charged after the
+//! response, so a bucket must go into debt, which GCRA cannot express; there is one per
+//! configured key, so nothing to sweep.
 
-use std::collections::HashMap;
+use governor::clock::Clock;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -67,17 +72,6 @@ impl Bucket {
         self.refill(now);
         self.level -= n;
     }
-
-    /// Full again: nothing to remember.
-    pub fn is_full(&mut self, now: Instant) -> bool {
-        self.refill(now);
-        self.level >= self.capacity
-    }
-}
-
-/// `Retry-After` seconds for a wait: rounded up, at least 1.
-pub fn retry_after_secs(wait: Duration) -> u64 {
-    (wait.as_secs_f64().ceil() as u64).max(1)
 }
 
 /// Locks a mutex, recovering the data if a panic poisoned it (a bucket is always consistent).
@@ -85,20 +79,28 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Entries past which the per-client map forgets the clients whose bucket is full again.
+/// Entries past which the per-client limiter first forgets the clients whose bucket is full
+/// again; afterwards whenever it has doubled since the last sweep, so a sweep's cost is spread
+/// over as many requests as it scans (amortised O(1)).
 const CLIENTS_SWEEP_AT: usize = 10_000;
 
-/// One bucket per client address.
+/// One bucket per client address: governor's keyed GCRA limiter, a minute's worth of capacity
+/// refilled continuously (the same shape as [`Bucket`]).
 pub struct ClientLimiter {
     per_minute: u64,
-    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    /// The size at which the next sweep happens.
+    sweep_at: AtomicUsize,
 }
 
 impl ClientLimiter {
     pub fn new(per_minute: u64) -> ClientLimiter {
+        let burst = NonZeroU32::new(u32::try_from(per_minute).unwrap_or(u32::MAX))
+            .unwrap_or(NonZeroU32::MIN);
         ClientLimiter {
             per_minute,
-            buckets: Mutex::new(HashMap::new()),
+            limiter: RateLimiter::dashmap(Quota::per_minute(burst)),
+            sweep_at: AtomicUsize::new(CLIENTS_SWEEP_AT),
         }
     }
 
@@ -106,24 +108,30 @@ impl ClientLimiter {
         self.per_minute
     }
 
-    pub fn take(&self, client: IpAddr, now: Instant) -> Result<(), Duration> {
-        self.with_bucket(client, now, |b| b.take(1.0, now))
+    /// Takes one request from the client's bucket, or says how long until one fits.
+    pub fn take(&self, client: IpAddr) -> Result<(), Duration> {
+        self.forget_idle();
+        self.limiter
+            .check_key(&client)
+            .map_err(|not_until| not_until.wait_time_from(self.limiter.clock().now()))
     }
 
     /// Counts a request another limiter admitted (the shared one), so this one knows the
-    /// client's recent traffic if it has to decide alone.
-    pub fn charge(&self, client: IpAddr, now: Instant) {
-        self.with_bucket(client, now, |b| b.charge(1.0, now))
+    /// client's recent traffic if it has to decide alone. (An empty bucket stays empty: GCRA
+    /// keeps no debt.)
+    pub fn charge(&self, client: IpAddr) {
+        let _ = self.take(client);
     }
 
-    fn with_bucket<T>(&self, client: IpAddr, now: Instant, f: impl FnOnce(&mut Bucket) -> T) -> T {
-        let mut map = lock(&self.buckets);
-        if map.len() >= CLIENTS_SWEEP_AT {
-            map.retain(|_, b| !b.is_full(now));
+    fn forget_idle(&self) {
+        if self.limiter.len() < self.sweep_at.load(Ordering::Relaxed) {
+            return;
         }
-        f(map
-            .entry(client)
-            .or_insert_with(|| Bucket::per_minute(self.per_minute, now)))
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        let kept = self.limiter.len();
+        self.sweep_at
+            .store((kept * 2).max(CLIENTS_SWEEP_AT), Ordering::Relaxed);
     }
 }
 
@@ -177,6 +185,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reject::retry_after_secs;
 
     #[test]
     fn buckets_refill() {
@@ -222,21 +231,34 @@ mod tests {
         drop(held);
         assert_eq!(c.current(), 0);
         let l = ClientLimiter::new(2);
-        let t0 = Instant::now();
         let a: IpAddr = "127.0.0.1".parse().unwrap();
-        l.charge(a, t0);
-        l.charge(a, t0);
-        assert!(l.take(a, t0).is_err());
+        l.charge(a);
+        l.charge(a);
+        assert!(l.take(a).is_err());
+    }
+
+    #[test]
+    fn idle_clients_are_forgotten_in_amortised_sweeps() {
+        // A million a minute: a bucket is full again 60 µs after its one request.
+        let l = ClientLimiter::new(1_000_000);
+        let client = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..CLIENTS_SWEEP_AT as u32 {
+            assert!(l.take(client(i)).is_ok());
+        }
+        assert_eq!(l.limiter.len(), CLIENTS_SWEEP_AT);
+        std::thread::sleep(Duration::from_millis(5));
+        // The next request finds the map at its bound and sweeps the idle clients.
+        assert!(l.take(client(CLIENTS_SWEEP_AT as u32)).is_ok());
+        assert!(l.limiter.len() <= 1, "{}", l.limiter.len());
     }
 
     #[test]
     fn clients_are_separate() {
         let l = ClientLimiter::new(1);
-        let t0 = Instant::now();
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(l.take(a, t0).is_ok());
-        assert!(l.take(a, t0).is_err());
-        assert!(l.take(b, t0).is_ok());
+        assert!(l.take(a).is_ok());
+        assert!(l.take(a).is_err());
+        assert!(l.take(b).is_ok());
     }
 }

@@ -1,38 +1,10 @@
-//! Every response the sidecar itself writes (as opposed to relaying Ollama's) is made here, in the
-//! shape the route's clients parse: Ollama's `{"error":"..."}`, OpenAI's nested object, or
-//! Anthropic's typed error.
+//! The bodies of the sidecar's own errors, in the shape the route's clients parse: Ollama's
+//! `{"error":"..."}`, OpenAI's nested object, or Anthropic's typed error; and the in-band line
+//! that ends a broken stream. `respond.rs` writes them.
 
 use super::route::ApiShape;
 use bytes::Bytes;
-use pingora_http::ResponseHeader;
 use serde_json::json;
-
-/// Ollama's own queue-overflow text (two spaces after the full stop), which clients already handle.
-pub const SERVER_BUSY: &str = "server busy, please try again.  maximum pending requests exceeded";
-
-/// A response the sidecar answers on its own.
-#[derive(Debug, Clone)]
-pub struct SidecarError {
-    pub status: u16,
-    pub message: String,
-    /// Seconds for `Retry-After`, on refusals a client may retry.
-    pub retry_after: Option<u64>,
-}
-
-impl SidecarError {
-    pub fn new(status: u16, message: impl Into<String>) -> Self {
-        SidecarError {
-            status,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    pub fn retry_after(mut self, seconds: u64) -> Self {
-        self.retry_after = Some(seconds);
-        self
-    }
-}
 
 fn openai_type(status: u16) -> &'static str {
     match status {
@@ -65,27 +37,6 @@ pub fn error_body(shape: ApiShape, status: u16, message: &str) -> Bytes {
         }),
     };
     Bytes::from(value.to_string())
-}
-
-/// A complete response header for an error body of `len` bytes.
-pub fn error_header(
-    err: &SidecarError,
-    len: usize,
-    request_id: &str,
-) -> pingora_error::Result<ResponseHeader> {
-    let mut resp = ResponseHeader::build(err.status, Some(5))?;
-    resp.insert_header(
-        http::header::CONTENT_TYPE,
-        "application/json; charset=utf-8",
-    )?;
-    resp.insert_header(http::header::CONTENT_LENGTH, len.to_string())?;
-    if let Some(secs) = err.retry_after {
-        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
-    }
-    if !request_id.is_empty() {
-        resp.insert_header(super::headers::REQUEST_ID, request_id)?;
-    }
-    Ok(resp)
 }
 
 /// The line that ends a stream the upstream broke after the client saw its first bytes: an

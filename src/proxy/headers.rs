@@ -44,6 +44,15 @@ pub fn new_request_id() -> String {
     format!("{prefix:08x}{:08x}", n as u32)
 }
 
+/// Whether the client may still be sending a body the sidecar has not read.
+pub fn body_may_follow(req: &RequestHeader) -> bool {
+    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
 /// Removes hop-by-hop fields (and those the upstream's `Connection` nominates) from a response.
 pub fn strip_response_hop_by_hop(resp: &mut ResponseHeader) {
     let nominated: Vec<HeaderName> = resp

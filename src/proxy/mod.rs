@@ -1,30 +1,38 @@
-//! The `ProxyHttp` conductor. Each Pingora hook hands its work to a stage module (route, headers,
-//! errors, upstream selection) and keeps what the request learns in `RequestCtx`.
+//! The `ProxyHttp` conductor. Each Pingora hook hands its work to a stage module (route, policy,
+//! the inference path, upstream selection) and writes the decision it gets back: a relayed
+//! response, or the sidecar's own answer through `respond`.
 
 pub mod body;
 pub mod canonical;
+pub mod ctx;
 pub mod errors;
 pub mod headers;
 pub mod inference;
+pub mod request_body;
+pub mod respond;
 pub mod retry;
 pub mod route;
 pub mod tap;
 
-use crate::app::{ActiveGuard, App};
-use crate::upstream::{select, target, InFlightGuard};
+use crate::app::App;
+use crate::metrics::Outcome;
+use crate::policy::{self, Verdict};
+use crate::reject::Reject;
+use crate::upstream::{select, target};
 use async_trait::async_trait;
-use errors::SidecarError;
-use inference::{Dispatch, Outcome};
+pub use ctx::{Dispatch, RequestCtx};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use route::{ApiShape, Route, RouteClass};
+use respond::NO_INSTANCE;
+use route::RouteClass;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// No instance is ready to take the request.
-const NO_INSTANCE: ErrorType = ErrorType::new("NoInstanceReady");
+/// Largest body of a non-inference request read to check its model against the allow-lists
+/// (Pingora replays a body read this early only up to its 64 KiB retry buffer).
+pub const MAX_CHECKED_BODY: u64 = 64 << 10;
 
 pub struct SidecarProxy {
     app: Arc<App>,
@@ -34,150 +42,113 @@ impl SidecarProxy {
     pub fn new(app: Arc<App>) -> Self {
         SidecarProxy { app }
     }
-}
 
-/// What one request has learned so far.
-pub struct RequestCtx {
-    pub route: Route,
-    /// The canonical path (`canonical::path_view`): the decoded path gin routes on, or why the
-    /// target was refused.
-    pub path: Result<canonical::PathView, canonical::PathRefusal>,
-    pub request_id: String,
-    pub started: Instant,
-    /// Set in a subrequest: the instance its parent was admitted to.
-    dispatch: Option<Dispatch>,
-    /// Keeps the request counted for the shutdown drain.
-    active: Option<ActiveGuard>,
-    /// The instance currently serving the request, counted as in flight there.
-    upstream: Option<InFlightGuard>,
-    /// A model-management slot, held until the request ends.
-    management_permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// Instances tried so far (by registry index).
-    tried: Vec<usize>,
-    /// The upstream response's content type, for an in-band error if the stream breaks.
-    response_content_type: Option<String>,
-    // What the inference path learns, for the access log and metrics.
-    pub model: Option<String>,
-    pub stream: Option<bool>,
-    pub client: Option<Arc<str>>,
-    pub instance: Option<String>,
-    pub queue_wait: Option<Duration>,
-    pub first_byte: Option<Duration>,
-    pub status: u16,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub outcome: Outcome,
-    pub refusal: Option<&'static str>,
-    /// Reads the relayed response for tokens and in-band errors.
-    pub tap: tap::StreamTap,
-    /// Retries made, and why.
-    pub retries: u32,
-    pub retry_reasons: Vec<retry::RetryReason>,
-    /// What access control learned (the API key, its in-flight count).
-    pub policy: crate::policy::RequestPolicy,
-}
-
-impl RequestCtx {
-    pub fn instance_name(&self) -> Option<&str> {
-        self.upstream
-            .as_ref()
-            .map(|g| g.instance().name.as_str())
-            .or(self.instance.as_deref())
-    }
-
-    fn is_subrequest(&self) -> bool {
-        self.dispatch.is_some()
-    }
-}
-
-/// Writes a complete error response of the sidecar's own, in the route's shape.
-pub async fn respond_error(
-    session: &mut Session,
-    shape: ApiShape,
-    err: &SidecarError,
-    request_id: &str,
-) -> Result<()> {
-    let body = errors::error_body(shape, err.status, &err.message);
-    let header = errors::error_header(err, body.len(), request_id)?;
-    write_whole_response(session, header, body).await
-}
-
-/// Writes a response the sidecar answers itself: the header and its whole body, or the header
-/// alone for a HEAD request.
-pub async fn write_whole_response(
-    session: &mut Session,
-    header: ResponseHeader,
-    body: bytes::Bytes,
-) -> Result<()> {
-    let head_only = session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
-    if !head_only {
-        session.write_response_body(Some(body), true).await?;
-    }
-    Ok(())
-}
-
-/// Maps a proxying failure to the status and message the client gets (status 0: no response,
-/// the client is gone).
-pub(crate) fn describe_failure(e: &Error, instance: Option<&str>, app: &App) -> (u16, String) {
-    let instance = instance.unwrap_or("?");
-    let timeouts = &app.config.timeouts;
-    match e.etype() {
-        ErrorType::HTTPStatus(code) => (*code, format!("ollama-sidecar: request failed with status {code}")),
-        t if *t == NO_INSTANCE => (
-            503,
-            "ollama-sidecar: no Ollama instance is ready to serve this request".to_string(),
-        ),
-        ErrorType::ConnectTimedout => (
-            504,
-            format!(
-                "ollama-sidecar: connecting to instance `{instance}` timed out after {} (timeouts.connect)",
-                humantime::format_duration(timeouts.connect)
-            ),
-        ),
-        ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => (
-            408,
-            format!(
-                "ollama-sidecar: the request body stopped arriving for {} (limits.body_read_timeout)",
-                humantime::format_duration(app.config.limits.body_read_timeout)
-            ),
-        ),
-        ErrorType::ReadTimedout => (
-            504,
-            format!(
-                "ollama-sidecar: instance `{instance}` did not answer within {} (timeouts.response_header)",
-                humantime::format_duration(timeouts.response_header)
-            ),
-        ),
-        ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => (
-            502,
-            format!("ollama-sidecar: instance `{instance}` is unreachable: {}", e.etype().as_str()),
-        ),
-        _ => match e.esource() {
-            ErrorSource::Upstream => (
-                502,
-                format!(
-                    "ollama-sidecar: instance `{instance}` failed: {}",
-                    e.etype().as_str()
-                ),
-            ),
-            ErrorSource::Downstream => match e.etype() {
-                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                    (0, String::new())
-                }
-                _ => (400, "ollama-sidecar: bad request".to_string()),
+    /// The policy stage of a client request; `Ok(true)` when the request was answered here.
+    async fn apply_policy(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let app = &self.app;
+        let decoded = ctx.path.as_ref().map(|p| p.decoded()).unwrap_or_default();
+        let verdict = policy::on_request(app, session, &ctx.route, decoded, &mut ctx.policy).await;
+        if let Some(name) = ctx.policy.key_name() {
+            // The key's name is the client's identity for fairness and in the logs.
+            ctx.client = Some(Arc::from(name));
+        }
+        let refused = match verdict {
+            Ok(Verdict::Continue) => return Ok(false),
+            Ok(Verdict::Preflight) => return answer_preflight(app, session, ctx).await,
+            Ok(Verdict::CheckBodyModels) => match self.read_models(session, ctx).await? {
+                Ok(models) => match policy::check_body_models(app, &ctx.policy, &models) {
+                    Ok(()) => return Ok(false),
+                    Err(refused) => refused,
+                },
+                Err(refused) => refused,
             },
-            ErrorSource::Internal | ErrorSource::Unset => {
-                (500, "ollama-sidecar: internal error".to_string())
+            Err(refused) => refused,
+        };
+        respond::reject(app, session, ctx, refused).await?;
+        Ok(true)
+    }
+
+    /// Reads a small JSON body (kept by Pingora's retry buffer, which sends it upstream) and
+    /// returns the model names it binds as Ollama reads them.
+    async fn read_models(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<std::result::Result<Vec<String>, Reject>> {
+        session.as_downstream_mut().enable_retry_buffering();
+        let timeout = self.app.config.limits.body_read_timeout;
+        let body = match request_body::read(
+            session,
+            ctx,
+            MAX_CHECKED_BODY,
+            Reject::CheckedBodyTooLarge,
+            timeout,
+        )
+        .await?
+        {
+            Ok(body) => body,
+            Err(refused) => return Ok(Err(refused)),
+        };
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Ok(Vec::new()));
+        }
+        Ok(body::inspect_fields(&body, ctx.route.fields)
+            .map(|facts| facts.models)
+            .map_err(Reject::InvalidBody))
+    }
+
+    /// Waits for a model-management slot; `Ok(true)` when refused.
+    async fn take_management_slot(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        let wait = self.app.config.admission.max_wait;
+        let semaphore = self.app.management.clone();
+        match tokio::time::timeout(wait, semaphore.acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                ctx.management_permit = Some(permit);
+                Ok(false)
             }
-        },
+            _ => {
+                respond::reject(&self.app, session, ctx, Reject::ManagementBusy).await?;
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// Answers an allowed origin's CORS preflight: 204 with the CORS headers.
+async fn answer_preflight(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+    let cors = &app.config.access.cors;
+    let req = session.req_header();
+    let origin = policy::cors::allowed_origin(cors, req).unwrap_or_default();
+    let header = policy::cors::preflight_response(cors, origin, req, &ctx.request_id)?;
+    ctx.outcome = Outcome::Served;
+    ctx.status = 204;
+    if headers::body_may_follow(req) {
+        session.set_keepalive(None);
+    }
+    session
+        .write_response_header(Box::new(header), true)
+        .await?;
+    Ok(true)
+}
+
+/// Who the access log says the client is: the key's name or client id, else its address.
+fn client_label(ctx: &RequestCtx, session: &Session) -> Option<String> {
+    match (&ctx.client, session.client_addr()) {
+        (Some(c), _) => Some(c.to_string()),
+        (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
+            Some(a.ip().to_string())
+        }
+        (None, Some(other)) => Some(other.to_string()),
+        (None, None) => None,
     }
 }
 
 /// Records a finished client request: its metrics, and its access-log line (target `access`,
-/// unless `log.access` is off).
+/// unless `log.access` is off). Absent values are left out of the line.
 fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
     let status = session
         .response_written()
@@ -189,6 +160,12 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
     let downstream = session.as_downstream();
     let bytes_in = ctx.request_bytes.max(downstream.body_bytes_read() as u64);
     let bytes_out = ctx.response_bytes.max(downstream.body_bytes_sent() as u64);
+    // The sidecar's own answer, or what a failure without one would have been.
+    let own = ctx
+        .reject
+        .clone()
+        .or_else(|| e.and_then(|e| respond::classify(e, ctx.instance_name(), &app.config)));
+    let rejection = own.as_ref().filter(|r| r.is_refusal()).map(Reject::label);
     let record = crate::metrics::RequestRecord {
         class: ctx.route.class.as_str(),
         route: ctx.route.name,
@@ -199,7 +176,7 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         first_byte: ctx.first_byte,
         tap,
         outcome: ctx.outcome,
-        refusal: ctx.refusal,
+        rejection,
         bytes_in,
         bytes_out,
     };
@@ -211,28 +188,27 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
     // Milliseconds, to the microsecond.
     let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let req = session.req_header();
-    let client = match (&ctx.client, session.client_addr()) {
-        (Some(c), _) => c.to_string(),
-        (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
-            a.ip().to_string()
-        }
-        (None, Some(other)) => other.to_string(),
-        (None, None) => "-".to_string(),
-    };
-    let rejection = crate::metrics::rejection_reason(ctx.outcome, ctx.refusal, status);
+    let client = client_label(ctx, session);
+    // An error status Ollama answered is its own message, not a stream's end.
+    let success = (200..300).contains(&status);
+    let error = own
+        .as_ref()
+        .map(Reject::label)
+        .or(tap.error.as_deref().filter(|_| !success));
+    let stream_error = tap.error.as_deref().filter(|_| success);
     // The path as the client sent it (what was forwarded); `route` names what it meant.
     let raw_path = String::from_utf8_lossy(req.raw_path());
     let raw_path = raw_path.split('?').next().unwrap_or_default();
     tracing::info!(
         target: "access",
         request_id = %ctx.request_id,
-        client = %client,
+        client,
         method = %req.method,
         path = %raw_path,
         route = ctx.route.name,
         class = ctx.route.class.as_str(),
-        model = ctx.model.as_deref().unwrap_or("-"),
-        instance = ctx.instance_name().unwrap_or("-"),
+        model = ctx.model.as_deref(),
+        instance = ctx.instance_name(),
         status,
         outcome = ctx.outcome.as_str(),
         rejection,
@@ -245,8 +221,8 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         bytes_in,
         bytes_out,
         retries = ctx.retries,
-        error = e.map(|e| e.etype().as_str()),
-        stream_error = tap.error.as_deref(),
+        error,
+        stream_error,
         "{} {} {} {}",
         req.method,
         raw_path,
@@ -260,33 +236,7 @@ impl ProxyHttp for SidecarProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx {
-            route: route::classify(&http::Method::GET, "/"),
-            path: Ok(canonical::PathView::Routed(b"/".to_vec())),
-            request_id: String::new(),
-            started: Instant::now(),
-            dispatch: None,
-            active: None,
-            upstream: None,
-            management_permit: None,
-            tried: Vec::new(),
-            response_content_type: None,
-            model: None,
-            stream: None,
-            client: None,
-            instance: None,
-            queue_wait: None,
-            first_byte: None,
-            status: 0,
-            request_bytes: 0,
-            response_bytes: 0,
-            outcome: Outcome::Pending,
-            refusal: None,
-            tap: tap::StreamTap::default(),
-            retries: 0,
-            retry_reasons: Vec::new(),
-            policy: Default::default(),
-        }
+        RequestCtx::new()
     }
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
@@ -317,45 +267,23 @@ impl ProxyHttp for SidecarProxy {
         ctx.request_id = headers::request_id(req);
         let is_post = req.method == http::Method::POST;
         if self.app.lifecycle.is_draining() {
-            ctx.refusal = Some("shutting_down");
-            ctx.outcome = Outcome::Refused;
-            session.set_keepalive(None);
-            let err = SidecarError::new(503, "ollama-sidecar is shutting down").retry_after(1);
-            respond_error(session, ctx.route.shape, &err, &ctx.request_id).await?;
+            respond::reject(&self.app, session, ctx, Reject::ShuttingDown).await?;
             return Ok(true);
         }
         ctx.active = Some(self.app.lifecycle.enter());
-        if let Err(refusal) = ctx.path {
-            let err = SidecarError::new(400, refusal.message());
-            return crate::policy::refuse(&self.app, session, ctx, err).await;
+        if let Err(refusal) = &ctx.path {
+            let refused = Reject::InvalidTarget(refusal.message().to_string());
+            respond::reject(&self.app, session, ctx, refused).await?;
+            return Ok(true);
         }
-        if crate::policy::on_request(&self.app, session, ctx).await? {
+        // A silent client is cut off while its body is read (Pingora's own default is 60 s).
+        session.set_read_timeout(Some(self.app.config.limits.body_read_timeout));
+        if self.apply_policy(session, ctx).await? {
             return Ok(true);
         }
         match ctx.route.class {
-            RouteClass::Inference if is_post => inference::serve(self, session, ctx).await,
-            RouteClass::Management => {
-                let wait = self.app.config.admission.max_wait;
-                let semaphore = self.app.management.clone();
-                match tokio::time::timeout(wait, semaphore.acquire_owned()).await {
-                    Ok(Ok(permit)) => {
-                        ctx.management_permit = Some(permit);
-                        Ok(false)
-                    }
-                    _ => {
-                        let err = SidecarError::new(
-                            503,
-                            "ollama-sidecar: too many model-management requests (admission.management_concurrency)",
-                        )
-                        .retry_after(5);
-                        ctx.refusal = Some("management_busy");
-                        ctx.outcome = Outcome::Refused;
-                        session.set_keepalive(None);
-                        respond_error(session, ctx.route.shape, &err, &ctx.request_id).await?;
-                        Ok(true)
-                    }
-                }
-            }
+            RouteClass::Inference if is_post => inference::serve(&self.app, session, ctx).await,
+            RouteClass::Management => self.take_management_slot(session, ctx).await,
             _ => Ok(false),
         }
     }
@@ -407,12 +335,11 @@ impl ProxyHttp for SidecarProxy {
             upstream_request.insert_header(http::header::HOST, guard.host_header())?;
         }
         upstream_request.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
-        if ctx.is_subrequest() {
-            // The parent already answered `100 Continue` and holds the whole body.
+        if ctx.is_subrequest() || ctx.body_read {
+            // The sidecar already answered `100 Continue` and read the body.
             upstream_request.remove_header(&http::header::EXPECT);
         }
-        crate::policy::on_upstream_request(&self.app, upstream_request, ctx)?;
-        Ok(())
+        policy::on_upstream_request(&self.app, upstream_request)
     }
 
     async fn response_filter(
@@ -427,7 +354,7 @@ impl ProxyHttp for SidecarProxy {
         ctx.first_byte.get_or_insert_with(|| ctx.started.elapsed());
         headers::strip_response_hop_by_hop(upstream_response);
         upstream_response.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
-        crate::policy::on_response(&self.app, session, upstream_response)?;
+        policy::on_response(&self.app, session, upstream_response)?;
         ctx.response_content_type = upstream_response
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -479,7 +406,8 @@ impl ProxyHttp for SidecarProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let (code, message) = describe_failure(e, ctx.instance_name(), &self.app);
+        let failure = respond::classify(e, ctx.instance_name(), &self.app.config);
+        let code = failure.as_ref().map_or(0, Reject::status);
         if ctx.is_subrequest() {
             // The parent reads the error from the subrequest handle and answers the client.
             return FailToProxy {
@@ -487,30 +415,31 @@ impl ProxyHttp for SidecarProxy {
                 can_reuse_downstream: false,
             };
         }
+        let Some(failure) = failure else {
+            // The client is gone: nothing to answer.
+            return FailToProxy {
+                error_code: session.response_written().map_or(0, |r| r.status.as_u16()),
+                can_reuse_downstream: false,
+            };
+        };
         if let Some(written) = session.response_written() {
             // The client already has a status line: end the stream in its own framing.
             let status = written.status.as_u16();
-            if code != 0 {
-                if let Some(line) =
-                    errors::in_band_error(ctx.response_content_type.as_deref(), &message)
-                {
-                    let _ = session.write_response_body(Some(line), true).await;
-                }
+            let content_type = ctx.response_content_type.as_deref();
+            if let Some(line) = errors::in_band_error(content_type, &failure.message()) {
+                let _ = session.write_response_body(Some(line), true).await;
             }
+            ctx.outcome = Outcome::Failed;
+            ctx.reject = Some(failure);
             return FailToProxy {
                 error_code: status,
                 can_reuse_downstream: false,
             };
         }
-        if code != 0 {
-            // The request body may be unread: say the connection closes, then close it.
-            session.set_keepalive(None);
-            let err = SidecarError::new(code, message);
-            if let Err(write_err) =
-                respond_error(session, ctx.route.shape, &err, &ctx.request_id).await
-            {
-                tracing::debug!(error = %write_err, "could not send the error response");
-            }
+        // The request body may be unread: say the connection closes, then close it.
+        session.set_keepalive(None);
+        if let Err(write_err) = respond::reject(&self.app, session, ctx, failure).await {
+            tracing::debug!(error = %write_err, "could not send the error response");
         }
         FailToProxy {
             error_code: code,
@@ -561,7 +490,8 @@ impl ProxyHttp for SidecarProxy {
             };
         }
         record_request(&self.app, session, e, ctx);
-        crate::policy::on_finish(ctx);
+        let state = std::mem::take(&mut ctx.policy);
+        policy::on_finish(state, ctx.tap.summary());
         ctx.upstream = None;
         ctx.management_permit = None;
         ctx.active = None;

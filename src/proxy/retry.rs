@@ -82,6 +82,22 @@ pub fn backoff(config: &RetriesFile, attempt: u32) -> Duration {
     half + half.mul_f64(rand::random::<f64>())
 }
 
+/// How long to wait before the next attempt: nothing when another ready instance can take it,
+/// else the backoff; at least the failed instance's `Retry-After`.
+pub fn delay(
+    config: &RetriesFile,
+    attempt: u32,
+    others_ready: bool,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let backoff = if others_ready {
+        Duration::ZERO
+    } else {
+        backoff(config, attempt)
+    };
+    backoff.max(retry_after.unwrap_or_default())
+}
+
 /// Longest `Retry-After` the sidecar waits out before retrying; longer ones are passed on.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(10);
 

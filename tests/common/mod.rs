@@ -1002,3 +1002,21 @@ pub fn metric_value(admin_port: u16, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// The sidecar's access-log lines (it must run with `log.format: json`), read again until
+/// `enough` holds for them or 10 s pass: a line is written when its request ends.
+pub fn access_lines(
+    sidecar: &Sidecar,
+    enough: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let read = || -> Vec<serde_json::Value> {
+        sidecar
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "access")
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), || enough(&read()));
+    read()
+}
