@@ -2,13 +2,10 @@
 //! [`MAX_REFUSALS`] refusals with their reasons, running totals the history sampler turns into
 //! rates, and each key's requests and tokens over the last minute.
 //!
-//! Fed once per client request from the same place as the access-log line ([`observe`]), so it
+//! Fed once per client request by the code that writes the access-log line ([`Recent::record`]), so it
 //! sees exactly what the log sees, whether or not `log.access` is on.
 
-use crate::metrics::{rejection_reason, RequestRecord};
-use crate::proxy::RequestCtx;
-use pingora_error::Error;
-use pingora_proxy::Session;
+use crate::metrics::RequestRecord;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError};
 use std::time::{Instant, SystemTime};
@@ -31,9 +28,10 @@ pub struct Refusal {
     pub route: &'static str,
     pub model: Option<String>,
     pub status: u16,
-    /// The metrics' `rejection` label, or `failed` for a 5xx the sidecar answered.
+    /// The label of the sidecar's own answer (`Reject::label`: the metrics' `rejection` label
+    /// for a refusal, or a failure's label such as `no_instance`).
     pub reason: &'static str,
-    /// Pingora's error type when the request ended with one (e.g. `ConnectRefused`).
+    /// That answer's message, as the client read it.
     pub error: Option<String>,
 }
 
@@ -107,38 +105,17 @@ pub fn global() -> &'static Recent {
     &RECENT
 }
 
-/// Who sent a request, as the access log names it: the key's name or the client header, else
-/// the address.
-pub fn client_name(session: &Session, ctx: &RequestCtx) -> String {
-    match (&ctx.client, session.client_addr()) {
-        (Some(c), _) => c.to_string(),
-        (None, Some(pingora_core::protocols::l4::socket::SocketAddr::Inet(a))) => {
-            a.ip().to_string()
-        }
-        (None, Some(other)) => other.to_string(),
-        (None, None) => "-".to_string(),
-    }
-}
-
-/// One finished client request, as the access log sees it.
-pub fn observe(session: &Session, ctx: &RequestCtx, record: &RequestRecord<'_>, e: Option<&Error>) {
-    let seen = Seen {
-        request_id: &ctx.request_id,
-        client: client_name(session, ctx),
-        key: ctx.policy.key_name(),
-        method: session.req_header().method.as_str(),
-        error: e.map(|e| e.etype().as_str()),
-    };
-    global().record(&seen, record);
-}
-
-/// The request facts that do not come from the metrics' record.
+/// The request facts that do not come from the metrics' record, as the access log has them.
 pub struct Seen<'a> {
     pub request_id: &'a str,
-    pub client: String,
+    pub client: &'a str,
     pub key: Option<&'a str>,
     pub method: &'a str,
-    pub error: Option<&'a str>,
+    /// The label of the sidecar's own answer (`Reject::label`): a refusal, or a failure such as
+    /// no instance ready; `None` for what an instance answered.
+    pub reason: Option<&'static str>,
+    /// That answer's message.
+    pub message: Option<String>,
 }
 
 impl Default for Recent {
@@ -167,9 +144,7 @@ impl Recent {
     pub fn record(&self, seen: &Seen<'_>, r: &RequestRecord<'_>) {
         let tokens = r.tap.completion_tokens.unwrap_or(0);
         let used = tokens + r.tap.prompt_tokens.unwrap_or(0);
-        let reason = rejection_reason(r.outcome, r.refusal, r.status).or_else(|| {
-            (seen.error.is_some() && matches!(r.status, 502..=504)).then_some("failed")
-        });
+        let reason = seen.reason;
         let second = self.second();
         let mut inner = self.lock();
         let totals = &mut inner.totals;
@@ -199,14 +174,14 @@ impl Recent {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
             request_id: seen.request_id.to_string(),
-            client: seen.client.clone(),
+            client: seen.client.to_string(),
             key: seen.key.map(str::to_string),
             method: seen.method.to_string(),
             route: r.route,
             model: r.model.map(str::to_string),
             status: r.status,
             reason,
-            error: seen.error.map(str::to_string),
+            error: seen.message.clone(),
         });
     }
 
@@ -233,7 +208,7 @@ impl Recent {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::inference::Outcome;
+    use crate::metrics::Outcome;
     use crate::proxy::tap::TapSummary;
     use std::time::Duration;
 
@@ -248,19 +223,20 @@ mod tests {
             first_byte: None,
             tap,
             outcome,
-            refusal: None,
+            rejection: None,
             bytes_in: 0,
             bytes_out: 0,
         }
     }
 
-    fn seen(id: &str) -> Seen<'_> {
+    fn seen<'a>(id: &'a str, reason: Option<&'static str>) -> Seen<'a> {
         Seen {
             request_id: id,
-            client: "10.0.0.1".into(),
+            client: "10.0.0.1",
             key: Some("alice"),
             method: "POST",
-            error: None,
+            reason,
+            message: reason.map(|r| format!("refused: {r}")),
         }
     }
 
@@ -270,28 +246,32 @@ mod tests {
         let tap = TapSummary::default();
         let ids: Vec<String> = (0..MAX_REFUSALS + 5).map(|i| format!("r{i}")).collect();
         for id in &ids {
-            recent.record(&seen(id), &record(&tap, 429, Outcome::Refused));
+            recent.record(
+                &seen(id, Some("rate_limited_requests")),
+                &record(&tap, 429, Outcome::Refused),
+            );
         }
-        recent.record(&seen("served"), &record(&tap, 200, Outcome::Served));
+        recent.record(&seen("served", None), &record(&tap, 200, Outcome::Served));
         let kept = recent.refusals();
         assert_eq!(kept.len(), MAX_REFUSALS);
         assert_eq!(kept[0].request_id, format!("r{}", MAX_REFUSALS + 4));
         assert_eq!(kept[MAX_REFUSALS - 1].request_id, "r5");
-        assert_eq!(kept[0].reason, "rate_limited");
+        assert_eq!(kept[0].reason, "rate_limited_requests");
         assert_eq!(kept[0].key.as_deref(), Some("alice"));
         assert_eq!(recent.totals().requests, MAX_REFUSALS as u64 + 6);
     }
 
     #[test]
-    fn a_5xx_with_an_error_is_kept_as_failed() {
+    fn a_failure_of_the_sidecars_own_is_kept_with_its_label() {
         let recent = Recent::new();
         let tap = TapSummary::default();
-        let mut s = seen("x");
-        s.error = Some("ConnectRefused");
-        recent.record(&s, &record(&tap, 502, Outcome::Failed));
+        recent.record(
+            &seen("x", Some("unreachable")),
+            &record(&tap, 502, Outcome::Failed),
+        );
         let kept = recent.refusals();
-        assert_eq!(kept[0].reason, "failed");
-        assert_eq!(kept[0].error.as_deref(), Some("ConnectRefused"));
+        assert_eq!(kept[0].reason, "unreachable");
+        assert_eq!(kept[0].error.as_deref(), Some("refused: unreachable"));
     }
 
     #[test]
@@ -304,7 +284,7 @@ mod tests {
             ..TapSummary::default()
         };
         for _ in 0..4 {
-            recent.record(&seen("ok"), &record(&tap, 200, Outcome::Served));
+            recent.record(&seen("ok", None), &record(&tap, 200, Outcome::Served));
         }
         assert_eq!(
             recent.key_usage("alice"),

@@ -181,12 +181,6 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         bytes_out,
     };
     crate::metrics::global().record(&record);
-    crate::admin::recent::observe(session, ctx, &record, e);
-    if !app.config.log.access {
-        return;
-    }
-    // Milliseconds, to the microsecond.
-    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let req = session.req_header();
     let client = client_label(ctx, session);
     // An error status Ollama answered is its own message, not a stream's end.
@@ -195,6 +189,22 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         .as_ref()
         .map(Reject::label)
         .or(tap.error.as_deref().filter(|_| !success));
+    crate::admin::recent::global().record(
+        &crate::admin::recent::Seen {
+            request_id: &ctx.request_id,
+            client: client.as_deref().unwrap_or("-"),
+            key: ctx.policy.key_name(),
+            method: req.method.as_str(),
+            reason: own.as_ref().map(Reject::label),
+            message: own.as_ref().map(Reject::message),
+        },
+        &record,
+    );
+    if !app.config.log.access {
+        return;
+    }
+    // Milliseconds, to the microsecond.
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let stream_error = tap.error.as_deref().filter(|_| success);
     // The path as the client sent it (what was forwarded); `route` names what it meant.
     let raw_path = String::from_utf8_lossy(req.raw_path());
