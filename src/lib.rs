@@ -8,6 +8,7 @@ pub mod config;
 pub mod health_check;
 pub mod memory;
 pub mod metrics;
+pub mod models_view;
 pub mod policy;
 pub mod proxy;
 pub mod server;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{client, mock_stats, Mock};
+use common::{client, mock_stats, Mock, Sidecar};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -107,4 +107,123 @@ fn mock_waits_for_a_busy_model_before_evicting_it() {
     let stats = mock_stats(&mock);
     assert_eq!(stats["evictions"], 1, "{stats}");
     assert_eq!(stats["cold_loads"], 2, "{stats}");
+}
+
+fn model_names_of(mock: &Mock) -> Vec<String> {
+    common::mock_requests(mock)
+        .iter()
+        .filter(|r| r["route"] == "/api/generate")
+        .filter_map(|r| r["model"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Two instances with different installed models: every request reaches an instance that has
+/// its model, a model nobody has gets Ollama's own 404, the model lists are the merged view
+/// (each model once, the same on every call), and a model pulled through the sidecar is served
+/// right after the pull.
+#[test]
+fn dispatch_sends_each_request_where_its_model_is_installed() {
+    let m0 = Mock::start(&[("MOCK_MODELS", "only-zero:latest,shared:latest")]);
+    let m1 = Mock::start(&[("MOCK_MODELS", "only-one:latest,shared:latest")]);
+    let sidecar = Sidecar::start(&common::external_instances(&[&m0, &m1], 2));
+    let base = sidecar.url("");
+    let tags = |path: &str| get_json(&sidecar.url(path));
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            names(&tags("/api/tags"), "models").len() == 3
+        }),
+        "merged tags: {}",
+        tags("/api/tags")
+    );
+    let first = tags("/api/tags");
+    let mut listed = names(&first, "models");
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["only-one:latest", "only-zero:latest", "shared:latest"]
+    );
+    for _ in 0..3 {
+        assert_eq!(tags("/api/tags"), first, "the merged list is stable");
+    }
+    let v1 = tags("/v1/models");
+    assert_eq!(v1["object"], "list");
+    assert_eq!(names(&v1, "data").len(), 3, "{v1}");
+
+    for i in 0..12 {
+        let model = ["only-zero", "only-one:latest", "shared"][i % 3];
+        let (status, v) = generate(&base, model);
+        assert_eq!(status, 200, "{model}: {v}");
+    }
+    let on0 = model_names_of(&m0);
+    let on1 = model_names_of(&m1);
+    assert!(!on0.iter().any(|m| m.starts_with("only-one")), "{on0:?}");
+    assert!(!on1.iter().any(|m| m.starts_with("only-zero")), "{on1:?}");
+    assert_eq!(on0.len() + on1.len(), 12);
+
+    // Loaded models, merged the same way.
+    let mut ps = names(&tags("/api/ps"), "models");
+    ps.sort();
+    assert_eq!(ps, ["only-one:latest", "only-zero:latest", "shared:latest"]);
+
+    let (status, v) = generate(&base, "nowhere");
+    assert_eq!(status, 404, "{v}");
+    // Forwarded: the instance answers in Ollama's own words.
+    assert_eq!(v["error"], "model 'nowhere' not found");
+
+    // Pulled through the sidecar onto one instance: known at once, served there.
+    let pulled = client()
+        .post(sidecar.url("/api/pull"))
+        .json(&json!({"model": "fresh:latest", "stream": false}))
+        .send()
+        .expect("pull");
+    assert_eq!(pulled.status().as_u16(), 200);
+    let mut served = false;
+    for _ in 0..50 {
+        let (status, _) = generate(&base, "fresh");
+        if status == 200 {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        served,
+        "the pulled model is served within a second of the pull"
+    );
+    assert_eq!(names(&tags("/api/tags"), "models").len(), 4);
+}
+
+/// The only instance with a model goes down while another is ready: a request for that model
+/// gets a 503 that says why, at once, instead of waiting or a 404 from the wrong instance.
+#[test]
+fn a_model_whose_instances_are_all_down_is_refused_with_the_reason() {
+    let m0 = Mock::start(&[("MOCK_MODELS", "only-zero:latest")]);
+    let m1 = Mock::start(&[("MOCK_MODELS", "only-one:latest")]);
+    let body = format!(
+        "health:\n  interval: 200ms\n  fall: 1\n{}",
+        common::external_instances(&[&m0, &m1], 1)
+    );
+    let sidecar = Sidecar::start(&body);
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    assert_eq!(generate(&base, "only-one").0, 200);
+    drop(m1);
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            sidecar.status().to_string().contains("\"unhealthy\"")
+        }),
+        "{}",
+        sidecar.status()
+    );
+    let t = Instant::now();
+    let (status, v) = generate(&base, "only-one");
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        v["error"],
+        "ollama-sidecar: no ready instance has model \"only-one\" installed"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(generate(&base, "only-zero").0, 200);
 }

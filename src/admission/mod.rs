@@ -11,8 +11,8 @@
 //!   one with no model loaded, then the one with the most free slots; ties rotate.
 //! - **Accounting.** One mutex guards the queue, the slot counts and the counters, so at every
 //!   moment `admitted == released + held` (held = sum of busy slots). Every `acquire` ends in exactly
-//!   one outcome: `admitted - undelivered + refused_full + refused_bytes + expired + cancelled + closed`
-//!   equals the number of requests.
+//!   one outcome: the sum `admitted - undelivered + refused_full + refused_bytes + refused_model +
+//!   expired + cancelled + closed` equals the number of requests.
 //!
 //! The engine knows no Pingora types: the proxy calls [`Admission::acquire`] (or
 //! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
@@ -113,6 +113,8 @@ pub enum Refusal {
     WaitExpired { waited: Duration },
     /// Shutting down.
     Closed,
+    /// Instances are ready, but none of those that may have the model.
+    ModelUnavailable,
 }
 
 impl Refusal {
@@ -123,6 +125,7 @@ impl Refusal {
             Refusal::QueueBytesFull => "queue_bytes_full",
             Refusal::WaitExpired { .. } => "wait_expired",
             Refusal::Closed => "closed",
+            Refusal::ModelUnavailable => "model_unavailable",
         }
     }
 }
@@ -142,6 +145,7 @@ impl fmt::Display for Refusal {
                 )
             }
             Refusal::Closed => f.write_str("shutting down"),
+            Refusal::ModelUnavailable => f.write_str("no ready instance has the model installed"),
         }
     }
 }
@@ -160,6 +164,8 @@ pub struct AdmissionCounters {
     pub cancelled: u64,
     /// Requests refused because of shutdown (queued at `close()`, or arriving after it).
     pub closed: u64,
+    /// Requests refused because no ready instance has their model installed.
+    pub refused_model: u64,
     /// Slots given back.
     pub released: u64,
     /// Grants that lost a race with their waiter's cancellation: counted in `admitted`,
@@ -387,6 +393,13 @@ impl Shared {
             if st.closed {
                 st.counters.closed += 1;
                 Err(Refusal::Closed)
+            } else if let Some(refusal) = req
+                .model
+                .as_deref()
+                .and_then(|m| unservable(&self.instances, m))
+            {
+                st.counters.refused_model += 1;
+                Err(refusal)
             } else {
                 if !st.queue.is_empty() {
                     // Waiters and a free slot can only coexist after a readiness change nobody
@@ -574,6 +587,20 @@ impl Shared {
     }
 }
 
+/// Why no instance can take a request for `model` now: some instance is ready, but none of
+/// those that may have it installed. With no instance ready at all the request waits, as every
+/// request does then; a model no instance has goes anywhere, so that Ollama answers its own 404.
+fn unservable(instances: &[Arc<Instance>], model: &str) -> Option<Refusal> {
+    if !instances.iter().any(|i| i.may_serve(model)) {
+        return None;
+    }
+    let mut ready = instances.iter().filter(|i| i.is_ready()).peekable();
+    if ready.peek().is_some() && !ready.any(|i| i.may_serve(model)) {
+        return Some(Refusal::ModelUnavailable);
+    }
+    None
+}
+
 /// The instance for the next grant: ready, with a free slot; by preference one with `model`
 /// loaded, then one with no model loaded, then the most free slots. Ties rotate. `avoid` (the
 /// instance a retry failed on) is skipped while any other instance is ready, even a busy one.
@@ -594,6 +621,8 @@ fn choose(
             .enumerate()
             .any(|(pos, i)| pos != a && i.slot_limit() > 0)
     });
+    // Only where the model is installed, unless no instance has it (then Ollama's 404 answers).
+    let model_somewhere = model.is_some_and(|m| instances.iter().any(|i| i.may_serve(m)));
     let start = *rotation % n;
     let mut best: Option<(usize, &Arc<Instance>, Reason, usize)> = None;
     for offset in 0..n {
@@ -601,7 +630,7 @@ fn choose(
         let (Some(inst), Some(busy)) = (instances.get(pos), busy.get(pos)) else {
             continue;
         };
-        if avoid == Some(pos) {
+        if avoid == Some(pos) || (model_somewhere && model.is_some_and(|m| !inst.may_serve(m))) {
             continue;
         }
         // `slot_limit` is 0 for an instance that is not ready or is ejected, 1 during its

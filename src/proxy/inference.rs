@@ -167,9 +167,15 @@ async fn admit(proxy: &SidecarProxy, session: &mut Session, req: AdmitRequest) -
     }
 }
 
-fn refusal_error(refusal: &Refusal, proxy: &SidecarProxy) -> SidecarError {
+fn refusal_error(refusal: &Refusal, proxy: &SidecarProxy, model: Option<&str>) -> SidecarError {
     let wait = proxy.app.config.admission.max_wait;
+    let model = serde_json::to_string(model.unwrap_or_default()).unwrap_or_default();
     match refusal {
+        Refusal::ModelUnavailable => SidecarError::new(
+            503,
+            format!("ollama-sidecar: no ready instance has model {model} installed"),
+        )
+        .retry_after(5),
         Refusal::QueueFull | Refusal::QueueBytesFull => {
             SidecarError::new(503, SERVER_BUSY).retry_after(1)
         }
@@ -277,7 +283,7 @@ pub(super) async fn serve(
             Admitted::Refused(refusal) => {
                 ctx.outcome = Outcome::Refused;
                 ctx.refusal = Some(refusal.as_str());
-                let err = refusal_error(&refusal, proxy);
+                let err = refusal_error(&refusal, proxy, ctx.model.as_deref());
                 ctx.status = err.status;
                 respond_error(session, shape, &err, &ctx.request_id).await?;
                 return Ok(true);

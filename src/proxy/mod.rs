@@ -333,6 +333,15 @@ impl ProxyHttp for SidecarProxy {
         }
         match ctx.route.class {
             RouteClass::Inference if is_post => inference::serve(self, session, ctx).await,
+            // The fleet's model lists are merged here rather than taken from one instance.
+            RouteClass::Metadata => match crate::models_view::ModelList::for_request(
+                &session.req_header().method,
+                ctx.route.name,
+                self.app.registry.all().len(),
+            ) {
+                Some(list) => crate::models_view::serve(&self.app, session, ctx, list).await,
+                None => Ok(false),
+            },
             RouteClass::Management => {
                 let wait = self.app.config.admission.max_wait;
                 let semaphore = self.app.management.clone();
@@ -546,6 +555,10 @@ impl ProxyHttp for SidecarProxy {
             if !connect_failure && (ok || upstream_fault || status.is_some()) {
                 self.app.registry.report(guard.instance(), ok);
             }
+        }
+        // A pull, create, copy or delete changes what the instances have installed.
+        if ctx.route.class == RouteClass::Management {
+            self.app.registry.models_changed();
         }
         if ctx.outcome == Outcome::Pending {
             // The ordinary proxy path: what became of the request.

@@ -105,6 +105,9 @@ pub struct Instance {
     /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
     /// normalised with `model_key`.
     loaded_models: RwLock<Vec<String>>,
+    /// Models the instance has installed (from `/api/tags`), in `model_key` form; `None` until
+    /// it first answers, when it may hold anything.
+    installed_models: RwLock<Option<Vec<String>>>,
     passive_config: PassiveFile,
     passive: Mutex<Passive>,
 }
@@ -174,6 +177,7 @@ impl Instance {
             problem: Mutex::new(None),
             process: Mutex::new(ProcessInfo::default()),
             loaded_models: RwLock::new(Vec::new()),
+            installed_models: RwLock::new(None),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
         }
@@ -386,6 +390,30 @@ impl Instance {
         if let Ok(mut m) = self.loaded_models.write() {
             *m = models;
         }
+    }
+
+    /// Replaces the installed-model list (from a `/api/tags` answer); true when it changed.
+    pub fn set_installed_models(&self, mut models: Vec<String>) -> bool {
+        models.sort();
+        match self.installed_models.write() {
+            Ok(mut m) if m.as_ref() != Some(&models) => {
+                *m = Some(models);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `model` (in `model_key` form) may be sent here: it is installed, or the instance
+    /// has not listed its models yet.
+    pub fn may_serve(&self, model: &str) -> bool {
+        self.installed_models
+            .read()
+            .map(|m| {
+                m.as_ref()
+                    .is_none_or(|list| list.iter().any(|x| x == model))
+            })
+            .unwrap_or(true)
     }
 
     /// Records that a request for `model` was just sent here: Ollama loads it on arrival.

@@ -38,23 +38,38 @@ pub async fn model_list(instance: &Instance, path: &str, timeout: Duration) -> O
     }
 }
 
-/// Polls every ready instance's `/api/ps` each `interval`, forever.
+/// Polls every ready instance's `/api/ps` (loaded) and `/api/tags` (installed) each
+/// `interval`, and at once after a model-management request, forever.
 pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
     let timeout = interval.min(Duration::from_secs(5));
     loop {
         for instance in registry.all() {
-            let Some(models) = model_list(instance, "/api/ps", timeout).await else {
-                continue;
-            };
-            let mut current = instance.loaded_models();
-            current.sort();
-            if current != models {
-                tracing::debug!(instance = %instance.name, ?models, "loaded models changed");
-                instance.set_loaded_models(models);
-                registry.notify_changed();
-            }
+            refresh(&registry, instance, timeout).await;
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = registry.models_stale().notified() => {}
+        }
+    }
+}
+
+/// Reads one instance's model lists; a change re-runs dispatch.
+pub async fn refresh(registry: &Registry, instance: &Instance, timeout: Duration) {
+    if let Some(models) = model_list(instance, "/api/tags", timeout).await {
+        if instance.set_installed_models(models) {
+            tracing::debug!(instance = %instance.name, "installed models changed");
+            registry.notify_changed();
+        }
+    }
+    let Some(models) = model_list(instance, "/api/ps", timeout).await else {
+        return;
+    };
+    let mut current = instance.loaded_models();
+    current.sort();
+    if current != models {
+        tracing::debug!(instance = %instance.name, ?models, "loaded models changed");
+        instance.set_loaded_models(models);
+        registry.notify_changed();
     }
 }
 
