@@ -227,3 +227,74 @@ fn a_model_whose_instances_are_all_down_is_refused_with_the_reason() {
     assert!(t.elapsed() < Duration::from_secs(2));
     assert_eq!(generate(&base, "only-zero").0, 200);
 }
+
+/// Two swapping mocks that both have `x` and `y`; each loads one model at a time, a load
+/// takes 500 ms and an answer about 100 ms.
+fn swapping_pair() -> (Mock, Mock) {
+    let env = [
+        ("MOCK_MODELS", "x=1GB,y=1GB"),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),
+        ("MOCK_LOAD_MS_PER_GB", "500"),
+        ("MOCK_TOKENS", "4"),
+        ("MOCK_TOKEN_DELAY_MS", "25"),
+    ];
+    (Mock::start(&env), Mock::start(&env))
+}
+
+fn cold_loads(mock: &Mock) -> u64 {
+    mock_stats(mock)["cold_loads"].as_u64().unwrap_or(0)
+}
+
+/// Runs `models` requests at once through the sidecar; their statuses, in order.
+fn burst(base: &str, models: &[&str]) -> Vec<u16> {
+    let threads: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let (base, m) = (base.to_string(), m.to_string());
+            std::thread::spawn(move || generate(&base, &m).0)
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap_or(0)).collect()
+}
+
+/// The sidecar learns what a load costs, then waits for the warm instance when its slot is
+/// near instead of loading the model on the other instance; with a backlog far longer than a
+/// load, it does load it there; a rarely asked model is served meanwhile.
+#[test]
+fn dispatch_waits_for_a_near_warm_slot_and_cold_loads_when_far_behind() {
+    let (m0, m1) = swapping_pair();
+    let sidecar = Sidecar::start(&common::external_instances(&[&m0, &m1], 1));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    // Learn: one cold load of x, then warm answers.
+    for _ in 0..4 {
+        assert_eq!(generate(&base, "x").0, 200);
+    }
+    let warm = if cold_loads(&m0) == 1 { &m0 } else { &m1 };
+    let other = if cold_loads(&m0) == 1 { &m1 } else { &m0 };
+    assert_eq!(cold_loads(warm) + cold_loads(other), 1);
+
+    // Two at once: the second waits ~100 ms for the warm slot rather than a 500 ms load.
+    for _ in 0..3 {
+        assert_eq!(burst(&base, &["x", "x"]), [200, 200]);
+    }
+    assert_eq!(cold_loads(other), 0, "no cold load for a near warm slot");
+
+    // Eight at once: the last would wait ~700 ms warm, longer than a load: x loads on the other
+    // instance too. A request for y in the middle is served, not starved.
+    let t = Instant::now();
+    let statuses = burst(&base, &["x", "x", "x", "x", "y", "x", "x", "x", "x"]);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        cold_loads(other) >= 1,
+        "the other instance loaded a model: {}",
+        mock_stats(other)
+    );
+    let status = sidecar.status();
+    let text = status.to_string();
+    assert!(text.contains("\"cold_load\""), "{status}");
+    assert!(text.contains("\"model_loaded\""), "{status}");
+}

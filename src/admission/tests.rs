@@ -577,3 +577,55 @@ async fn snapshot_reports_queue_shape() {
     drop((w2, held));
     assert_eq!(adm.snapshot().oldest_wait, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn waits_for_a_near_warm_slot_never_longer_than_a_load() {
+    let instances = vec![instance(0, 1), instance(1, 1)];
+    instances[0].set_loaded_models(vec!["m:latest".into()]);
+    // Instance 1 was seen holding one model: it holds one at a time.
+    instances[1].set_loaded_models(vec!["x:latest".into()]);
+    instances[1].set_loaded_models(vec![]);
+    let adm = Admission::new(config(10), instances.clone());
+    // Learn: m is served in 100 ms where it is warm; loading n took 600 ms.
+    let p = now(&adm, req("a").model("m:latest"));
+    assert_eq!(p.reason(), Reason::ModelLoaded);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(p);
+    let p = now(&adm, req("a").model("n:latest"));
+    assert_eq!((p.instance().index, p.reason()), (1, Reason::ColdLoad));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(p);
+
+    // m's warm slot is busy, instance 1 is free: a warm slot (~100 ms) beats a load (600 ms).
+    let busy = now(&adm, req("a").model("m:latest"));
+    let mut w = queued(&adm, req("b").model("m:latest"));
+    // Meanwhile another client's request for n takes the free slot: no head-of-line blocking.
+    let mut o = queued(&adm, req("c").model("n:latest"));
+    let other = o.try_take().expect("granted").expect("permit");
+    assert_eq!(other.instance().index, 1);
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(w.try_take().is_none(), "still waiting for the warm slot");
+    drop(busy);
+    let p = w.try_take().expect("granted").expect("permit");
+    assert_eq!((p.instance().index, p.reason()), (0, Reason::ModelLoaded));
+
+    // The warm slot stays busy: after one load's time the waiter loads m elsewhere.
+    let mut w = queued(&adm, req("b").model("m:latest"));
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    assert!(w.try_take().is_none());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let p2 = w.try_take().expect("granted").expect("permit");
+    assert_eq!(
+        (p2.instance().index, p2.reason()),
+        (1, Reason::ColdLoadWarmBusy)
+    );
+    // Loading m there evicted n in the sidecar's view at once.
+    assert!(instances[1].has_model("m:latest"));
+    assert!(!instances[1].has_model("n:latest"));
+    let s = adm.snapshot();
+    assert_eq!(s.placement[1].evictions, 1);
+    assert_eq!(s.placement[0].warm_waits, 1);
+    drop((p, p2));
+    assert_accounted(&adm.snapshot(), 6);
+}

@@ -300,6 +300,7 @@ pub(super) async fn serve(
         };
         *ctx.queue_wait.get_or_insert(Duration::ZERO) += queued_at.elapsed();
         let instance = permit.instance().clone();
+        ctx.placement = Some(permit.reason().as_str());
         ctx.instance = Some(instance.name.clone());
         let may_retry = attempt < proxy.app.config.retries.max_attempts;
         let result = attempt_once(proxy, session, ctx, &instance, body.clone(), may_retry).await;

@@ -108,6 +108,8 @@ pub struct Instance {
     /// Models the instance has installed (from `/api/tags`), in `model_key` form; `None` until
     /// it first answers, when it may hold anything.
     installed_models: RwLock<Option<Vec<String>>>,
+    /// The most models `/api/ps` showed loaded at once: what fits, as far as seen.
+    model_capacity: AtomicUsize,
     passive_config: PassiveFile,
     passive: Mutex<Passive>,
 }
@@ -178,6 +180,7 @@ impl Instance {
             process: Mutex::new(ProcessInfo::default()),
             loaded_models: RwLock::new(Vec::new()),
             installed_models: RwLock::new(None),
+            model_capacity: AtomicUsize::new(0),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
         }
@@ -387,8 +390,22 @@ impl Instance {
 
     /// Replaces the loaded-model list (from a `/api/ps` poll).
     pub fn set_loaded_models(&self, models: Vec<String>) {
+        self.model_capacity
+            .fetch_max(models.len(), Ordering::Relaxed);
         if let Ok(mut m) = self.loaded_models.write() {
             *m = models;
+        }
+    }
+
+    /// The most models the instance was seen holding at once (0: not seen yet).
+    pub fn model_capacity(&self) -> usize {
+        self.model_capacity.load(Ordering::Relaxed)
+    }
+
+    /// Records that a load the sidecar caused evicted `model`.
+    pub fn forget_model(&self, model: &str) {
+        if let Ok(mut m) = self.loaded_models.write() {
+            m.retain(|x| x != model);
         }
     }
 
