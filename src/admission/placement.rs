@@ -6,10 +6,12 @@
 //! - **What fits**: the most models an instance was seen holding at once (`Instance`).
 //!
 //! A request whose model is warm only on busy instances waits for a warm slot while that is
-//! expected sooner than a cold load elsewhere would finish, and never longer than one cold load
-//! (so it cannot starve for affinity); then it cold-loads, preferring an instance where the load
-//! evicts nothing, else the one whose evicted model was asked for longest ago. With nothing
-//! learned yet, dispatch is work-conserving as before.
+//! expected sooner than a cold load elsewhere would cost, and never longer than that cost (so
+//! it cannot starve for affinity); then it cold-loads, preferring an instance where the load
+//! evicts nothing, else the one whose evicted model was asked for longest ago. A load costs its
+//! load time, twice that when it evicts a model asked for within the last ten load times (that
+//! model will need loading again). With nothing learned yet, dispatch is work-conserving as
+//! before.
 
 use crate::upstream::Instance;
 use std::cmp::Reverse;
@@ -17,6 +19,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// A model asked for within this many cold-load times is "asked for lately": evicting it to
+/// load another costs its reload as well.
+const RECENT_LOADS: u32 = 10;
 
 /// Weight of a new sample in the moving averages.
 const EWMA_WEIGHT: f64 = 0.3;
@@ -322,12 +328,19 @@ impl Placement {
             // Nothing learned about loads yet: work-conserving.
             return Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy);
         };
+        // A load that evicts a model asked for lately costs that model's reload too.
+        let cost = match self.eviction_cost(*pos, inst, now) {
+            Some(asked_ago) if asked_ago < load.saturating_mul(RECENT_LOADS) => {
+                load.saturating_mul(2)
+            }
+            _ => load,
+        };
         let waited = now.saturating_duration_since(enqueued);
         // Slots free up at about one service time each, shared by those ahead.
         let per_slot = self.service(model).unwrap_or_default();
         let warm_eta = per_slot.mul_f64((ahead + 1) as f64 / warm_busy_slots as f64);
-        if waited < load && warm_eta <= load {
-            return Choice::Wait(enqueued + load);
+        if waited < cost && warm_eta <= cost {
+            return Choice::Wait(enqueued + cost);
         }
         Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy)
     }

@@ -610,9 +610,10 @@ async fn waits_for_a_near_warm_slot_never_longer_than_a_load() {
     let p = w.try_take().expect("granted").expect("permit");
     assert_eq!((p.instance().index, p.reason()), (0, Reason::ModelLoaded));
 
-    // The warm slot stays busy: after one load's time the waiter loads m elsewhere.
+    // The warm slot stays busy: the waiter loads m elsewhere after a load's cost, here two
+    // load times (600 ms each), as the load evicts n, asked for just now.
     let mut w = queued(&adm, req("b").model("m:latest"));
-    tokio::time::sleep(Duration::from_millis(550)).await;
+    tokio::time::sleep(Duration::from_millis(1150)).await;
     assert!(w.try_take().is_none());
     tokio::time::sleep(Duration::from_millis(100)).await;
     let p2 = w.try_take().expect("granted").expect("permit");
