@@ -640,7 +640,7 @@ impl Shared {
                     waited_ms = g.permit.waited.as_millis() as u64, "admission: granted");
                 if let Err(mut permit) = g.tx.send(g.permit) {
                     permit.armed = false;
-                    let used = permit.model.as_deref().map(|m| (m, false, Duration::ZERO));
+                    let used = permit.model.as_deref().map(|m| (m, false, None));
                     // Never used: the model's in-flight count goes back, nothing is learned.
                     self.release_into(permit.pos, true, used, &mut grants);
                 }
@@ -649,17 +649,18 @@ impl Shared {
     }
 
     /// Gives a slot back and dispatches (under the lock); grants to deliver go to `grants`.
-    /// `used`: the model, whether its grant caused a load, and how long the slot was held.
+    /// `used`: the model, whether its grant caused a load, and how long the slot was held
+    /// (`None`: the permit never reached its request).
     fn release_into(
         self: &Arc<Self>,
         pos: usize,
         undelivered: bool,
-        used: Option<(&str, bool, Duration)>,
+        used: Option<(&str, bool, Option<Duration>)>,
         grants: &mut Vec<Grant>,
     ) {
         let mut st = self.lock();
-        if let Some((model, cold, held)) = used {
-            st.placement.released(pos, model, cold, held);
+        if let (Some((model, cold, held)), Some(instance)) = (used, self.instances.get(pos)) {
+            st.placement.released(pos, instance, model, cold, held);
         }
         if let Some(busy) = st.busy.get_mut(pos) {
             *busy = busy.saturating_sub(1);
@@ -676,7 +677,7 @@ impl Shared {
         self: &Arc<Self>,
         pos: usize,
         undelivered: bool,
-        used: Option<(&str, bool, Duration)>,
+        used: Option<(&str, bool, Option<Duration>)>,
     ) {
         let mut grants = Vec::new();
         self.release_into(pos, undelivered, used, &mut grants);
@@ -851,7 +852,7 @@ impl Drop for Waiting {
         self.rx.close();
         if let Ok(mut permit) = self.rx.try_recv() {
             permit.armed = false;
-            let used = permit.model.as_deref().map(|m| (m, false, Duration::ZERO));
+            let used = permit.model.as_deref().map(|m| (m, false, None));
             self.shared.release(permit.pos, true, used);
         }
     }
@@ -904,7 +905,7 @@ impl Drop for Permit {
             let used = self
                 .model
                 .as_deref()
-                .map(|m| (m, self.reason.is_cold(), held));
+                .map(|m| (m, self.reason.is_cold(), Some(held)));
             self.shared.release(self.pos, false, used);
         }
     }

@@ -120,8 +120,6 @@ pub struct Placement {
     learned: HashMap<(usize, String), Learned>,
     /// When each model was last asked for.
     last_asked: HashMap<String, Instant>,
-    /// Slots held per (instance, model).
-    in_flight: HashMap<(usize, String), usize>,
     pub counts: Vec<PlacementCounts>,
 }
 
@@ -155,9 +153,9 @@ impl Placement {
         reason: Reason,
         waited: bool,
     ) {
-        *self.in_flight.entry((pos, model.to_string())).or_default() += 1;
+        instance.model_in_use(model, true);
         let cold = !instance.has_model(model);
-        let victim = cold.then(|| self.victim(pos, instance, false)).flatten();
+        let victim = cold.then(|| self.victim(instance, false)).flatten();
         let Some(counts) = self.counts.get_mut(pos) else {
             return;
         };
@@ -170,6 +168,7 @@ impl Placement {
         if !cold {
             return;
         }
+        instance.mark_loaded_stale();
         if let Some(Some(victim)) = victim {
             instance.forget_model(&victim);
             counts.evictions += 1;
@@ -177,12 +176,21 @@ impl Placement {
         instance.note_model(model);
     }
 
-    /// A slot was given back after `held`; `cold` when its grant caused a load.
-    pub fn released(&mut self, pos: usize, model: &str, cold: bool, held: Duration) {
+    /// A slot was given back after `held`; `cold` when its grant caused a load; `used`: the
+    /// request reached the instance (a grant nobody took teaches nothing).
+    pub fn released(
+        &mut self,
+        pos: usize,
+        instance: &Instance,
+        model: &str,
+        cold: bool,
+        held: Option<Duration>,
+    ) {
+        instance.model_in_use(model, false);
+        let Some(held) = held else {
+            return;
+        };
         let key = (pos, model.to_string());
-        if let Some(n) = self.in_flight.get_mut(&key) {
-            *n = n.saturating_sub(1);
-        }
         let learned = self.learned.entry(key).or_default();
         if cold {
             // The load is what the cold slot took beyond a warm one.
@@ -193,12 +201,12 @@ impl Placement {
         }
     }
 
-    /// Whether a load on `pos` evicts a model, and which: as Ollama's `findRunnerToUnload`
+    /// Whether a load on `instance` evicts a model, and which: as Ollama's `findRunnerToUnload`
     /// picks it (server/sched.go), the first idle model by name (keep-alives assumed equal);
     /// `Some(None)` when every loaded model is busy (the load waits for one). `None` while the
     /// instance holds fewer models than it was seen holding; with that not seen yet, `guess`
     /// takes the instance as full.
-    fn victim(&self, pos: usize, instance: &Instance, guess: bool) -> Option<Option<String>> {
+    fn victim(&self, instance: &Instance, guess: bool) -> Option<Option<String>> {
         let mut loaded = instance.loaded_models();
         let capacity = match instance.model_capacity() {
             0 if guess => loaded.len().max(1),
@@ -209,18 +217,18 @@ impl Placement {
             return None;
         }
         loaded.sort();
-        let busy = |m: &String| {
-            self.in_flight
-                .get(&(pos, m.clone()))
-                .is_some_and(|n| *n > 0)
-        };
-        Some(loaded.iter().find(|m| !busy(m)).cloned())
+        Some(
+            loaded
+                .iter()
+                .find(|m| !instance.is_model_in_use(m))
+                .cloned(),
+        )
     }
 
-    /// How long ago the model a load on `pos` would evict was asked for: `None` when it evicts
+    /// How long ago the model a load on `instance` would evict was asked for: `None` when it evicts
     /// nothing, `Duration::MAX` for a model never asked for, zero when only busy models could go.
-    fn eviction_cost(&self, pos: usize, instance: &Instance, now: Instant) -> Option<Duration> {
-        let victim = self.victim(pos, instance, true)?;
+    fn eviction_cost(&self, instance: &Instance, now: Instant) -> Option<Duration> {
+        let victim = self.victim(instance, true)?;
         Some(victim.map_or(Duration::ZERO, |v| {
             self.last_asked
                 .get(&v)
@@ -314,8 +322,8 @@ impl Placement {
         }
         // A cold load: where it evicts nothing, else where the evicted model was asked for
         // longest ago; then the most free slots.
-        let cold = free.iter().min_by_key(|(pos, inst, f)| {
-            let cost = self.eviction_cost(*pos, inst, now);
+        let cold = free.iter().min_by_key(|(_, inst, f)| {
+            let cost = self.eviction_cost(inst, now);
             Reverse((cost.is_none(), cost.unwrap_or(Duration::MAX), *f))
         });
         let Some((pos, inst, _)) = cold else {
@@ -329,7 +337,7 @@ impl Placement {
             return Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy);
         };
         // A load that evicts a model asked for lately costs that model's reload too.
-        let cost = match self.eviction_cost(*pos, inst, now) {
+        let cost = match self.eviction_cost(inst, now) {
             Some(asked_ago) if asked_ago < load.saturating_mul(RECENT_LOADS) => {
                 load.saturating_mul(2)
             }

@@ -110,6 +110,11 @@ pub struct Instance {
     installed_models: RwLock<Option<Vec<String>>>,
     /// The most models `/api/ps` showed loaded at once: what fits, as far as seen.
     model_capacity: AtomicUsize,
+    /// Set when the sidecar made the instance load a model: read `/api/ps` again soon.
+    loaded_stale: AtomicBool,
+    /// Admitted requests running here, per model (`model_key`): those models are loaded (or
+    /// loading) whatever an `/api/ps` read a moment ago says.
+    models_in_use: Mutex<std::collections::HashMap<String, usize>>,
     passive_config: PassiveFile,
     passive: Mutex<Passive>,
 }
@@ -181,6 +186,8 @@ impl Instance {
             loaded_models: RwLock::new(Vec::new()),
             installed_models: RwLock::new(None),
             model_capacity: AtomicUsize::new(0),
+            loaded_stale: AtomicBool::new(false),
+            models_in_use: Mutex::new(std::collections::HashMap::new()),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
         }
@@ -388,10 +395,18 @@ impl Instance {
             .unwrap_or_default()
     }
 
-    /// Replaces the loaded-model list (from a `/api/ps` poll).
-    pub fn set_loaded_models(&self, models: Vec<String>) {
+    /// Replaces the loaded-model list (from a `/api/ps` poll), keeping the models requests are
+    /// using here right now (a request may not have reached the instance yet).
+    pub fn set_loaded_models(&self, mut models: Vec<String>) {
         self.model_capacity
             .fetch_max(models.len(), Ordering::Relaxed);
+        if let Ok(in_use) = self.models_in_use.lock() {
+            for (model, n) in in_use.iter() {
+                if *n > 0 && !models.contains(model) {
+                    models.push(model.clone());
+                }
+            }
+        }
         if let Ok(mut m) = self.loaded_models.write() {
             *m = models;
         }
@@ -400,6 +415,37 @@ impl Instance {
     /// The most models the instance was seen holding at once (0: not seen yet).
     pub fn model_capacity(&self) -> usize {
         self.model_capacity.load(Ordering::Relaxed)
+    }
+
+    /// A request for `model` got a slot here (`true`) or gave it back (`false`).
+    pub fn model_in_use(&self, model: &str, started: bool) {
+        if let Ok(mut in_use) = self.models_in_use.lock() {
+            if started {
+                *in_use.entry(model.to_string()).or_default() += 1;
+            } else if let Some(n) = in_use.get_mut(model) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    in_use.remove(model);
+                }
+            }
+        }
+    }
+
+    /// Whether a request admitted here is using `model` now.
+    pub fn is_model_in_use(&self, model: &str) -> bool {
+        self.models_in_use
+            .lock()
+            .map(|m| m.get(model).is_some_and(|n| *n > 0))
+            .unwrap_or(false)
+    }
+
+    /// The sidecar just made the instance load a model: its `/api/ps` is worth reading now.
+    pub fn mark_loaded_stale(&self) {
+        self.loaded_stale.store(true, Ordering::Release);
+    }
+
+    pub fn take_loaded_stale(&self) -> bool {
+        self.loaded_stale.swap(false, Ordering::AcqRel)
     }
 
     /// Records that a load the sidecar caused evicted `model`.
