@@ -732,12 +732,7 @@ fn choose(
     if n == 0 {
         return None;
     }
-    let avoid = avoid.filter(|&a| {
-        instances
-            .iter()
-            .enumerate()
-            .any(|(pos, i)| pos != a && i.slot_limit() > 0)
-    });
+    let avoid = placement::usable_avoid(instances, avoid);
     let start = rotation % n;
     let mut best: Option<(usize, &Arc<Instance>, Reason, usize)> = None;
     for offset in 0..n {

@@ -286,6 +286,7 @@ impl Placement {
         now: Instant,
     ) -> Choice {
         let n = instances.len();
+        let avoid = usable_avoid(instances, avoid);
         let model_somewhere = instances.iter().any(|i| i.may_serve(model));
         let mut free: Vec<(usize, &Arc<Instance>, usize)> = Vec::new();
         let mut warm_busy_slots = 0usize;
@@ -352,4 +353,15 @@ impl Placement {
         }
         Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy)
     }
+}
+
+/// `avoid` (the instance a retry failed on) holds only while another instance is ready, even a
+/// busy one: with none, the retry goes back to it.
+pub fn usable_avoid(instances: &[Arc<Instance>], avoid: Option<usize>) -> Option<usize> {
+    avoid.filter(|&a| {
+        instances
+            .iter()
+            .enumerate()
+            .any(|(pos, i)| pos != a && i.slot_limit() > 0)
+    })
 }

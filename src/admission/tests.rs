@@ -630,3 +630,39 @@ async fn waits_for_a_near_warm_slot_never_longer_than_a_load() {
     drop((p, p2));
     assert_accounted(&adm.snapshot(), 6);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_load_goes_where_it_evicts_nothing_else_the_model_asked_longest_ago() {
+    // Each instance was seen holding two models at once.
+    let instances = vec![instance(0, 1), instance(1, 1), instance(2, 1)];
+    for (inst, models) in instances.iter().zip([["a", "b"], ["c", "d"], ["e", "f"]]) {
+        inst.set_loaded_models(models.iter().map(|m| format!("{m}:latest")).collect());
+    }
+    instances[2].set_loaded_models(vec!["e:latest".into()]);
+    let adm = Admission::new(config(10), instances.clone());
+    // Instance 2 holds one model of two: loading there evicts nothing.
+    let p = now(&adm, req("x").model("n:latest"));
+    assert_eq!((p.instance().index, p.reason()), (2, Reason::ColdLoad));
+    drop(p);
+    assert_eq!(adm.snapshot().placement[2].evictions, 0);
+    // Every instance is full now. A load evicts the first idle model by name (Ollama's order):
+    // a, c or e. c was asked for longest ago: the load goes to instance 1 and evicts c.
+    for m in ["c", "a", "e"] {
+        tokio::time::advance(Duration::from_millis(10)).await;
+        drop(now(&adm, req("x").model(format!("{m}:latest"))));
+    }
+    let p = now(&adm, req("y").model("z:latest"));
+    assert_eq!((p.instance().index, p.reason()), (1, Reason::ColdLoad));
+    assert!(!instances[1].has_model("c:latest"));
+    assert!(instances[1].has_model("d:latest"));
+    assert!(instances[1].has_model("z:latest"));
+    assert_eq!(adm.snapshot().placement[1].evictions, 1);
+}
+
+#[tokio::test]
+async fn a_retry_for_a_model_goes_back_to_the_only_instance() {
+    let inst = instance(0, 1);
+    let adm = Admission::new(config(10), vec![inst]);
+    let p = now(&adm, req("a").model("m:latest").avoid(0));
+    assert_eq!(p.instance().index, 0);
+}
