@@ -8,6 +8,7 @@ pub mod config;
 pub mod health_cmd;
 pub mod memory;
 pub mod metrics;
+pub mod models_view;
 pub mod policy;
 pub mod proxy;
 pub mod reject;

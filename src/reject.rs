@@ -104,6 +104,12 @@ pub enum Reject {
     ManagementBusy,
     /// Failures: no instance could answer.
     NoInstance,
+    /// Instances are ready, but none answered its model list (`/api/tags`, `/api/ps`).
+    NoModelList,
+    /// Instances are ready, but none of those that have the model installed is.
+    ModelUnavailable {
+        model: String,
+    },
     ConnectTimeout {
         instance: String,
         after: Duration,
@@ -188,14 +194,15 @@ impl Reject {
             TooManyHeaders { .. } | HeaderTooLarge { .. } => 431,
             Internal => 500,
             HttpStatus(code) => *code,
-            Unreachable { .. } | InstanceFailed { .. } | EndedEarly { .. } => 502,
+            Unreachable { .. } | InstanceFailed { .. } | EndedEarly { .. } | NoModelList => 502,
             LimitsUnavailable
             | QueueFull
             | QueueBytesFull
             | WaitExpired { .. }
             | ShuttingDown
             | ManagementBusy
-            | NoInstance => 503,
+            | NoInstance
+            | ModelUnavailable { .. } => 503,
             ConnectTimeout { .. } | ResponseTimeout { .. } | IdleTimeout { .. } => 504,
         }
     }
@@ -212,7 +219,7 @@ impl Reject {
             | QueueFull
             | QueueBytesFull
             | ShuttingDown => Some(1),
-            WaitExpired { .. } | ManagementBusy => Some(5),
+            WaitExpired { .. } | ManagementBusy | ModelUnavailable { .. } => Some(5),
             _ => None,
         }
     }
@@ -241,11 +248,12 @@ impl Reject {
             ShuttingDown => "shutting_down",
             ManagementBusy => "management_busy",
             NoInstance => "no_instance",
+            ModelUnavailable { .. } => "model_unavailable",
             ConnectTimeout { .. } => "connect_timeout",
             ResponseTimeout { .. } => "response_timeout",
             IdleTimeout { .. } => "idle_timeout",
             Unreachable { .. } => "unreachable",
-            InstanceFailed { .. } => "instance_failed",
+            InstanceFailed { .. } | NoModelList => "instance_failed",
             EndedEarly { .. } => "ended_early",
             BadRequest => "bad_request",
             HttpStatus(_) => "http_status",
@@ -354,6 +362,11 @@ impl Reject {
                 "{p}: too many model-management requests (admission.management_concurrency)"
             ),
             NoInstance => format!("{p}: no Ollama instance is ready to serve this request"),
+            NoModelList => format!("{p}: no ready instance answered with its model list"),
+            ModelUnavailable { model } => format!(
+                "{p}: no ready instance has model {} installed",
+                serde_json::to_string(&shown(model)).unwrap_or_default()
+            ),
             ConnectTimeout { instance, after } => format!(
                 "{p}: connecting to instance `{instance}` timed out after {} (timeouts.connect)",
                 human(*after)
@@ -430,6 +443,14 @@ mod tests {
             ),
             (Reject::QueueFull, 503, "queue_full", Some(1)),
             (Reject::NoInstance, 503, "no_instance", None),
+            (
+                Reject::ModelUnavailable {
+                    model: "qwen2.5:0.5b".into(),
+                },
+                503,
+                "model_unavailable",
+                Some(5),
+            ),
         ] {
             assert_eq!(reject.status(), status, "{reject:?}");
             assert_eq!(reject.label(), label, "{reject:?}");

@@ -17,6 +17,15 @@ Ollama environment (read like Ollama does):
   OLLAMA_MAX_QUEUE      requests allowed to wait for a slot (default 512), then 503
   OLLAMA_KEEP_ALIVE     how long a model stays loaded after use (default 5m; negative = forever)
   OLLAMA_ORIGINS        extra allowed CORS origins, comma separated
+  OLLAMA_MAX_LOADED_MODELS  models loaded at once (default 0 = automatic: 3, Ollama's per-GPU
+                        default with one GPU); one more evicts an idle model, as server/sched.go does
+
+Mock memory model (not Ollama variables):
+  MOCK_MODELS           installed models, comma separated; `name=SIZE` sets a model's size
+                        (bytes, or with a unit: 500MB, 2GiB), else a size by family
+  MOCK_MEMORY           memory budget (same units) the loaded models share (default: unlimited);
+                        a model that does not fit evicts idle models first
+  MOCK_LOAD_MS_PER_GB   load time per GB of model size, added to MOCK_LOAD_DELAY_MS (default 0)
 
 Routes: Ollama's route table, routed like Ollama (Go net/http decodes the path, gin v1.10 routes it:
   trailing-slash redirects, 404, 405 with Allow) and bodies bound like Go's encoding/json (field names
@@ -28,7 +37,8 @@ Routes: Ollama's route table, routed like Ollama (Go net/http decodes the path, 
   in-band (`{\"error\":...}` after `pulling manifest`). Streams stop as soon as the client leaves.
 
 Control endpoints (never counted as inference, never host-checked):
-  GET  /mock/stats      counters, in-flight and peak concurrency, loaded models
+  GET  /mock/stats      counters, in-flight and peak concurrency, loaded models, cold_loads
+                        (loads a request caused) and evictions (unloads to make room)
   POST /mock/reset      zero counters and peaks, clear the request log
   GET  /mock/faults     current behaviour knobs
   POST /mock/faults     change knobs: {\"fail_next\":N,\"status\":503,\"close_after_chunks\":K|null,
@@ -68,7 +78,20 @@ pub struct Args {
     #[arg(long, env = "OLLAMA_ORIGINS")]
     pub origins: Option<String>,
 
-    /// Installed models, comma separated; a name without a tag means `:latest`.
+    /// Models loaded at once (Ollama's OLLAMA_MAX_LOADED_MODELS; 0 = automatic, i.e. 3).
+    #[arg(long, env = "OLLAMA_MAX_LOADED_MODELS")]
+    pub max_loaded_models: Option<String>,
+
+    /// Memory the loaded models share (bytes, or 500MB, 2GiB ...); unlimited when unset.
+    #[arg(long, env = "MOCK_MEMORY", value_parser = parse_size)]
+    pub memory: Option<u64>,
+
+    /// Load time per GB of model size in ms, added to the load delay.
+    #[arg(long, env = "MOCK_LOAD_MS_PER_GB", default_value_t = 0.0)]
+    pub load_ms_per_gb: f64,
+
+    /// Installed models, comma separated; a name without a tag means `:latest`; `name=SIZE`
+    /// gives the model a size (bytes or with a unit: 500MB, 2GiB).
     #[arg(
         long,
         env = "MOCK_MODELS",
@@ -334,7 +357,11 @@ pub struct Config {
     pub max_queue: usize,
     pub keep_alive: KeepAlive,
     pub origins: Vec<String>,
-    pub models: Vec<String>,
+    /// Installed models and the sizes given for them.
+    pub models: Vec<(String, Option<u64>)>,
+    pub max_loaded_models: usize,
+    pub memory: Option<u64>,
+    pub load_ms_per_gb: f64,
     pub tokens: u64,
     pub token_delay_ms: f64,
     pub load_delay_ms: f64,
@@ -349,6 +376,40 @@ pub struct Config {
     pub log: bool,
     pub request_log: bool,
     pub threads: usize,
+}
+
+/// server/sched.go `defaultModelsPerGPU`; the mock has one GPU.
+const DEFAULT_MODELS_PER_GPU: usize = 3;
+
+/// A byte size: a plain number, or with a decimal (KB, MB, GB) or binary (KiB, MiB, GiB) unit.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}, want e.g. 2GB or 500MiB"))?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "bad size unit in {s:?}, want B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let bytes = v * mult;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("size {s:?} out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 fn env_uint(v: Option<&str>, default: usize) -> usize {
@@ -368,17 +429,22 @@ impl Config {
             ("--token-delay-ms", a.token_delay_ms),
             ("--load-delay-ms", a.load_delay_ms),
             ("--first-token-delay-ms", a.first_token_delay_ms),
+            ("--load-ms-per-gb", a.load_ms_per_gb),
         ] {
             if !v.is_finite() || v < 0.0 {
                 return Err(format!("{name} must be a non-negative number"));
             }
         }
-        let models: Vec<String> = a
-            .models
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect();
+        let mut models = Vec::new();
+        for item in a.models.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            models.push(match item.split_once('=') {
+                Some((name, size)) => (
+                    name.trim().to_string(),
+                    Some(parse_size(size).map_err(|e| format!("MOCK_MODELS: {e} (in {item:?})"))?),
+                ),
+                None => (item.to_string(), None),
+            });
+        }
         let max_queue = match a.max_queue.as_deref().map(str::trim) {
             Some(s) if !s.is_empty() => s.trim_matches('"').parse::<usize>().unwrap_or(512),
             _ => 512,
@@ -387,6 +453,10 @@ impl Config {
             bind_host,
             bind_port,
             num_parallel: env_uint(a.num_parallel.as_deref(), 1),
+            // envconfig.MaxRunners; processPending turns 0 into defaultModelsPerGPU (3) x GPUs.
+            max_loaded_models: env_uint(a.max_loaded_models.as_deref(), DEFAULT_MODELS_PER_GPU),
+            memory: a.memory,
+            load_ms_per_gb: a.load_ms_per_gb,
             max_queue,
             keep_alive: KeepAlive::from_env(a.keep_alive.as_deref().unwrap_or("")),
             origins: a
@@ -463,6 +533,17 @@ mod tests {
             KeepAlive::from_env("30"),
             KeepAlive::For(Duration::from_secs(30))
         );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(parse_size("1.5 GiB").unwrap(), 1_610_612_736);
+        assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1234").unwrap(), 1234);
+        assert!(parse_size("2TB").is_err());
+        assert!(parse_size("GB").is_err());
+        assert!(parse_size("0").is_err());
     }
 
     #[test]

@@ -78,6 +78,10 @@ fn stats(state: &State) -> Value {
         "injected_failures": s.injected_failures.load(Relaxed),
         "hanging": s.hanging.load(Relaxed),
         "loaded": loaded,
+        "cold_loads": s.cold_loads.load(Relaxed),
+        "evictions": s.evictions.load(Relaxed),
+        "max_loaded_models": state.cfg.max_loaded_models,
+        "memory": state.cfg.memory,
         "num_parallel": state.cfg.num_parallel,
         "max_queue": state.cfg.max_queue,
     })

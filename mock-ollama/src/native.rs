@@ -122,7 +122,7 @@ pub fn ps(ctx: &Ctx) -> Response<Body> {
     let list: Vec<_> = loaded
         .iter()
         .map(|(t, m)| {
-            let size = m.size + m.size / 5;
+            let size = m.footprint();
             PsModel {
                 name: &m.name,
                 model: &m.name,

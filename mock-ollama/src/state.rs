@@ -1,11 +1,18 @@
 //! Shared state: behaviour knobs, counters, the installed models and what is loaded,
 //! the per-model slots (OLLAMA_NUM_PARALLEL) and the bounded wait queue, the request log.
+//!
+//! Placement follows Ollama's scheduler (server/sched.go): one request is scheduled at a time
+//! (`processPending`); a model that is loaded (or loading) is used as it is (`useLoadedRunner`);
+//! otherwise it is loaded when fewer than OLLAMA_MAX_LOADED_MODELS are loaded and it fits the
+//! memory left (`load` with `requireFull`), or an idle model is evicted first
+//! (`findRunnerToUnload`); a busy one is only marked and unloads when its last request ends
+//! (`processCompleted`), while the scheduler waits.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use hyper::{HeaderMap, Method, Uri, Version};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -181,6 +188,10 @@ pub struct Stats {
     pub completed_inference: AtomicU64,
     pub injected_failures: AtomicU64,
     pub hanging: AtomicUsize,
+    /// Models loaded because a request needed them and they were not loaded.
+    pub cold_loads: AtomicU64,
+    /// Loaded models unloaded to make room for another.
+    pub evictions: AtomicU64,
 }
 
 #[derive(Default)]
@@ -235,6 +246,8 @@ impl Stats {
             &self.completed_streams,
             &self.completed_inference,
             &self.injected_failures,
+            &self.cold_loads,
+            &self.evictions,
         ] {
             c.store(0, Relaxed);
         }
@@ -289,15 +302,21 @@ pub struct Model {
 pub struct ModelRuntime {
     sem: Arc<Semaphore>,
     in_flight: AtomicUsize,
-    load_lock: tokio::sync::Mutex<()>,
     load: Mutex<LoadState>,
 }
 
+/// A model's runner as sched.go's `runnerRef` tracks it.
 struct LoadState {
+    /// In the scheduler's `loaded` map: loading or running.
     loaded: bool,
+    /// When the load finishes (requests wait until then, like `WaitUntilRunning`).
+    ready_at: Option<tokio::time::Instant>,
+    /// Requests holding the runner (`refCount`): scheduled and not finished.
     refs: usize,
     expires_at: Option<SystemTime>,
     session: KeepAlive,
+    /// Chosen to make room (`sessionDuration = 0`): unloads as soon as it is idle.
+    evicting: bool,
 }
 
 /// Split a model reference into (base, tag), dropping the default registry and namespace.
@@ -395,6 +414,16 @@ fn family_for(base: &str) -> Family {
 
 impl Model {
     pub fn new(name: &str, modified_at: SystemTime, num_parallel: usize) -> Model {
+        Model::sized(name, None, modified_at, num_parallel)
+    }
+
+    /// A model whose size is given (`MOCK_MODELS=name=SIZE`) instead of its family's.
+    pub fn sized(
+        name: &str,
+        size: Option<u64>,
+        modified_at: SystemTime,
+        num_parallel: usize,
+    ) -> Model {
         let (base, tag) = split_name(name);
         let f = family_for(base);
         let display = format!("{base}:{tag}");
@@ -406,7 +435,7 @@ impl Model {
             family: f.family.to_string(),
             parameter_size: f.parameter_size.to_string(),
             quantization: f.quantization.to_string(),
-            size: f.size,
+            size: size.unwrap_or(f.size),
             digest,
             modified_at,
             embedding_only: f.embedding_only,
@@ -417,12 +446,13 @@ impl Model {
             rt: ModelRuntime {
                 sem: Arc::new(Semaphore::new(num_parallel.max(1))),
                 in_flight: AtomicUsize::new(0),
-                load_lock: tokio::sync::Mutex::new(()),
                 load: Mutex::new(LoadState {
                     loaded: false,
+                    ready_at: None,
                     refs: 0,
                     expires_at: None,
                     session: KeepAlive::For(Duration::from_secs(300)),
+                    evicting: false,
                 }),
             },
         }
@@ -476,50 +506,131 @@ impl Model {
         let mut st = self.rt.load.lock().unwrap();
         st.session = KeepAlive::For(Duration::ZERO);
         if st.refs == 0 {
-            st.loaded = false;
-            st.expires_at = None;
+            unload_now(&mut st);
         }
     }
 
-    fn begin_use(&self) -> bool {
+    /// Memory the loaded model takes (what `/api/ps` reports as `size`: weights plus cache).
+    pub fn footprint(&self) -> u64 {
+        self.size + self.size / 5
+    }
+
+    fn is_loaded(&self) -> bool {
         let mut st = self.rt.load.lock().unwrap();
         expire(&mut st);
-        st.refs += 1;
         st.loaded
     }
 
-    fn end_use(&self, ka: KeepAlive) {
+    /// sched.go `useLoadedRunner`: take a reference on the loaded (or loading) runner, which
+    /// also cancels an eviction mark; `None` when the model is not loaded. Returns when the
+    /// load finishes.
+    fn use_loaded(&self, ka: KeepAlive) -> Option<Option<tokio::time::Instant>> {
+        let mut st = self.rt.load.lock().unwrap();
+        expire(&mut st);
+        if !st.loaded {
+            return None;
+        }
+        st.refs += 1;
+        st.session = ka;
+        st.evicting = false;
+        st.expires_at = None;
+        Some(st.ready_at)
+    }
+
+    /// sched.go `load`: the runner is in the loaded set from now on and ready at `ready_at`;
+    /// the request that caused the load holds it.
+    fn start_load(&self, ka: KeepAlive, ready_at: tokio::time::Instant) {
+        let mut st = self.rt.load.lock().unwrap();
+        st.loaded = true;
+        st.ready_at = Some(ready_at);
+        st.refs += 1;
+        st.session = ka;
+        st.evicting = false;
+        st.expires_at = None;
+    }
+
+    /// Idle and loaded, for `findRunnerToUnload`: (idle, session duration in Go's uint64 order).
+    fn unload_rank(&self) -> (bool, u64) {
+        let st = self.rt.load.lock().unwrap();
+        let duration = match st.session {
+            KeepAlive::For(d) => u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            // A negative Go duration converted to uint64 sorts last.
+            KeepAlive::Forever => u64::MAX,
+        };
+        (st.refs == 0, duration)
+    }
+
+    /// Marks the model for eviction (`sessionDuration = 0`); true when it was idle and is
+    /// unloaded now, false when it unloads at the end of its last request.
+    fn evict(&self) -> bool {
+        let mut st = self.rt.load.lock().unwrap();
+        if !st.loaded {
+            return false;
+        }
+        if st.refs == 0 {
+            unload_now(&mut st);
+            return true;
+        }
+        st.evicting = true;
+        false
+    }
+
+    /// sched.go `processCompleted`: a finished request drops its reference; the last one starts
+    /// the keep-alive timer, or unloads at once (keep_alive 0, or marked for eviction). True
+    /// when this was an eviction.
+    fn end_use(&self, ka: KeepAlive) -> bool {
         let mut st = self.rt.load.lock().unwrap();
         st.refs = st.refs.saturating_sub(1);
-        st.session = ka;
-        if st.refs == 0 {
-            if ka == KeepAlive::For(Duration::ZERO) {
-                st.loaded = false;
-                st.expires_at = None;
-            } else {
-                st.expires_at = Some(expiry(SystemTime::now(), ka));
-            }
+        if st.refs > 0 {
+            return false;
         }
+        if st.evicting {
+            unload_now(&mut st);
+            return true;
+        }
+        st.session = ka;
+        if ka == KeepAlive::For(Duration::ZERO) {
+            unload_now(&mut st);
+        } else {
+            st.expires_at = Some(expiry(SystemTime::now(), ka));
+        }
+        false
     }
+}
 
-    fn mark_loaded(&self) {
-        self.rt.load.lock().unwrap().loaded = true;
-    }
-
-    fn is_loaded_flag(&self) -> bool {
-        self.rt.load.lock().unwrap().loaded
-    }
+fn unload_now(st: &mut LoadState) {
+    st.loaded = false;
+    st.ready_at = None;
+    st.expires_at = None;
+    st.evicting = false;
 }
 
 fn expire(st: &mut LoadState) {
     if st.loaded && st.refs == 0 {
         if let Some(at) = st.expires_at {
             if at <= SystemTime::now() {
-                st.loaded = false;
-                st.expires_at = None;
+                unload_now(st);
             }
         }
     }
+}
+
+/// sched.go `findRunnerToUnload`: sorted by session duration, then name (`ByDurationAndName`),
+/// the first idle model, else the first (the scheduler then waits for it to go idle).
+fn runner_to_unload(loaded: &[Arc<Model>]) -> Option<&Arc<Model>> {
+    let mut ranked: Vec<(bool, u64, &Arc<Model>)> = loaded
+        .iter()
+        .map(|m| {
+            let (idle, duration) = m.unload_rank();
+            (idle, duration, m)
+        })
+        .collect();
+    ranked.sort_by(|a, b| a.1.cmp(&b.1).then_with(|| a.2.name.cmp(&b.2.name)));
+    ranked
+        .iter()
+        .find(|(idle, _, _)| *idle)
+        .or(ranked.first())
+        .map(|(_, _, m)| *m)
 }
 
 fn expiry(now: SystemTime, ka: KeepAlive) -> SystemTime {
@@ -565,6 +676,8 @@ pub struct State {
     pub log: Mutex<VecDeque<LogEntry>>,
     pub log_seq: AtomicU64,
     pub arrivals: AtomicU64,
+    /// sched.go `processPending` takes one pending request at a time; this is its turn.
+    sched: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -579,9 +692,10 @@ impl State {
             .iter()
             .enumerate()
             // The first listed is the most recently modified, as /api/tags sorts.
-            .map(|(i, m)| {
-                Arc::new(Model::new(
-                    m,
+            .map(|(i, (name, size))| {
+                Arc::new(Model::sized(
+                    name,
+                    *size,
                     started - Duration::from_secs(3600 * (i as u64 + 1) + n),
                     cfg.num_parallel,
                 ))
@@ -602,6 +716,7 @@ impl State {
             log: Mutex::new(VecDeque::with_capacity(LOG_CAPACITY)),
             log_seq: AtomicU64::new(0),
             arrivals: AtomicU64::new(0),
+            sched: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -648,64 +763,148 @@ impl State {
         log.push_back(e);
     }
 
-    /// Wait for one of the model's slots (bounded queue), then load it if needed.
+    /// Schedule the request on the model's runner (loading it, evicting others if needed),
+    /// wait for the load, then for one of the model's slots. Waiting for the scheduler or a
+    /// slot counts against OLLAMA_MAX_QUEUE.
     pub async fn schedule(
         self: &Arc<Self>,
         model: &Arc<Model>,
         keep_alive: KeepAlive,
     ) -> Result<Slot, Busy> {
+        // Tokio's clock, so tests can run the scheduler on paused time.
+        let t0 = tokio::time::Instant::now();
+        let mut queued = None;
+        let turn = match self.sched.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => {
+                queued = Some(self.enqueue()?);
+                self.sched.lock().await
+            }
+        };
+        let ready_at = self.place(model, keep_alive).await;
+        drop(turn);
+        // From here the request holds a reference on the runner, released by `ModelUse`.
+        let user = ModelUse {
+            state: self.clone(),
+            model: model.clone(),
+            keep_alive,
+        };
+        if let Some(at) = ready_at {
+            tokio::time::sleep_until(at).await;
+        }
+        // routes.go measures load_duration around scheduleRunner: scheduling plus loading.
+        let load_duration = t0.elapsed();
         let permit = match model.rt.sem.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                let before = self.stats.queued.fetch_add(1, Relaxed);
-                if before >= self.cfg.max_queue {
-                    self.stats.queued.fetch_sub(1, Relaxed);
-                    self.stats.queue_rejections.fetch_add(1, Relaxed);
-                    return Err(Busy);
+                if queued.is_none() {
+                    queued = Some(self.enqueue()?);
                 }
-                self.stats.peak_queued.fetch_max(before + 1, Relaxed);
-                let mut guard = QueueGuard {
-                    state: self,
-                    done: false,
-                };
-                let p = model
+                model
                     .rt
                     .sem
                     .clone()
                     .acquire_owned()
                     .await
-                    .expect("slots are never closed");
-                guard.done = true;
-                p
+                    .expect("slots are never closed")
             }
         };
+        if let Some(mut q) = queued {
+            q.done = true;
+        }
         let n = self.stats.in_flight.fetch_add(1, Relaxed) + 1;
         self.stats.peak_in_flight.fetch_max(n, Relaxed);
         let m = model.rt.in_flight.fetch_add(1, Relaxed) + 1;
         self.stats.note_model_peak(&model.name, m);
-        let was_loaded = model.begin_use();
-        let mut slot = Slot {
+        Ok(Slot {
             state: self.clone(),
             model: model.clone(),
             _permit: permit,
-            keep_alive,
-            load_duration: Duration::ZERO,
+            load_duration,
             finished: false,
             aborted: false,
-        };
-        let t0 = Instant::now();
-        if !was_loaded {
-            let _l = model.rt.load_lock.lock().await;
-            if !model.is_loaded_flag() {
-                let d = self.knobs.load_delay();
-                if !d.is_zero() {
-                    tokio::time::sleep(d).await;
-                }
-                model.mark_loaded();
+            _user: user,
+        })
+    }
+
+    fn enqueue(&self) -> Result<QueueGuard<'_>, Busy> {
+        let before = self.stats.queued.fetch_add(1, Relaxed);
+        if before >= self.cfg.max_queue {
+            self.stats.queued.fetch_sub(1, Relaxed);
+            self.stats.queue_rejections.fetch_add(1, Relaxed);
+            return Err(Busy);
+        }
+        self.stats.peak_queued.fetch_max(before + 1, Relaxed);
+        Ok(QueueGuard {
+            state: self,
+            done: false,
+        })
+    }
+
+    /// How long loading the model takes: a fixed delay plus a time per GB of its size.
+    fn load_time(&self, model: &Model) -> Duration {
+        let per_gb = self.cfg.load_ms_per_gb * model.size as f64 / 1e9;
+        self.knobs.load_delay() + ms(per_gb)
+    }
+
+    /// sched.go `processPending` for one request (the caller holds the scheduler's turn): use
+    /// the loaded runner, or load the model when fewer than OLLAMA_MAX_LOADED_MODELS are loaded
+    /// and it fits the memory left (the first model always loads), else evict one and retry.
+    /// Takes a reference on the model's runner before returning, with no await in between, and
+    /// returns when its load finishes.
+    async fn place(&self, model: &Arc<Model>, ka: KeepAlive) -> Option<tokio::time::Instant> {
+        loop {
+            if let Some(ready_at) = model.use_loaded(ka) {
+                return ready_at;
+            }
+            let others: Vec<Arc<Model>> = self
+                .models
+                .read()
+                .unwrap()
+                .iter()
+                .filter(|m| !Arc::ptr_eq(m, model) && m.is_loaded())
+                .cloned()
+                .collect();
+            let full = others.len() >= self.cfg.max_loaded_models;
+            let used: u64 = others.iter().map(|m| m.footprint()).sum();
+            let fits = others.is_empty()
+                || self
+                    .cfg
+                    .memory
+                    .is_none_or(|budget| used.saturating_add(model.footprint()) <= budget);
+            if !full && fits {
+                let ready_at = tokio::time::Instant::now() + self.load_time(model);
+                model.start_load(ka, ready_at);
+                self.stats.cold_loads.fetch_add(1, Relaxed);
+                return Some(ready_at);
+            }
+            let Some(victim) = runner_to_unload(&others) else {
+                continue;
+            };
+            if victim.evict() {
+                self.stats.evictions.fetch_add(1, Relaxed);
+            }
+            // Wait for the unload (sched.go waits on unloadedCh; expired runners that are still
+            // busy are retried every 10 ms in processCompleted).
+            while victim.is_loaded() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        slot.load_duration = t0.elapsed();
-        Ok(slot)
+    }
+}
+
+/// A request's reference on its model's runner: dropping it is sched.go's finished event.
+struct ModelUse {
+    state: Arc<State>,
+    model: Arc<Model>,
+    keep_alive: KeepAlive,
+}
+
+impl Drop for ModelUse {
+    fn drop(&mut self) {
+        if self.model.end_use(self.keep_alive) {
+            self.state.stats.evictions.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -728,10 +927,11 @@ pub struct Slot {
     state: Arc<State>,
     pub model: Arc<Model>,
     _permit: OwnedSemaphorePermit,
-    keep_alive: KeepAlive,
     pub load_duration: Duration,
     finished: bool,
     aborted: bool,
+    /// Dropped after the slot's own bookkeeping: the runner's reference goes last.
+    _user: ModelUse,
 }
 
 impl Slot {
@@ -769,13 +969,131 @@ impl Drop for Slot {
         if !self.finished {
             self.state.stats.disconnects.fetch_add(1, Relaxed);
         }
-        self.model.end_use(self.keep_alive);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    fn state(args: &[&str]) -> Arc<State> {
+        let mut argv = vec!["mock-ollama"];
+        argv.extend_from_slice(args);
+        let cfg = Config::from_args(crate::cli::Args::parse_from(argv)).unwrap();
+        Arc::new(State::new(cfg, "127.0.0.1:0".parse().unwrap()))
+    }
+
+    fn loaded(state: &State) -> Vec<String> {
+        let mut names: Vec<String> = state
+            .models
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|m| m.is_loaded())
+            .map(|m| m.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn model(state: &State, name: &str) -> Arc<Model> {
+        state.find_model(name).unwrap()
+    }
+
+    const KA: KeepAlive = KeepAlive::For(Duration::from_secs(300));
+
+    #[tokio::test]
+    async fn memory_budget_evicts_an_idle_model_and_two_small_fit_where_one_large_does() {
+        let st = state(&[
+            "--models",
+            "big=2GB,small-a=1GB,small-b=1GB",
+            "--memory",
+            "2.4GB",
+        ]);
+        // The big model (2.4 GB footprint) fills the budget; both small ones (1.2 GB each) fit
+        // together, and loading the first of them evicts the idle big one.
+        drop(st.schedule(&model(&st, "big"), KA).await.unwrap());
+        assert_eq!(loaded(&st), ["big:latest"]);
+        drop(st.schedule(&model(&st, "small-a"), KA).await.unwrap());
+        drop(st.schedule(&model(&st, "small-b"), KA).await.unwrap());
+        assert_eq!(loaded(&st), ["small-a:latest", "small-b:latest"]);
+        assert_eq!(st.stats.cold_loads.load(Relaxed), 3);
+        assert_eq!(st.stats.evictions.load(Relaxed), 1);
+        // Warm: no load, no eviction.
+        drop(st.schedule(&model(&st, "small-a"), KA).await.unwrap());
+        assert_eq!(st.stats.cold_loads.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn max_loaded_models_evicts_in_sched_go_order() {
+        let st = state(&["--models", "a,b,c", "--max-loaded-models", "2"]);
+        drop(st.schedule(&model(&st, "b"), KA).await.unwrap());
+        drop(st.schedule(&model(&st, "a"), KA).await.unwrap());
+        // Equal keep-alive: ByDurationAndName picks `a` although `b` was used longer ago.
+        drop(st.schedule(&model(&st, "c"), KA).await.unwrap());
+        assert_eq!(loaded(&st), ["b:latest", "c:latest"]);
+        // A shorter keep-alive sorts first.
+        drop(
+            st.schedule(&model(&st, "c"), KeepAlive::For(Duration::from_secs(1)))
+                .await
+                .unwrap(),
+        );
+        drop(st.schedule(&model(&st, "a"), KA).await.unwrap());
+        assert_eq!(loaded(&st), ["a:latest", "b:latest"]);
+        assert_eq!(st.stats.evictions.load(Relaxed), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_model_is_not_evicted_the_request_waits_for_it() {
+        let st = state(&[
+            "--models",
+            "a=1GB,b=1GB",
+            "--max-loaded-models",
+            "1",
+            "--load-ms-per-gb",
+            "1000",
+        ]);
+        let busy = st.schedule(&model(&st, "a"), KA).await.unwrap();
+        assert_eq!(busy.load_duration, Duration::from_secs(1));
+        let waiter = tokio::spawn({
+            let st = st.clone();
+            let b = model(&st, "b");
+            async move { st.schedule(&b, KA).await.map(|slot| slot.load_duration) }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "b must wait while a is busy");
+        assert_eq!(loaded(&st), ["a:latest"]);
+        assert_eq!(
+            st.stats.queued.load(Relaxed),
+            0,
+            "b holds the scheduler's turn"
+        );
+        drop(busy);
+        let waited = waiter.await.unwrap().unwrap();
+        // Scheduling (the wait for a to go idle) plus b's own 1 s load.
+        assert!(waited >= Duration::from_secs(6), "{waited:?}");
+        assert_eq!(loaded(&st), ["b:latest"]);
+        assert_eq!(st.stats.evictions.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_for_a_loading_model_wait_for_the_same_load() {
+        let st = state(&[
+            "--models",
+            "a=2GB",
+            "--load-ms-per-gb",
+            "500",
+            "--num-parallel",
+            "2",
+        ]);
+        let a = model(&st, "a");
+        let (x, y) = tokio::join!(st.schedule(&a, KA), st.schedule(&a, KA));
+        let (x, y) = (x.unwrap(), y.unwrap());
+        assert_eq!(x.load_duration, Duration::from_secs(1));
+        assert!(y.load_duration >= Duration::from_millis(999));
+        assert_eq!(st.stats.cold_loads.load(Relaxed), 1);
+    }
 
     #[test]
     fn names() {

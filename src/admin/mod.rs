@@ -371,6 +371,7 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 "installed_models": metrics.installed_models(&inst.name),
                 "in_flight": inst.in_flight(),
                 "busy_slots": slot.map(|s| s.busy),
+                "placement": snap.placement.get(inst.index).map(|p| p.to_json()),
                 "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
             });
             if inst.supervised {

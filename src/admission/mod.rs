@@ -7,22 +7,30 @@
 //! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
 //!   aging so nothing starves (`queue.rs` has the exact order). All decisions are O(log n) in the
 //!   number of waiters and clients, O(instances) in the instance choice.
-//! - **Instance choice** for the waiter picked by fairness: an instance with its model loaded, then
-//!   one with no model loaded, then the one with the most free slots; ties rotate.
+//! - **Instance choice** for the waiter picked by fairness (`placement.rs`): an instance with its
+//!   model loaded; if it is warm only on busy instances, wait for a warm slot while one is expected
+//!   before a cold load elsewhere would finish (at most one load's time), else a cold load where
+//!   it evicts nothing or the model asked for longest ago. A waiter that waits lets the next
+//!   client's waiter take the free slot. Without a model: an instance with nothing loaded, then
+//!   the most free slots. Ties rotate.
 //! - **Accounting.** One mutex guards the queue, the slot counts and the counters, so at every
 //!   moment `admitted == released + held` (held = sum of busy slots). Every `acquire` ends in exactly
-//!   one outcome: `admitted - undelivered + refused_full + refused_bytes + expired + cancelled + closed`
-//!   equals the number of requests.
+//!   one outcome: the sum `admitted - undelivered + refused_full + refused_bytes + refused_model +
+//!   expired + cancelled + closed` equals the number of requests.
 //!
 //! The engine knows no Pingora types: the proxy calls [`Admission::acquire`] (or
 //! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
 
+mod placement;
 mod queue;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 
+pub use placement::{PlacementCounts, Reason};
+
 use crate::upstream::Instance;
+use placement::{Choice, Placement};
 use queue::{Entry, FairQueue};
 pub use snapshot::WaiterView;
 use std::fmt;
@@ -115,6 +123,8 @@ pub enum Refusal {
     WaitExpired { waited: Duration },
     /// Shutting down.
     Closed,
+    /// Instances are ready, but none of those that may have the model.
+    ModelUnavailable,
 }
 
 impl Refusal {
@@ -125,6 +135,7 @@ impl Refusal {
             Refusal::QueueBytesFull => "queue_bytes_full",
             Refusal::WaitExpired { .. } => "wait_expired",
             Refusal::Closed => "closed",
+            Refusal::ModelUnavailable => "model_unavailable",
         }
     }
 }
@@ -144,6 +155,7 @@ impl fmt::Display for Refusal {
                 )
             }
             Refusal::Closed => f.write_str("shutting down"),
+            Refusal::ModelUnavailable => f.write_str("no ready instance has the model installed"),
         }
     }
 }
@@ -162,6 +174,8 @@ pub struct AdmissionCounters {
     pub cancelled: u64,
     /// Requests refused because of shutdown (queued at `close()`, or arriving after it).
     pub closed: u64,
+    /// Requests refused because no ready instance has their model installed.
+    pub refused_model: u64,
     /// Slots given back.
     pub released: u64,
     /// Grants that lost a race with their waiter's cancellation: counted in `admitted`,
@@ -192,6 +206,8 @@ pub struct AdmissionSnapshot {
     pub oldest_wait: Option<Duration>,
     /// Per instance, in the order given to [`Admission::new`].
     pub slots: Vec<SlotUse>,
+    /// Placement decisions per instance, in the same order.
+    pub placement: Vec<PlacementCounts>,
     pub counters: AdmissionCounters,
     pub closed: bool,
 }
@@ -200,27 +216,6 @@ impl AdmissionSnapshot {
     /// Slots currently held by permits.
     pub fn held(&self) -> usize {
         self.slots.iter().map(|s| s.busy).sum()
-    }
-}
-
-/// Why an instance was chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reason {
-    /// An ejected instance's cool-down is over: one trial request decides whether it is back.
-    HalfOpenTrial,
-    ModelLoaded,
-    IdleInstance,
-    MostFreeSlots,
-}
-
-impl Reason {
-    fn as_str(self) -> &'static str {
-        match self {
-            Reason::HalfOpenTrial => "half-open trial",
-            Reason::ModelLoaded => "model loaded",
-            Reason::IdleInstance => "idle instance",
-            Reason::MostFreeSlots => "most free slots",
-        }
     }
 }
 
@@ -247,6 +242,9 @@ struct State {
     rotation: usize,
     closed: bool,
     counters: AdmissionCounters,
+    placement: Placement,
+    /// When a waiter that chose to wait for a warm slot stops waiting (a dispatch is due then).
+    wake_at: Option<Instant>,
 }
 
 struct Shared {
@@ -273,6 +271,7 @@ pub enum Admitted {
 impl Admission {
     pub fn new(config: AdmissionConfig, instances: Vec<Arc<Instance>>) -> Arc<Admission> {
         let busy = vec![0; instances.len()];
+        let placement = Placement::new(instances.len());
         Arc::new(Admission {
             shared: Arc::new(Shared {
                 config,
@@ -284,6 +283,8 @@ impl Admission {
                     rotation: 0,
                     closed: false,
                     counters: AdmissionCounters::default(),
+                    placement,
+                    wake_at: None,
                 }),
             }),
         })
@@ -360,6 +361,7 @@ impl Admission {
                 .collect(),
             counters: st.counters,
             closed: st.closed,
+            placement: st.placement.counts.clone(),
         }
     }
 }
@@ -389,27 +391,43 @@ impl Shared {
             if st.closed {
                 st.counters.closed += 1;
                 Err(Refusal::Closed)
+            } else if let Some(refusal) = req
+                .model
+                .as_deref()
+                .and_then(|m| unservable(&self.instances, m))
+            {
+                st.counters.refused_model += 1;
+                Err(refusal)
             } else {
                 if !st.queue.is_empty() {
                     // Waiters and a free slot can only coexist after a readiness change nobody
                     // poked about: serve them first, they are ahead of this request.
                     self.dispatch(&mut st, now, &mut grants);
                 }
+                if let Some(model) = req.model.as_deref() {
+                    st.placement.asked(model, now);
+                }
                 let fast = if st.queue.is_empty() {
-                    let st = &mut *st;
-                    choose(
-                        &self.instances,
-                        &st.busy,
-                        &mut st.rotation,
-                        req.model.as_deref(),
-                        req.avoid,
-                    )
+                    match self.choose(&st, req.model.as_deref(), req.avoid, now, 0, now) {
+                        Choice::Grant(pos, instance, reason) => Some((pos, instance, reason)),
+                        Choice::Wait(until) => {
+                            self.wake(&mut st, until);
+                            None
+                        }
+                        Choice::NoSlot => None,
+                    }
                 } else {
                     None
                 };
                 if let Some((pos, instance, reason)) = fast {
-                    let permit =
-                        self.grant(&mut st, pos, instance, req.model.as_deref(), Duration::ZERO);
+                    let permit = self.grant(
+                        &mut st,
+                        pos,
+                        instance,
+                        req.model.as_deref(),
+                        reason,
+                        Duration::ZERO,
+                    );
                     Ok(Ok((permit, reason)))
                 } else if st.queue.len() >= self.config.max_queued {
                     st.counters.refused_full += 1;
@@ -436,6 +454,9 @@ impl Shared {
                         },
                         epoch,
                     );
+                    // Free slots may sit beside waiters that wait for a warm one: this request
+                    // may take one.
+                    self.dispatch(&mut st, now, &mut grants);
                     Ok(Err((seq, rx)))
                 }
             }
@@ -478,40 +499,129 @@ impl Shared {
         pos: usize,
         instance: Arc<Instance>,
         model: Option<&str>,
+        reason: Reason,
         waited: Duration,
     ) -> Permit {
         if let Some(busy) = st.busy.get_mut(pos) {
             *busy += 1;
         }
         st.counters.admitted += 1;
+        st.rotation = st.rotation.wrapping_add(1);
         if let Some(model) = model {
-            instance.note_model(model);
+            st.placement
+                .granted(pos, &instance, model, reason, !waited.is_zero());
         }
         Permit {
             shared: self.clone(),
             instance,
             pos,
             waited,
+            model: model.map(str::to_string),
+            reason,
+            granted_at: Instant::now(),
             armed: true,
         }
     }
 
-    /// Hands free slots to waiters, in fairness order, while both exist (under the lock).
+    /// The choice for one request (under the lock).
+    fn choose(
+        &self,
+        st: &State,
+        model: Option<&str>,
+        avoid: Option<usize>,
+        enqueued: Instant,
+        ahead: usize,
+        now: Instant,
+    ) -> Choice {
+        match model {
+            Some(model) => st.placement.choose_for_model(
+                &self.instances,
+                &st.busy,
+                st.rotation,
+                model,
+                avoid,
+                enqueued,
+                ahead,
+                now,
+            ),
+            None => match choose(&self.instances, &st.busy, st.rotation, avoid) {
+                Some((pos, instance, reason)) => Choice::Grant(pos, instance, reason),
+                None => Choice::NoSlot,
+            },
+        }
+    }
+
+    /// Makes sure dispatch runs again at `until`, when a waiter stops waiting for a warm slot.
+    fn wake(self: &Arc<Self>, st: &mut State, until: Instant) {
+        if st
+            .wake_at
+            .is_some_and(|at| at <= until && at > Instant::now())
+        {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        st.wake_at = Some(until);
+        let shared = Arc::downgrade(self);
+        rt.spawn(async move {
+            tokio::time::sleep_until(until).await;
+            if let Some(shared) = shared.upgrade() {
+                let mut grants = Vec::new();
+                {
+                    let mut st = shared.lock();
+                    if st.wake_at == Some(until) {
+                        st.wake_at = None;
+                    }
+                    shared.dispatch(&mut st, Instant::now(), &mut grants);
+                }
+                shared.deliver(grants);
+            }
+        });
+    }
+
+    /// Hands free slots to waiters, in fairness order, while both exist (under the lock). A
+    /// client whose next waiter cannot be placed, or waits for a warm slot, lets the next
+    /// client's waiter take the slot.
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
-        while let Some(head) = st.queue.peek() {
-            let model = head.item.model.as_deref();
-            let avoid = head.item.avoid;
-            let Some((pos, instance, reason)) =
-                choose(&self.instances, &st.busy, &mut st.rotation, model, avoid)
-            else {
+        loop {
+            let mut pick = None;
+            let mut wake: Option<Instant> = None;
+            let mut waiting_for: Vec<&str> = Vec::new();
+            for head in st.queue.heads().take(DISPATCH_SCAN) {
+                let model = head.item.model.as_deref();
+                let ahead = model.map_or(0, |m| waiting_for.iter().filter(|w| **w == m).count());
+                match self.choose(st, model, head.item.avoid, head.enqueued, ahead, now) {
+                    Choice::Grant(pos, instance, reason) => {
+                        pick = Some((head.client.clone(), pos, instance, reason));
+                        break;
+                    }
+                    Choice::Wait(until) => {
+                        wake = Some(wake.map_or(until, |w| w.min(until)));
+                        waiting_for.extend(model);
+                    }
+                    Choice::NoSlot => {}
+                }
+            }
+            if let Some(until) = wake {
+                self.wake(st, until);
+            }
+            let Some((client, pos, instance, reason)) = pick else {
                 break;
             };
             let epoch = self.epoch(now);
-            let Some((_, entry)) = st.queue.pop(epoch) else {
+            let Some((_, entry)) = st.queue.pop_client(&client, epoch) else {
                 break;
             };
             let waited = now.saturating_duration_since(entry.enqueued);
-            let permit = self.grant(st, pos, instance, entry.item.model.as_deref(), waited);
+            let permit = self.grant(
+                st,
+                pos,
+                instance,
+                entry.item.model.as_deref(),
+                reason,
+                waited,
+            );
             grants.push(Grant {
                 tx: entry.item.tx,
                 permit,
@@ -532,15 +642,28 @@ impl Shared {
                     waited_ms = g.permit.waited.as_millis() as u64, "admission: granted");
                 if let Err(mut permit) = g.tx.send(g.permit) {
                     permit.armed = false;
-                    self.release_into(permit.pos, true, &mut grants);
+                    let used = permit.model.as_deref().map(|m| (m, false, None));
+                    // Never used: the model's in-flight count goes back, nothing is learned.
+                    self.release_into(permit.pos, true, used, &mut grants);
                 }
             }
         }
     }
 
     /// Gives a slot back and dispatches (under the lock); grants to deliver go to `grants`.
-    fn release_into(self: &Arc<Self>, pos: usize, undelivered: bool, grants: &mut Vec<Grant>) {
+    /// `used`: the model, whether its grant caused a load, and how long the slot was held
+    /// (`None`: the permit never reached its request).
+    fn release_into(
+        self: &Arc<Self>,
+        pos: usize,
+        undelivered: bool,
+        used: Option<(&str, bool, Option<Duration>)>,
+        grants: &mut Vec<Grant>,
+    ) {
         let mut st = self.lock();
+        if let (Some((model, cold, held)), Some(instance)) = (used, self.instances.get(pos)) {
+            st.placement.released(pos, instance, model, cold, held);
+        }
         if let Some(busy) = st.busy.get_mut(pos) {
             *busy = busy.saturating_sub(1);
         }
@@ -552,9 +675,14 @@ impl Shared {
         self.dispatch(&mut st, Instant::now(), grants);
     }
 
-    fn release(self: &Arc<Self>, pos: usize, undelivered: bool) {
+    fn release(
+        self: &Arc<Self>,
+        pos: usize,
+        undelivered: bool,
+        used: Option<(&str, bool, Option<Duration>)>,
+    ) {
         let mut grants = Vec::new();
-        self.release_into(pos, undelivered, &mut grants);
+        self.release_into(pos, undelivered, used, &mut grants);
         self.deliver(grants);
     }
 
@@ -576,27 +704,38 @@ impl Shared {
     }
 }
 
-/// The instance for the next grant: ready, with a free slot; by preference one with `model`
-/// loaded, then one with no model loaded, then the most free slots. Ties rotate. `avoid` (the
+/// Why no instance can take a request for `model` now: some instance is ready, but none of
+/// those that may have it installed. With no instance ready at all the request waits, as every
+/// request does then; a model no instance has goes anywhere, so that Ollama answers its own 404.
+fn unservable(instances: &[Arc<Instance>], model: &str) -> Option<Refusal> {
+    if !instances.iter().any(|i| i.may_serve(model)) {
+        return None;
+    }
+    let mut ready = instances.iter().filter(|i| i.is_ready()).peekable();
+    if ready.peek().is_some() && !ready.any(|i| i.may_serve(model)) {
+        return Some(Refusal::ModelUnavailable);
+    }
+    None
+}
+
+/// How many clients' next waiters one dispatch round considers (bounds the work under the lock).
+const DISPATCH_SCAN: usize = 64;
+
+/// The instance for the next grant of a request that names no model: ready, with a free slot;
+/// by preference one with no model loaded, then the most free slots. Ties rotate. `avoid` (the
 /// instance a retry failed on) is skipped while any other instance is ready, even a busy one.
 fn choose(
     instances: &[Arc<Instance>],
     busy: &[usize],
-    rotation: &mut usize,
-    model: Option<&str>,
+    rotation: usize,
     avoid: Option<usize>,
 ) -> Option<(usize, Arc<Instance>, Reason)> {
     let n = instances.len();
     if n == 0 {
         return None;
     }
-    let avoid = avoid.filter(|&a| {
-        instances
-            .iter()
-            .enumerate()
-            .any(|(pos, i)| pos != a && i.slot_limit() > 0)
-    });
-    let start = *rotation % n;
+    let avoid = placement::usable_avoid(instances, avoid);
+    let start = rotation % n;
     let mut best: Option<(usize, &Arc<Instance>, Reason, usize)> = None;
     for offset in 0..n {
         let pos = (start + offset) % n;
@@ -614,24 +753,23 @@ fn choose(
         }
         // A half-open instance gets its trial first: otherwise a quiet fleet would never try
         // it, and a failed trial is retried elsewhere.
-        let reason = match model {
-            _ if inst.gate() == crate::upstream::Gate::HalfOpen => Reason::HalfOpenTrial,
-            Some(m) if inst.has_model(m) => Reason::ModelLoaded,
-            Some(_) if inst.loaded_models().is_empty() => Reason::IdleInstance,
-            _ => Reason::MostFreeSlots,
+        let reason = if inst.gate() == crate::upstream::Gate::HalfOpen {
+            Reason::HalfOpenTrial
+        } else if inst.loaded_models().is_empty() {
+            Reason::IdleInstance
+        } else {
+            Reason::MostFreeSlots
         };
         let rank = |r: Reason| match r {
-            Reason::HalfOpenTrial => 3u8,
-            Reason::ModelLoaded => 2u8,
+            Reason::HalfOpenTrial => 2u8,
             Reason::IdleInstance => 1,
-            Reason::MostFreeSlots => 0,
+            _ => 0,
         };
         if best.is_none_or(|(_, _, r, f)| (rank(reason), free) > (rank(r), f)) {
             best = Some((pos, inst, reason, free));
         }
     }
     let (pos, inst, reason, _) = best?;
-    *rotation = rotation.wrapping_add(1);
     Some((pos, inst.clone(), reason))
 }
 
@@ -711,7 +849,8 @@ impl Drop for Waiting {
         self.rx.close();
         if let Ok(mut permit) = self.rx.try_recv() {
             permit.armed = false;
-            self.shared.release(permit.pos, true);
+            let used = permit.model.as_deref().map(|m| (m, false, None));
+            self.shared.release(permit.pos, true, used);
         }
     }
 }
@@ -723,6 +862,9 @@ pub struct Permit {
     /// Position in the scheduler's instance list.
     pos: usize,
     waited: Duration,
+    model: Option<String>,
+    reason: Reason,
+    granted_at: Instant,
     /// Whether dropping releases the slot (false once the slot was released another way).
     armed: bool,
 }
@@ -735,6 +877,11 @@ impl Permit {
     /// Time spent queued (zero on the fast path).
     pub fn waited(&self) -> Duration {
         self.waited
+    }
+
+    /// Why this instance was chosen.
+    pub fn reason(&self) -> Reason {
+        self.reason
     }
 }
 
@@ -751,7 +898,12 @@ impl Drop for Permit {
     fn drop(&mut self) {
         if self.armed {
             self.armed = false;
-            self.shared.release(self.pos, false);
+            let held = self.granted_at.elapsed();
+            let used = self
+                .model
+                .as_deref()
+                .map(|m| (m, self.reason.is_cold(), Some(held)));
+            self.shared.release(self.pos, false, used);
         }
     }
 }

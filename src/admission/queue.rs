@@ -135,16 +135,35 @@ impl<T> FairQueue<T> {
     }
 
     /// The entry `pop` would return next.
+    #[cfg(test)]
     pub fn peek(&self) -> Option<&Entry<T>> {
         let (_, client) = self.ring.first_key_value()?;
         let (_, seq) = self.clients.get(client)?.waiters.first()?;
         self.entries.get(seq)
     }
 
+    /// Each client's next entry, in the order `pop` would serve the clients.
+    pub fn heads(&self) -> impl Iterator<Item = &Entry<T>> + '_ {
+        self.ring.values().filter_map(|client| {
+            let (_, seq) = self.clients.get(client)?.waiters.first()?;
+            self.entries.get(seq)
+        })
+    }
+
     /// Takes the next entry by fairness; the served client starts a new turn at the back.
+    #[cfg(test)]
     pub fn pop(&mut self, epoch: i64) -> Option<(u64, Entry<T>)> {
-        let (_, client) = self.ring.pop_first()?;
-        let cq = self.clients.get_mut(&client)?;
+        let (_, client) = self.ring.first_key_value()?;
+        let client = client.clone();
+        self.pop_client(&client, epoch)
+    }
+
+    /// Takes `client`'s next entry (one whose turn came while those before it chose to wait);
+    /// the client starts a new turn at the back, as with `pop`.
+    pub fn pop_client(&mut self, client: &Arc<str>, epoch: i64) -> Option<(u64, Entry<T>)> {
+        let cq = self.clients.get_mut(client)?;
+        self.ring.remove(&(Reverse(cq.key), cq.turn));
+        let client = client.clone();
         let Some((_, seq)) = cq.waiters.pop_first() else {
             self.clients.remove(&client);
             return None;

@@ -577,3 +577,92 @@ async fn snapshot_reports_queue_shape() {
     drop((w2, held));
     assert_eq!(adm.snapshot().oldest_wait, None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn waits_for_a_near_warm_slot_never_longer_than_a_load() {
+    let instances = vec![instance(0, 1), instance(1, 1)];
+    instances[0].set_loaded_models(vec!["m:latest".into()]);
+    // Instance 1 was seen holding one model: it holds one at a time.
+    instances[1].set_loaded_models(vec!["x:latest".into()]);
+    instances[1].set_loaded_models(vec![]);
+    let adm = Admission::new(config(10), instances.clone());
+    // Learn: m is served in 100 ms where it is warm; loading n took 600 ms.
+    let p = now(&adm, req("a").model("m:latest"));
+    assert_eq!(p.reason(), Reason::ModelLoaded);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(p);
+    let p = now(&adm, req("a").model("n:latest"));
+    assert_eq!((p.instance().index, p.reason()), (1, Reason::ColdLoad));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(p);
+
+    // m's warm slot is busy, instance 1 is free: a warm slot (~100 ms) beats a load (600 ms).
+    let busy = now(&adm, req("a").model("m:latest"));
+    let mut w = queued(&adm, req("b").model("m:latest"));
+    // Meanwhile another client's request for n takes the free slot: no head-of-line blocking.
+    let mut o = queued(&adm, req("c").model("n:latest"));
+    let other = o.try_take().expect("granted").expect("permit");
+    assert_eq!(other.instance().index, 1);
+    drop(other);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(w.try_take().is_none(), "still waiting for the warm slot");
+    drop(busy);
+    let p = w.try_take().expect("granted").expect("permit");
+    assert_eq!((p.instance().index, p.reason()), (0, Reason::ModelLoaded));
+
+    // The warm slot stays busy: the waiter loads m elsewhere after a load's cost, here two
+    // load times (600 ms each), as the load evicts n, asked for just now.
+    let mut w = queued(&adm, req("b").model("m:latest"));
+    tokio::time::sleep(Duration::from_millis(1150)).await;
+    assert!(w.try_take().is_none());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let p2 = w.try_take().expect("granted").expect("permit");
+    assert_eq!(
+        (p2.instance().index, p2.reason()),
+        (1, Reason::ColdLoadWarmBusy)
+    );
+    // Loading m there evicted n in the sidecar's view at once.
+    assert!(instances[1].has_model("m:latest"));
+    assert!(!instances[1].has_model("n:latest"));
+    let s = adm.snapshot();
+    assert_eq!(s.placement[1].evictions, 1);
+    assert_eq!(s.placement[0].warm_waits, 1);
+    drop((p, p2));
+    assert_accounted(&adm.snapshot(), 6);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cold_load_goes_where_it_evicts_nothing_else_the_model_asked_longest_ago() {
+    // Each instance was seen holding two models at once.
+    let instances = vec![instance(0, 1), instance(1, 1), instance(2, 1)];
+    for (inst, models) in instances.iter().zip([["a", "b"], ["c", "d"], ["e", "f"]]) {
+        inst.set_loaded_models(models.iter().map(|m| format!("{m}:latest")).collect());
+    }
+    instances[2].set_loaded_models(vec!["e:latest".into()]);
+    let adm = Admission::new(config(10), instances.clone());
+    // Instance 2 holds one model of two: loading there evicts nothing.
+    let p = now(&adm, req("x").model("n:latest"));
+    assert_eq!((p.instance().index, p.reason()), (2, Reason::ColdLoad));
+    drop(p);
+    assert_eq!(adm.snapshot().placement[2].evictions, 0);
+    // Every instance is full now. A load evicts the first idle model by name (Ollama's order):
+    // a, c or e. c was asked for longest ago: the load goes to instance 1 and evicts c.
+    for m in ["c", "a", "e"] {
+        tokio::time::advance(Duration::from_millis(10)).await;
+        drop(now(&adm, req("x").model(format!("{m}:latest"))));
+    }
+    let p = now(&adm, req("y").model("z:latest"));
+    assert_eq!((p.instance().index, p.reason()), (1, Reason::ColdLoad));
+    assert!(!instances[1].has_model("c:latest"));
+    assert!(instances[1].has_model("d:latest"));
+    assert!(instances[1].has_model("z:latest"));
+    assert_eq!(adm.snapshot().placement[1].evictions, 1);
+}
+
+#[tokio::test]
+async fn a_retry_for_a_model_goes_back_to_the_only_instance() {
+    let inst = instance(0, 1);
+    let adm = Admission::new(config(10), vec![inst]);
+    let p = now(&adm, req("a").model("m:latest").avoid(0));
+    assert_eq!(p.instance().index, 0);
+}

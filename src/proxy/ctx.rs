@@ -47,6 +47,8 @@ pub struct RequestCtx {
     pub(super) client: Option<Arc<str>>,
     /// The instance the inference path was admitted to.
     pub(super) instance: Option<String>,
+    /// Why admission chose that instance (`admission::Reason`; the inference path).
+    pub(super) placement: Option<&'static str>,
     pub(super) queue_wait: Option<Duration>,
     pub(super) first_byte: Option<Duration>,
     /// The status the client got (a relayed one, or the sidecar's own).
@@ -82,6 +84,7 @@ impl RequestCtx {
             model: None,
             client: None,
             instance: None,
+            placement: None,
             queue_wait: None,
             first_byte: None,
             status: 0,

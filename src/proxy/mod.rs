@@ -16,6 +16,7 @@ pub mod tap;
 
 use crate::app::App;
 use crate::metrics::Outcome;
+use crate::models_view::{self, ModelList, ViewError};
 use crate::policy::{self, Verdict};
 use crate::reject::Reject;
 use crate::upstream::{select, target};
@@ -95,6 +96,40 @@ impl SidecarProxy {
         Ok(body::inspect_fields(&body, ctx.route.fields)
             .map(|facts| facts.models)
             .map_err(Reject::InvalidBody))
+    }
+
+    /// Answers `/api/tags`, `/api/ps` and `/v1/models` with the fleet's merged list when there
+    /// is more than one instance (`models_view`); `Ok(false)` forwards the request as it is.
+    async fn answer_model_list(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let app = &self.app;
+        let method = &session.req_header().method;
+        let Some(list) = ModelList::for_request(method, ctx.route.name, app.registry.all().len())
+        else {
+            return Ok(false);
+        };
+        match models_view::fetch(&app.registry, list, app.config.health.timeout).await {
+            Ok(body) => {
+                let mut header = ResponseHeader::build(200, Some(3))?;
+                header.insert_header(
+                    http::header::CONTENT_TYPE,
+                    "application/json; charset=utf-8",
+                )?;
+                header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+                if !ctx.request_id.is_empty() {
+                    header.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
+                }
+                ctx.status = 200;
+                ctx.outcome = Outcome::Served;
+                respond::write_whole_response(session, header, body).await?;
+            }
+            Err(ViewError::NoInstanceReady) => {
+                respond::reject(app, session, ctx, Reject::NoInstance).await?
+            }
+            Err(ViewError::NoAnswer) => {
+                respond::reject(app, session, ctx, Reject::NoModelList).await?
+            }
+        }
+        Ok(true)
     }
 
     /// Waits for a model-management slot; `Ok(true)` when refused.
@@ -219,6 +254,7 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         class = ctx.route.class.as_str(),
         model = ctx.model.as_deref(),
         instance = ctx.instance_name(),
+        placement = ctx.placement,
         status,
         outcome = ctx.outcome.as_str(),
         rejection,
@@ -293,6 +329,7 @@ impl ProxyHttp for SidecarProxy {
         }
         match ctx.route.class {
             RouteClass::Inference if is_post => inference::serve(&self.app, session, ctx).await,
+            RouteClass::Metadata => self.answer_model_list(session, ctx).await,
             RouteClass::Management => self.take_management_slot(session, ctx).await,
             _ => Ok(false),
         }
@@ -486,6 +523,10 @@ impl ProxyHttp for SidecarProxy {
             if !connect_failure && (ok || upstream_fault || status.is_some()) {
                 self.app.registry.report(guard.instance(), ok);
             }
+        }
+        // A pull, create, copy or delete changes what the instances have installed.
+        if ctx.route.class == RouteClass::Management {
+            self.app.registry.models_changed();
         }
         if ctx.outcome == Outcome::Pending {
             // The ordinary proxy path: what became of the request.

@@ -105,6 +105,16 @@ pub struct Instance {
     /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
     /// normalised with `model_key`.
     loaded_models: RwLock<Vec<String>>,
+    /// Models the instance has installed (from `/api/tags`), in `model_key` form; `None` until
+    /// it first answers, when it may hold anything.
+    installed_models: RwLock<Option<Vec<String>>>,
+    /// The most models `/api/ps` showed loaded at once: what fits, as far as seen.
+    model_capacity: AtomicUsize,
+    /// Set when the sidecar made the instance load a model: read `/api/ps` again soon.
+    loaded_stale: AtomicBool,
+    /// Admitted requests running here, per model (`model_key`): those models are loaded (or
+    /// loading) whatever an `/api/ps` read a moment ago says.
+    models_in_use: Mutex<std::collections::HashMap<String, usize>>,
     passive_config: PassiveConfig,
     passive: Mutex<Passive>,
 }
@@ -174,6 +184,10 @@ impl Instance {
             problem: Mutex::new(None),
             process: Mutex::new(ProcessInfo::default()),
             loaded_models: RwLock::new(Vec::new()),
+            installed_models: RwLock::new(None),
+            model_capacity: AtomicUsize::new(0),
+            loaded_stale: AtomicBool::new(false),
+            models_in_use: Mutex::new(std::collections::HashMap::new()),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
         }
@@ -381,11 +395,88 @@ impl Instance {
             .unwrap_or_default()
     }
 
-    /// Replaces the loaded-model list (from a `/api/ps` poll).
-    pub fn set_loaded_models(&self, models: Vec<String>) {
+    /// Replaces the loaded-model list (from a `/api/ps` poll), keeping the models requests are
+    /// using here right now (a request may not have reached the instance yet).
+    pub fn set_loaded_models(&self, mut models: Vec<String>) {
+        self.model_capacity
+            .fetch_max(models.len(), Ordering::Relaxed);
+        if let Ok(in_use) = self.models_in_use.lock() {
+            for (model, n) in in_use.iter() {
+                if *n > 0 && !models.contains(model) {
+                    models.push(model.clone());
+                }
+            }
+        }
         if let Ok(mut m) = self.loaded_models.write() {
             *m = models;
         }
+    }
+
+    /// The most models the instance was seen holding at once (0: not seen yet).
+    pub fn model_capacity(&self) -> usize {
+        self.model_capacity.load(Ordering::Relaxed)
+    }
+
+    /// A request for `model` got a slot here (`true`) or gave it back (`false`).
+    pub fn model_in_use(&self, model: &str, started: bool) {
+        if let Ok(mut in_use) = self.models_in_use.lock() {
+            if started {
+                *in_use.entry(model.to_string()).or_default() += 1;
+            } else if let Some(n) = in_use.get_mut(model) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    in_use.remove(model);
+                }
+            }
+        }
+    }
+
+    /// Whether a request admitted here is using `model` now.
+    pub fn is_model_in_use(&self, model: &str) -> bool {
+        self.models_in_use
+            .lock()
+            .map(|m| m.get(model).is_some_and(|n| *n > 0))
+            .unwrap_or(false)
+    }
+
+    /// The sidecar just made the instance load a model: its `/api/ps` is worth reading now.
+    pub fn mark_loaded_stale(&self) {
+        self.loaded_stale.store(true, Ordering::Release);
+    }
+
+    pub fn take_loaded_stale(&self) -> bool {
+        self.loaded_stale.swap(false, Ordering::AcqRel)
+    }
+
+    /// Records that a load the sidecar caused evicted `model`.
+    pub fn forget_model(&self, model: &str) {
+        if let Ok(mut m) = self.loaded_models.write() {
+            m.retain(|x| x != model);
+        }
+    }
+
+    /// Replaces the installed-model list (from a `/api/tags` answer); true when it changed.
+    pub fn set_installed_models(&self, mut models: Vec<String>) -> bool {
+        models.sort();
+        match self.installed_models.write() {
+            Ok(mut m) if m.as_ref() != Some(&models) => {
+                *m = Some(models);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `model` (in `model_key` form) may be sent here: it is installed, or the instance
+    /// has not listed its models yet.
+    pub fn may_serve(&self, model: &str) -> bool {
+        self.installed_models
+            .read()
+            .map(|m| {
+                m.as_ref()
+                    .is_none_or(|list| list.iter().any(|x| x == model))
+            })
+            .unwrap_or(true)
     }
 
     /// Records that a request for `model` was just sent here: Ollama loads it on arrival.

@@ -22,6 +22,8 @@ pub struct Registry {
     changed: Notify,
     /// Woken by a connect failure, so the instance watch resolves that instance's name again.
     resolve_wanted: Notify,
+    /// Woken after a model-management request, so the model lists are read again at once.
+    models_stale: Notify,
 }
 
 impl Registry {
@@ -35,6 +37,7 @@ impl Registry {
                 .collect(),
             changed: Notify::new(),
             resolve_wanted: Notify::new(),
+            models_stale: Notify::new(),
         }
     }
 
@@ -102,5 +105,15 @@ impl Registry {
 
     pub fn resolve_wanted(&self) -> &Notify {
         &self.resolve_wanted
+    }
+
+    /// A pull, create, copy or delete went through: read every instance's model lists again now
+    /// instead of at the next poll.
+    pub fn models_changed(&self) {
+        self.models_stale.notify_one();
+    }
+
+    pub fn models_stale(&self) -> &Notify {
+        &self.models_stale
     }
 }

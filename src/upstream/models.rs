@@ -38,23 +38,59 @@ pub async fn model_list(instance: &Instance, path: &str, timeout: Duration) -> O
     }
 }
 
-/// Polls every ready instance's `/api/ps` each `interval`, forever.
+/// How often instances the sidecar just made load a model are looked at between polls.
+const STALE_CHECK: Duration = Duration::from_millis(100);
+
+/// Polls every ready instance's `/api/ps` (loaded) and `/api/tags` (installed) each
+/// `interval`, and at once after a model-management request, forever. An instance the sidecar
+/// just made load a model has its `/api/ps` read again within [`STALE_CHECK`], so the model the
+/// load evicted leaves the view before the next poll.
 pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
     let timeout = interval.min(Duration::from_secs(5));
     loop {
         for instance in registry.all() {
-            let Some(models) = model_list(instance, "/api/ps", timeout).await else {
-                continue;
-            };
-            let mut current = instance.loaded_models();
-            current.sort();
-            if current != models {
-                tracing::debug!(instance = %instance.name, ?models, "loaded models changed");
-                instance.set_loaded_models(models);
-                registry.notify_changed();
+            instance.take_loaded_stale();
+            refresh(&registry, instance, timeout).await;
+        }
+        let next = tokio::time::Instant::now() + interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => break,
+                _ = registry.models_stale().notified() => break,
+                _ = tokio::time::sleep(STALE_CHECK) => {
+                    for instance in registry.all() {
+                        if instance.take_loaded_stale() {
+                            refresh_loaded(&registry, instance, timeout).await;
+                        }
+                    }
+                }
             }
         }
-        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Reads one instance's model lists; a change re-runs dispatch.
+pub async fn refresh(registry: &Registry, instance: &Instance, timeout: Duration) {
+    if let Some(models) = model_list(instance, "/api/tags", timeout).await {
+        if instance.set_installed_models(models) {
+            tracing::debug!(instance = %instance.name, "installed models changed");
+            registry.notify_changed();
+        }
+    }
+    refresh_loaded(registry, instance, timeout).await;
+}
+
+/// Reads one instance's `/api/ps`; a change re-runs dispatch.
+async fn refresh_loaded(registry: &Registry, instance: &Instance, timeout: Duration) {
+    let Some(models) = model_list(instance, "/api/ps", timeout).await else {
+        return;
+    };
+    let mut current = instance.loaded_models();
+    current.sort();
+    if current != models {
+        tracing::debug!(instance = %instance.name, ?models, "loaded models changed");
+        instance.set_loaded_models(models);
+        registry.notify_changed();
     }
 }
 

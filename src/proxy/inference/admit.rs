@@ -54,20 +54,22 @@ pub async fn admit(
     watch: &mut ClientWatch,
     request: AdmitRequest,
 ) -> Admission {
+    let model = request.model.clone();
+    let refused = |refusal: &Refusal| refused(refusal, app, model.as_deref());
     let waiting = match app.admission.admit(request) {
         Ok(Admitted::Now(permit)) => return Admission::Granted(permit),
         Ok(Admitted::Queued(waiting)) => waiting,
-        Err(refusal) => return Admission::Refused(refused(&refusal, app)),
+        Err(refusal) => return Admission::Refused(refused(&refusal)),
     };
     match watch.until(session, waiting.wait()).await {
         Some(Ok(permit)) => Admission::Granted(permit),
-        Some(Err(refusal)) => Admission::Refused(refused(&refusal, app)),
+        Some(Err(refusal)) => Admission::Refused(refused(&refusal)),
         None => Admission::ClientGone,
     }
 }
 
 /// The answer to a request admission refused.
-fn refused(refusal: &Refusal, app: &App) -> Reject {
+fn refused(refusal: &Refusal, app: &App, model: Option<&str>) -> Reject {
     match refusal {
         Refusal::QueueFull => Reject::QueueFull,
         Refusal::QueueBytesFull => Reject::QueueBytesFull,
@@ -76,5 +78,8 @@ fn refused(refusal: &Refusal, app: &App) -> Reject {
             max_wait: app.config.admission.max_wait,
         },
         Refusal::Closed => Reject::ShuttingDown,
+        Refusal::ModelUnavailable => Reject::ModelUnavailable {
+            model: model.unwrap_or_default().to_string(),
+        },
     }
 }

@@ -59,6 +59,7 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
         *ctx.queue_wait.get_or_insert(Duration::ZERO) += queued_at.elapsed();
         let instance = permit.instance().clone();
         ctx.instance = Some(instance.name.clone());
+        ctx.placement = Some(permit.reason().as_str());
         let may_retry = attempt < app.config.retries.max_attempts;
         let body = body.clone();
         let result =

@@ -1,0 +1,367 @@
+//! Where a request for a model goes, knowing what a cold load costs: learned per (instance,
+//! model) from the slots admission grants, and the decision for one waiter.
+//!
+//! - **Service time**: how long a slot on a warm instance is held (EWMA).
+//! - **Cold-load time**: how much longer a slot that caused a load is held than a warm one.
+//! - **What fits**: the most models an instance was seen holding at once (`Instance`).
+//!
+//! A request whose model is warm only on busy instances waits for a warm slot while that is
+//! expected sooner than a cold load elsewhere would cost, and never longer than that cost (so
+//! it cannot starve for affinity); then it cold-loads, preferring an instance where the load
+//! evicts nothing, else the one whose evicted model was asked for longest ago. A load costs its
+//! load time, twice that when it evicts a model asked for within the last ten load times (that
+//! model will need loading again). With nothing learned yet, dispatch is work-conserving as
+//! before.
+
+use crate::upstream::Instance;
+use std::cmp::Reverse;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A model asked for within this many cold-load times is "asked for lately": evicting it to
+/// load another costs its reload as well.
+const RECENT_LOADS: u32 = 10;
+
+/// Weight of a new sample in the moving averages.
+const EWMA_WEIGHT: f64 = 0.3;
+
+/// Why an instance was chosen (or the request waits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// An ejected instance's cool-down is over: one trial request decides whether it is back.
+    HalfOpenTrial,
+    /// The model is loaded there (an affinity hit).
+    ModelLoaded,
+    /// No model named; an instance with nothing loaded.
+    IdleInstance,
+    /// No model named, or nothing better: the most free slots.
+    MostFreeSlots,
+    /// The model is loaded nowhere that may take it: a cold load, where it evicts least.
+    ColdLoad,
+    /// The model is warm on busy instances, but a warm slot is far off (or the request already
+    /// waited as long as a load takes): a cold load elsewhere.
+    ColdLoadWarmBusy,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Reason::HalfOpenTrial,
+        Reason::ModelLoaded,
+        Reason::IdleInstance,
+        Reason::MostFreeSlots,
+        Reason::ColdLoad,
+        Reason::ColdLoadWarmBusy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::HalfOpenTrial => "half_open_trial",
+            Reason::ModelLoaded => "model_loaded",
+            Reason::IdleInstance => "idle_instance",
+            Reason::MostFreeSlots => "most_free_slots",
+            Reason::ColdLoad => "cold_load",
+            Reason::ColdLoadWarmBusy => "cold_load_warm_busy",
+        }
+    }
+
+    /// Whether a grant for this reason makes the instance load the model.
+    pub fn is_cold(self) -> bool {
+        matches!(self, Reason::ColdLoad | Reason::ColdLoadWarmBusy)
+    }
+}
+
+/// What dispatch does with one waiter.
+pub enum Choice {
+    Grant(usize, Arc<Instance>, Reason),
+    /// A warm slot is expected before a cold load would finish: wait, at most until then.
+    Wait(Instant),
+    /// No instance can take it now.
+    NoSlot,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Learned {
+    service: Option<Duration>,
+    cold_load: Option<Duration>,
+}
+
+/// Per-instance placement counts, for `/status`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlacementCounts {
+    /// Grants by reason, in [`Reason::ALL`] order.
+    pub by_reason: [u64; 6],
+    /// Models this sidecar expects the instance evicted for a load it caused.
+    pub evictions: u64,
+    /// Grants that waited for a warm slot first.
+    pub warm_waits: u64,
+}
+
+impl PlacementCounts {
+    /// The `/status` form: grants by reason, evictions caused, warm waits.
+    pub fn to_json(&self) -> serde_json::Value {
+        let by_reason: serde_json::Map<String, serde_json::Value> = Reason::ALL
+            .iter()
+            .zip(self.by_reason)
+            .map(|(r, n)| (r.as_str().to_string(), n.into()))
+            .collect();
+        serde_json::json!({
+            "grants": by_reason,
+            "evictions": self.evictions,
+            "warm_waits": self.warm_waits,
+        })
+    }
+}
+
+/// What placement knows; lives under the admission lock.
+#[derive(Default)]
+pub struct Placement {
+    learned: HashMap<(usize, String), Learned>,
+    /// When each model was last asked for.
+    last_asked: HashMap<String, Instant>,
+    pub counts: Vec<PlacementCounts>,
+}
+
+fn ewma(old: Option<Duration>, sample: Duration) -> Duration {
+    match old {
+        None => sample,
+        Some(old) => old.mul_f64(1.0 - EWMA_WEIGHT) + sample.mul_f64(EWMA_WEIGHT),
+    }
+}
+
+impl Placement {
+    pub fn new(instances: usize) -> Placement {
+        Placement {
+            counts: vec![PlacementCounts::default(); instances],
+            ..Placement::default()
+        }
+    }
+
+    pub fn asked(&mut self, model: &str, now: Instant) {
+        self.last_asked.insert(model.to_string(), now);
+    }
+
+    /// A slot for `model` on instance `pos` was granted for `reason`: count it, and update the
+    /// instance's view at once (the model is loaded now; with the instance full, the model it
+    /// evicts is gone) instead of at the next `/api/ps` poll.
+    pub fn granted(
+        &mut self,
+        pos: usize,
+        instance: &Instance,
+        model: &str,
+        reason: Reason,
+        waited: bool,
+    ) {
+        instance.model_in_use(model, true);
+        let cold = !instance.has_model(model);
+        let victim = cold.then(|| self.victim(instance, false)).flatten();
+        let Some(counts) = self.counts.get_mut(pos) else {
+            return;
+        };
+        if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
+            counts.by_reason[i] += 1;
+        }
+        if waited && reason == Reason::ModelLoaded {
+            counts.warm_waits += 1;
+        }
+        if !cold {
+            return;
+        }
+        instance.mark_loaded_stale();
+        if let Some(Some(victim)) = victim {
+            instance.forget_model(&victim);
+            counts.evictions += 1;
+        }
+        instance.note_model(model);
+    }
+
+    /// A slot was given back after `held`; `cold` when its grant caused a load; `used`: the
+    /// request reached the instance (a grant nobody took teaches nothing).
+    pub fn released(
+        &mut self,
+        pos: usize,
+        instance: &Instance,
+        model: &str,
+        cold: bool,
+        held: Option<Duration>,
+    ) {
+        instance.model_in_use(model, false);
+        let Some(held) = held else {
+            return;
+        };
+        let key = (pos, model.to_string());
+        let learned = self.learned.entry(key).or_default();
+        if cold {
+            // The load is what the cold slot took beyond a warm one.
+            let load = held.saturating_sub(learned.service.unwrap_or_default());
+            learned.cold_load = Some(ewma(learned.cold_load, load));
+        } else {
+            learned.service = Some(ewma(learned.service, held));
+        }
+    }
+
+    /// Whether a load on `instance` evicts a model, and which: as Ollama's `findRunnerToUnload`
+    /// picks it (server/sched.go), the first idle model by name (keep-alives assumed equal);
+    /// `Some(None)` when every loaded model is busy (the load waits for one). `None` while the
+    /// instance holds fewer models than it was seen holding; with that not seen yet, `guess`
+    /// takes the instance as full.
+    fn victim(&self, instance: &Instance, guess: bool) -> Option<Option<String>> {
+        let mut loaded = instance.loaded_models();
+        let capacity = match instance.model_capacity() {
+            0 if guess => loaded.len().max(1),
+            0 => return None,
+            n => n,
+        };
+        if loaded.len() < capacity {
+            return None;
+        }
+        loaded.sort();
+        Some(
+            loaded
+                .iter()
+                .find(|m| !instance.is_model_in_use(m))
+                .cloned(),
+        )
+    }
+
+    /// How long ago the model a load on `instance` would evict was asked for: `None` when it evicts
+    /// nothing, `Duration::MAX` for a model never asked for, zero when only busy models could go.
+    fn eviction_cost(&self, instance: &Instance, now: Instant) -> Option<Duration> {
+        let victim = self.victim(instance, true)?;
+        Some(victim.map_or(Duration::ZERO, |v| {
+            self.last_asked
+                .get(&v)
+                .map_or(Duration::MAX, |t| now.saturating_duration_since(*t))
+        }))
+    }
+
+    fn service(&self, model: &str) -> Option<Duration> {
+        let samples: Vec<Duration> = self
+            .learned
+            .iter()
+            .filter(|((_, m), _)| m == model)
+            .filter_map(|(_, l)| l.service)
+            .collect();
+        let n = u32::try_from(samples.len()).ok().filter(|n| *n > 0)?;
+        Some(samples.iter().sum::<Duration>() / n)
+    }
+
+    /// The cold-load time of `model` on `pos`, else of the model anywhere, else of anything.
+    fn cold_load(&self, pos: usize, model: &str) -> Option<Duration> {
+        if let Some(d) = self
+            .learned
+            .get(&(pos, model.to_string()))
+            .and_then(|l| l.cold_load)
+        {
+            return Some(d);
+        }
+        let mean = |it: &mut dyn Iterator<Item = Duration>| {
+            let v: Vec<Duration> = it.collect();
+            let n = u32::try_from(v.len()).ok().filter(|n| *n > 0)?;
+            Some(v.iter().sum::<Duration>() / n)
+        };
+        mean(
+            &mut self
+                .learned
+                .iter()
+                .filter(|((_, m), _)| m == model)
+                .filter_map(|(_, l)| l.cold_load),
+        )
+        .or_else(|| mean(&mut self.learned.values().filter_map(|l| l.cold_load)))
+    }
+
+    /// The choice for a waiter asking for `model` that has waited since `enqueued`; `ahead`
+    /// waiters for the same model were considered before it in this round.
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose_for_model(
+        &self,
+        instances: &[Arc<Instance>],
+        busy: &[usize],
+        rotation: usize,
+        model: &str,
+        avoid: Option<usize>,
+        enqueued: Instant,
+        ahead: usize,
+        now: Instant,
+    ) -> Choice {
+        let n = instances.len();
+        let avoid = usable_avoid(instances, avoid);
+        let model_somewhere = instances.iter().any(|i| i.may_serve(model));
+        let mut free: Vec<(usize, &Arc<Instance>, usize)> = Vec::new();
+        let mut warm_busy_slots = 0usize;
+        for offset in 0..n {
+            let pos = (rotation + offset) % n;
+            let (Some(inst), Some(b)) = (instances.get(pos), busy.get(pos)) else {
+                continue;
+            };
+            if avoid == Some(pos) || (model_somewhere && !inst.may_serve(model)) {
+                continue;
+            }
+            let limit = inst.slot_limit();
+            let f = limit.saturating_sub(*b);
+            if f > 0 {
+                free.push((pos, inst, f));
+            } else if limit > 0 && inst.has_model(model) {
+                warm_busy_slots += limit;
+            }
+        }
+        if let Some((pos, inst, _)) = free
+            .iter()
+            .find(|(_, i, _)| i.gate() == crate::upstream::Gate::HalfOpen)
+        {
+            return Choice::Grant(*pos, (*inst).clone(), Reason::HalfOpenTrial);
+        }
+        // Warm with a free slot: the most free slots among them (ties: rotation order).
+        // Ties go to the first in rotation order: `min_by_key` keeps the first minimum.
+        let warm = free
+            .iter()
+            .filter(|(_, i, _)| i.has_model(model))
+            .min_by_key(|(_, _, f)| Reverse(*f));
+        if let Some((pos, inst, _)) = warm {
+            return Choice::Grant(*pos, (*inst).clone(), Reason::ModelLoaded);
+        }
+        // A cold load: where it evicts nothing, else where the evicted model was asked for
+        // longest ago; then the most free slots.
+        let cold = free.iter().min_by_key(|(_, inst, f)| {
+            let cost = self.eviction_cost(inst, now);
+            Reverse((cost.is_none(), cost.unwrap_or(Duration::MAX), *f))
+        });
+        let Some((pos, inst, _)) = cold else {
+            return Choice::NoSlot;
+        };
+        if warm_busy_slots == 0 {
+            return Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoad);
+        }
+        let Some(load) = self.cold_load(*pos, model) else {
+            // Nothing learned about loads yet: work-conserving.
+            return Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy);
+        };
+        // A load that evicts a model asked for lately costs that model's reload too.
+        let cost = match self.eviction_cost(inst, now) {
+            Some(asked_ago) if asked_ago < load.saturating_mul(RECENT_LOADS) => {
+                load.saturating_mul(2)
+            }
+            _ => load,
+        };
+        let waited = now.saturating_duration_since(enqueued);
+        // Slots free up at about one service time each, shared by those ahead.
+        let per_slot = self.service(model).unwrap_or_default();
+        let warm_eta = per_slot.mul_f64((ahead + 1) as f64 / warm_busy_slots as f64);
+        if waited < cost && warm_eta <= cost {
+            return Choice::Wait(enqueued + cost);
+        }
+        Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy)
+    }
+}
+
+/// `avoid` (the instance a retry failed on) holds only while another instance is ready, even a
+/// busy one: with none, the retry goes back to it.
+pub fn usable_avoid(instances: &[Arc<Instance>], avoid: Option<usize>) -> Option<usize> {
+    avoid.filter(|&a| {
+        instances
+            .iter()
+            .enumerate()
+            .any(|(pos, i)| pos != a && i.slot_limit() > 0)
+    })
+}

@@ -1,0 +1,300 @@
+//! Model placement: the swapping mock (memory budget, eviction, load time by size) and the
+//! sidecar's dispatch over instances that hold different models, through the real binaries.
+
+mod common;
+
+use common::{client, mock_stats, Mock, Sidecar};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+fn generate(base: &str, model: &str) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}/api/generate"))
+        .json(&json!({"model": model, "prompt": "hi", "stream": false}))
+        .send()
+        .expect("generate");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn get_json(url: &str) -> Value {
+    client()
+        .get(url)
+        .send()
+        .and_then(|r| r.json())
+        .expect("json")
+}
+
+fn names(list: &Value, key: &str) -> Vec<String> {
+    list[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| m.get("name").or_else(|| m.get("id"))?.as_str())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The mock swaps like Ollama: two small models fit where one large one does, loading one
+/// evicts the idle large model, `/api/ps` tells the truth, load time grows with size and is
+/// reported as `load_duration`, and `/mock/stats` counts cold loads and evictions.
+#[test]
+fn mock_swaps_models_within_its_memory_budget() {
+    let mock = Mock::start(&[
+        ("MOCK_MODELS", "big=2GB,small-a=500MB,small-b=500MB"),
+        ("MOCK_MEMORY", "2.4GB"),
+        ("MOCK_LOAD_MS_PER_GB", "200"),
+    ]);
+    let base = mock.url("");
+    let t = Instant::now();
+    let (status, v) = generate(&base, "big");
+    assert_eq!(status, 200, "{v}");
+    assert!(t.elapsed() >= Duration::from_millis(400));
+    assert!(v["load_duration"].as_u64().unwrap() >= 400_000_000, "{v}");
+    assert_eq!(
+        names(&get_json(&mock.url("/api/ps")), "models"),
+        ["big:latest"]
+    );
+
+    let (_, v) = generate(&base, "small-a");
+    assert!(v["load_duration"].as_u64().unwrap() >= 100_000_000, "{v}");
+    generate(&base, "small-b");
+    let mut ps = names(&get_json(&mock.url("/api/ps")), "models");
+    ps.sort();
+    assert_eq!(ps, ["small-a:latest", "small-b:latest"]);
+    // Warm: no load.
+    let (_, v) = generate(&base, "small-a");
+    assert!(v["load_duration"].as_u64().unwrap() < 50_000_000, "{v}");
+    let stats = mock_stats(&mock);
+    assert_eq!(stats["cold_loads"], 3, "{stats}");
+    assert_eq!(stats["evictions"], 1, "{stats}");
+}
+
+/// OLLAMA_MAX_LOADED_MODELS=1: a request for another model waits while the loaded one is busy
+/// (it is not evicted under a running request), then evicts it.
+#[test]
+fn mock_waits_for_a_busy_model_before_evicting_it() {
+    let mock = Mock::start(&[
+        ("MOCK_MODELS", "a,b"),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),
+        ("MOCK_TOKEN_DELAY_MS", "100"),
+        ("MOCK_TOKENS", "6"),
+    ]);
+    let base = mock.url("");
+    let busy = std::thread::spawn({
+        let base = base.clone();
+        move || generate(&base, "a")
+    });
+    assert!(common::wait_until(Duration::from_secs(5), || {
+        mock_stats(&mock)["inference_in_flight"] == 1
+    }));
+    let t = Instant::now();
+    let (status, _) = generate(&base, "b");
+    assert_eq!(status, 200);
+    assert_eq!(busy.join().unwrap().0, 200);
+    // b could only load once a's 600 ms answer was done.
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        names(&get_json(&mock.url("/api/ps")), "models"),
+        ["b:latest"]
+    );
+    let stats = mock_stats(&mock);
+    assert_eq!(stats["evictions"], 1, "{stats}");
+    assert_eq!(stats["cold_loads"], 2, "{stats}");
+}
+
+fn model_names_of(mock: &Mock) -> Vec<String> {
+    common::mock_requests(mock)
+        .iter()
+        .filter(|r| r["route"] == "/api/generate")
+        .filter_map(|r| r["model"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Two instances with different installed models: every request reaches an instance that has
+/// its model, a model nobody has gets Ollama's own 404, the model lists are the merged view
+/// (each model once, the same on every call), and a model pulled through the sidecar is served
+/// right after the pull.
+#[test]
+fn dispatch_sends_each_request_where_its_model_is_installed() {
+    let m0 = Mock::start(&[("MOCK_MODELS", "only-zero:latest,shared:latest")]);
+    let m1 = Mock::start(&[("MOCK_MODELS", "only-one:latest,shared:latest")]);
+    let sidecar = Sidecar::start(&common::external_instances(&[&m0, &m1], 2));
+    let base = sidecar.url("");
+    let tags = |path: &str| get_json(&sidecar.url(path));
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            names(&tags("/api/tags"), "models").len() == 3
+        }),
+        "merged tags: {}",
+        tags("/api/tags")
+    );
+    let first = tags("/api/tags");
+    let mut listed = names(&first, "models");
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["only-one:latest", "only-zero:latest", "shared:latest"]
+    );
+    for _ in 0..3 {
+        assert_eq!(tags("/api/tags"), first, "the merged list is stable");
+    }
+    let v1 = tags("/v1/models");
+    assert_eq!(v1["object"], "list");
+    assert_eq!(names(&v1, "data").len(), 3, "{v1}");
+
+    for i in 0..12 {
+        let model = ["only-zero", "only-one:latest", "shared"][i % 3];
+        let (status, v) = generate(&base, model);
+        assert_eq!(status, 200, "{model}: {v}");
+    }
+    let on0 = model_names_of(&m0);
+    let on1 = model_names_of(&m1);
+    assert!(!on0.iter().any(|m| m.starts_with("only-one")), "{on0:?}");
+    assert!(!on1.iter().any(|m| m.starts_with("only-zero")), "{on1:?}");
+    assert_eq!(on0.len() + on1.len(), 12);
+
+    // Loaded models, merged the same way.
+    let mut ps = names(&tags("/api/ps"), "models");
+    ps.sort();
+    assert_eq!(ps, ["only-one:latest", "only-zero:latest", "shared:latest"]);
+
+    let (status, v) = generate(&base, "nowhere");
+    assert_eq!(status, 404, "{v}");
+    // Forwarded: the instance answers in Ollama's own words.
+    assert_eq!(v["error"], "model 'nowhere' not found");
+
+    // Pulled through the sidecar onto one instance: known at once, served there.
+    let pulled = client()
+        .post(sidecar.url("/api/pull"))
+        .json(&json!({"model": "fresh:latest", "stream": false}))
+        .send()
+        .expect("pull");
+    assert_eq!(pulled.status().as_u16(), 200);
+    let mut served = false;
+    for _ in 0..50 {
+        let (status, _) = generate(&base, "fresh");
+        if status == 200 {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        served,
+        "the pulled model is served within a second of the pull"
+    );
+    assert_eq!(names(&tags("/api/tags"), "models").len(), 4);
+}
+
+/// The only instance with a model goes down while another is ready: a request for that model
+/// gets a 503 that says why, at once, instead of waiting or a 404 from the wrong instance.
+#[test]
+fn a_model_whose_instances_are_all_down_is_refused_with_the_reason() {
+    let m0 = Mock::start(&[("MOCK_MODELS", "only-zero:latest")]);
+    let m1 = Mock::start(&[("MOCK_MODELS", "only-one:latest")]);
+    let body = format!(
+        "health:\n  interval: 200ms\n  fall: 1\n{}",
+        common::external_instances(&[&m0, &m1], 1)
+    );
+    let sidecar = Sidecar::start(&body);
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    assert_eq!(generate(&base, "only-one").0, 200);
+    drop(m1);
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            sidecar.status().to_string().contains("\"unhealthy\"")
+        }),
+        "{}",
+        sidecar.status()
+    );
+    let t = Instant::now();
+    let (status, v) = generate(&base, "only-one");
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(
+        v["error"],
+        "ollama-sidecar: no ready instance has model \"only-one\" installed"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert_eq!(generate(&base, "only-zero").0, 200);
+}
+
+/// Two swapping mocks that both have `x` and `y`; each loads one model at a time, a load
+/// takes 500 ms and an answer about 100 ms.
+fn swapping_pair() -> (Mock, Mock) {
+    let env = [
+        ("MOCK_MODELS", "x=1GB,y=1GB"),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),
+        ("MOCK_LOAD_MS_PER_GB", "500"),
+        ("MOCK_TOKENS", "4"),
+        ("MOCK_TOKEN_DELAY_MS", "25"),
+    ];
+    (Mock::start(&env), Mock::start(&env))
+}
+
+fn cold_loads(mock: &Mock) -> u64 {
+    mock_stats(mock)["cold_loads"].as_u64().unwrap_or(0)
+}
+
+/// Runs `models` requests at once through the sidecar; their statuses, in order.
+fn burst(base: &str, models: &[&str]) -> Vec<u16> {
+    let threads: Vec<_> = models
+        .iter()
+        .map(|m| {
+            let (base, m) = (base.to_string(), m.to_string());
+            std::thread::spawn(move || generate(&base, &m).0)
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap_or(0)).collect()
+}
+
+/// The sidecar learns what a load costs, then waits for the warm instance when its slot is
+/// near instead of loading the model on the other instance; with a backlog far longer than a
+/// load, it does load it there; a rarely asked model is served meanwhile.
+#[test]
+fn dispatch_waits_for_a_near_warm_slot_and_cold_loads_when_far_behind() {
+    let (m0, m1) = swapping_pair();
+    let sidecar = Sidecar::start(&common::external_instances(&[&m0, &m1], 1));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    // Learn: one cold load of x, then warm answers.
+    for _ in 0..4 {
+        assert_eq!(generate(&base, "x").0, 200);
+    }
+    let warm = if cold_loads(&m0) == 1 { &m0 } else { &m1 };
+    let other = if cold_loads(&m0) == 1 { &m1 } else { &m0 };
+    assert_eq!(cold_loads(warm) + cold_loads(other), 1);
+
+    // Two at once: the second waits ~100 ms for the warm slot rather than a 500 ms load.
+    for _ in 0..3 {
+        assert_eq!(burst(&base, &["x", "x"]), [200, 200]);
+    }
+    assert_eq!(cold_loads(other), 0, "no cold load for a near warm slot");
+
+    // Eight at once: the last would wait ~700 ms warm, longer than a load: x loads on the other
+    // instance too. A request for y in the middle is served, not starved.
+    let t = Instant::now();
+    let statuses = burst(&base, &["x", "x", "x", "x", "y", "x", "x", "x", "x"]);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(
+        cold_loads(other) >= 1,
+        "the other instance loaded a model: {}",
+        mock_stats(other)
+    );
+    let status = sidecar.status();
+    let text = status.to_string();
+    assert!(text.contains("\"cold_load\""), "{status}");
+    assert!(text.contains("\"model_loaded\""), "{status}");
+}
