@@ -14,7 +14,7 @@ use crate::bind::{self, schemas, BindError, Schema};
 use crate::cli::KeepAlive;
 use crate::http::{self, Ctx, Flavor, BUSY};
 use crate::native::json_of;
-use crate::state::{Model, State};
+use crate::state::{Model, Slot, State};
 use crate::stream::{Body, Gen, GenStream, Kind};
 use crate::util;
 
@@ -256,18 +256,7 @@ fn model_or_error(
 
 /// /api/generate, /api/chat, /v1/chat/completions, /v1/completions.
 pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> {
-    let flavor = match kind {
-        Kind::Anthropic => Flavor::Anthropic,
-        k if k.openai() => Flavor::OpenAi,
-        _ => Flavor::Native,
-    };
-    let schema = match kind {
-        Kind::Generate => &schemas::GENERATE,
-        Kind::Chat => &schemas::CHAT,
-        Kind::OaChat => &schemas::OA_CHAT,
-        Kind::OaCompletion => &schemas::OA_COMPLETION,
-        Kind::Anthropic => &schemas::ANTHROPIC,
-    };
+    let (flavor, schema) = generate_api(kind);
     let req: InferRequest = match parse(ctx, body, flavor, schema) {
         Ok(r) => r,
         Err(resp) => return resp,
@@ -289,15 +278,7 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         Err(r) => return r,
     };
     if model.embedding_only {
-        let what = match kind {
-            Kind::Generate | Kind::OaCompletion => "generate",
-            _ => "chat",
-        };
-        return http::error(
-            flavor,
-            StatusCode::BAD_REQUEST,
-            &format!("{} does not support {what}", util::json_str(&name)),
-        );
+        return cannot_generate(kind, &name, flavor);
     }
     let ka = match keep_alive(&state, req.keep_alive.as_ref(), flavor) {
         Ok(k) => k,
@@ -322,25 +303,10 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         return load_answer(kind, &model_json, "load");
     }
     let params = state.knobs.gen_params();
-    let limit = req
-        .options
-        .and_then(|o| o.num_predict)
-        .or(req.max_tokens)
-        .filter(|n| *n >= 0.0)
-        .map(|n| n as u64);
-    let (tokens, done_reason) = match limit {
-        Some(l) if l < params.tokens => (l, "length"),
-        _ => (params.tokens, "stop"),
-    };
+    let (tokens, done_reason) = token_budget(req.options, req.max_tokens, params.tokens);
     let (chars, count) = match kind {
         Kind::Generate | Kind::OaCompletion => (prompt.0, 0),
         _ => (msgs.chars, msgs.count),
-    };
-    let id = match kind {
-        Kind::OaChat => format!("chatcmpl-{}", rand::rng().random_range(0..999)),
-        Kind::OaCompletion => format!("cmpl-{}", rand::rng().random_range(0..999)),
-        Kind::Anthropic => format!("msg_{:024x}", rand::rng().random::<u128>() >> 32),
-        _ => String::new(),
     };
     let gen = Gen {
         kind,
@@ -352,12 +318,75 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
             .stream_options
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
-        id,
+        id: response_id(kind),
         created: util::unix_secs(std::time::SystemTime::now()),
         t0: ctx.t0,
         params,
     };
-    let streaming = req.stream.unwrap_or(!kind.compat());
+    answer(gen, slot, flavor, req.stream.unwrap_or(!kind.compat())).await
+}
+
+/// The error flavour and request struct of each generation route.
+fn generate_api(kind: Kind) -> (Flavor, &'static Schema) {
+    let flavor = match kind {
+        Kind::Anthropic => Flavor::Anthropic,
+        k if k.openai() => Flavor::OpenAi,
+        _ => Flavor::Native,
+    };
+    let schema = match kind {
+        Kind::Generate => &schemas::GENERATE,
+        Kind::Chat => &schemas::CHAT,
+        Kind::OaChat => &schemas::OA_CHAT,
+        Kind::OaCompletion => &schemas::OA_COMPLETION,
+        Kind::Anthropic => &schemas::ANTHROPIC,
+    };
+    (flavor, schema)
+}
+
+/// An embedding-only model asked to generate or chat.
+fn cannot_generate(kind: Kind, name: &str, flavor: Flavor) -> Response<Body> {
+    let what = match kind {
+        Kind::Generate | Kind::OaCompletion => "generate",
+        _ => "chat",
+    };
+    http::error(
+        flavor,
+        StatusCode::BAD_REQUEST,
+        &format!("{} does not support {what}", util::json_str(name)),
+    )
+}
+
+/// How many tokens to generate and why generation stops: `num_predict` (or the
+/// compatibility APIs' `max_tokens`) below the mock's length ends it with "length".
+fn token_budget(
+    options: Option<Options>,
+    max_tokens: Option<f64>,
+    cap: u64,
+) -> (u64, &'static str) {
+    let limit = options
+        .and_then(|o| o.num_predict)
+        .or(max_tokens)
+        .filter(|n| *n >= 0.0)
+        .map(|n| n as u64);
+    match limit {
+        Some(l) if l < cap => (l, "length"),
+        _ => (cap, "stop"),
+    }
+}
+
+/// The compatibility APIs' response id; native answers have none.
+fn response_id(kind: Kind) -> String {
+    match kind {
+        Kind::OaChat => format!("chatcmpl-{}", rand::rng().random_range(0..999)),
+        Kind::OaCompletion => format!("cmpl-{}", rand::rng().random_range(0..999)),
+        Kind::Anthropic => format!("msg_{:024x}", rand::rng().random::<u128>() >> 32),
+        _ => String::new(),
+    }
+}
+
+/// Stream the generation, or run it to the end and answer one object.
+async fn answer(gen: Gen, slot: Slot, flavor: Flavor, streaming: bool) -> Response<Body> {
+    let kind = gen.kind;
     if streaming {
         let ctype = if kind.compat() {
             "text/event-stream"
@@ -475,43 +504,9 @@ pub async fn embed(ctx: &mut Ctx, body: &[u8], api: EmbedApi) -> Response<Body> 
     if let Some(resp) = faults(ctx, flavor).await {
         return resp;
     }
-    // Inputs as strings; token arrays (OpenAI) become their JSON text.
-    let inputs: Vec<String> = match api {
-        EmbedApi::Legacy => req
-            .prompt
-            .clone()
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect(),
-        _ => match &req.input {
-            None | Some(serde_json::Value::Null) => Vec::new(),
-            Some(serde_json::Value::String(s)) if s.is_empty() => Vec::new(),
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            Some(serde_json::Value::Array(a)) => {
-                let mut out = Vec::with_capacity(a.len());
-                for v in a {
-                    match v {
-                        serde_json::Value::String(s) => out.push(s.clone()),
-                        serde_json::Value::Number(_) | serde_json::Value::Array(_)
-                            if api == EmbedApi::OpenAi =>
-                        {
-                            out.push(v.to_string())
-                        }
-                        _ => {
-                            return http::error(
-                                flavor,
-                                StatusCode::BAD_REQUEST,
-                                "invalid input type",
-                            )
-                        }
-                    }
-                }
-                out
-            }
-            Some(_) => {
-                return http::error(flavor, StatusCode::BAD_REQUEST, "invalid input type");
-            }
-        },
+    let inputs = match embed_inputs(&req, api, flavor) {
+        Ok(i) => i,
+        Err(resp) => return resp,
     };
     if api == EmbedApi::OpenAi && inputs.is_empty() {
         return http::error(flavor, StatusCode::BAD_REQUEST, "invalid input");
@@ -551,74 +546,141 @@ pub async fn embed(ctx: &mut Ctx, body: &[u8], api: EmbedApi) -> Response<Body> 
     let load = util::nanos(slot.load_duration).max(1000);
     let total = util::nanos(ctx.t0.elapsed()).max(load + 1000);
     slot.finish(false);
+    let usage = EmbedUsage {
+        tokens,
+        total,
+        load,
+    };
     match api {
-        EmbedApi::Embed => {
-            #[derive(Serialize)]
-            struct EmbedResponse<'a> {
-                model: &'a str,
-                embeddings: &'a [Vec<f32>],
-                total_duration: u64,
-                load_duration: u64,
-                prompt_eval_count: u64,
-            }
-            json_of(&EmbedResponse {
-                model: &name,
-                embeddings: &vectors,
-                total_duration: total,
-                load_duration: load,
-                prompt_eval_count: tokens,
-            })
-        }
-        EmbedApi::Legacy => {
-            let e: Vec<f64> = vectors
-                .first()
-                .map(|v| v.iter().map(|x| *x as f64).collect())
-                .unwrap_or_default();
-            json_of(&serde_json::json!({ "embedding": e }))
-        }
+        EmbedApi::Embed => native_embed(&name, &vectors, usage),
+        EmbedApi::Legacy => legacy_embedding(&vectors),
         EmbedApi::OpenAi => {
-            #[derive(Serialize)]
-            struct Item {
-                object: &'static str,
-                embedding: serde_json::Value,
-                index: usize,
-            }
-            #[derive(Serialize)]
-            struct Usage {
-                prompt_tokens: u64,
-                total_tokens: u64,
-            }
-            #[derive(Serialize)]
-            struct List<'a> {
-                object: &'static str,
-                data: Vec<Item>,
-                model: &'a str,
-                usage: Usage,
-            }
             let b64 = req.encoding_format.as_deref() == Some("base64");
-            let data: Vec<Item> = vectors
-                .iter()
-                .enumerate()
-                .map(|(index, v)| Item {
-                    object: "embedding",
-                    embedding: if b64 {
-                        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-                        serde_json::Value::from(util::base64(&bytes))
-                    } else {
-                        serde_json::json!(v)
-                    },
-                    index,
-                })
-                .collect();
-            json_of(&List {
-                object: "list",
-                data,
-                model: &name,
-                usage: Usage {
-                    prompt_tokens: tokens,
-                    total_tokens: tokens,
-                },
-            })
+            openai_embeddings(&name, &vectors, usage, b64)
         }
     }
+}
+
+/// Inputs as strings; token arrays (OpenAI) become their JSON text.
+fn embed_inputs(
+    req: &EmbedRequest,
+    api: EmbedApi,
+    flavor: Flavor,
+) -> Result<Vec<String>, Response<Body>> {
+    let invalid = || http::error(flavor, StatusCode::BAD_REQUEST, "invalid input type");
+    Ok(match api {
+        EmbedApi::Legacy => req
+            .prompt
+            .clone()
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect(),
+        _ => match &req.input {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) if s.is_empty() => Vec::new(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            Some(serde_json::Value::Array(a)) => {
+                let mut out = Vec::with_capacity(a.len());
+                for v in a {
+                    match v {
+                        serde_json::Value::String(s) => out.push(s.clone()),
+                        serde_json::Value::Number(_) | serde_json::Value::Array(_)
+                            if api == EmbedApi::OpenAi =>
+                        {
+                            out.push(v.to_string())
+                        }
+                        _ => return Err(invalid()),
+                    }
+                }
+                out
+            }
+            Some(_) => return Err(invalid()),
+        },
+    })
+}
+
+/// The counts every embedding answer reports.
+#[derive(Clone, Copy)]
+struct EmbedUsage {
+    tokens: u64,
+    total: u64,
+    load: u64,
+}
+
+/// /api/embed's answer.
+fn native_embed(name: &str, vectors: &[Vec<f32>], usage: EmbedUsage) -> Response<Body> {
+    #[derive(Serialize)]
+    struct EmbedResponse<'a> {
+        model: &'a str,
+        embeddings: &'a [Vec<f32>],
+        total_duration: u64,
+        load_duration: u64,
+        prompt_eval_count: u64,
+    }
+    json_of(&EmbedResponse {
+        model: name,
+        embeddings: vectors,
+        total_duration: usage.total,
+        load_duration: usage.load,
+        prompt_eval_count: usage.tokens,
+    })
+}
+
+/// /api/embeddings' answer: the first vector only, in float64.
+fn legacy_embedding(vectors: &[Vec<f32>]) -> Response<Body> {
+    let e: Vec<f64> = vectors
+        .first()
+        .map(|v| v.iter().map(|x| *x as f64).collect())
+        .unwrap_or_default();
+    json_of(&serde_json::json!({ "embedding": e }))
+}
+
+/// /v1/embeddings' list, each vector as floats or base64 of little-endian float32.
+fn openai_embeddings(
+    name: &str,
+    vectors: &[Vec<f32>],
+    usage: EmbedUsage,
+    b64: bool,
+) -> Response<Body> {
+    #[derive(Serialize)]
+    struct Item {
+        object: &'static str,
+        embedding: serde_json::Value,
+        index: usize,
+    }
+    #[derive(Serialize)]
+    struct Usage {
+        prompt_tokens: u64,
+        total_tokens: u64,
+    }
+    #[derive(Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<Item>,
+        model: &'a str,
+        usage: Usage,
+    }
+    let data: Vec<Item> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| Item {
+            object: "embedding",
+            embedding: if b64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                serde_json::Value::from(util::base64(&bytes))
+            } else {
+                serde_json::json!(v)
+            },
+            index,
+        })
+        .collect();
+    json_of(&List {
+        object: "list",
+        data,
+        model: name,
+        usage: Usage {
+            prompt_tokens: usage.tokens,
+            total_tokens: usage.tokens,
+        },
+    })
 }
