@@ -210,83 +210,27 @@ async fn dispatch(
     };
     let mux_redirect = url.as_ref().filter(|_| !star).and_then(gourl::mux_redirect);
     let gate = gate(state, &parts);
-    let Parts {
-        method,
-        uri,
-        version,
-        headers,
-        ..
-    } = parts;
-    let mut ctx = Ctx {
-        state: state.clone(),
-        method: method.clone(),
-        param,
-        user_agent: headers.get(header::USER_AGENT).cloned(),
-        t0,
-        outcome: "handled",
-        log: None,
-    };
-    let forwarded_prefix = headers
+    let forwarded_prefix = parts
+        .headers
         .get("x-forwarded-prefix")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let missing_host = version == hyper::Version::HTTP_11
-        && !headers.contains_key(header::HOST)
-        && method != Method::CONNECT;
-    if state.cfg.request_log {
-        ctx.log = Some(LogEntry {
-            seq: 0,
-            at: SystemTime::now(),
-            method: method.clone(),
-            uri,
-            version,
-            headers,
-            body_len: None,
-            body_sha256: None,
-            decoded_path: url.as_ref().map(|u| u.path.clone()),
-            route: pattern.filter(|_| mux_redirect.is_none() && !missing_host),
-            outcome: "handled",
-            model: None,
-            destination: None,
-        });
-    }
+    let missing_host = parts.version == hyper::Version::HTTP_11
+        && !parts.headers.contains_key(header::HOST)
+        && parts.method != Method::CONNECT;
+    let method = parts.method.clone();
+    let logged_route = pattern.filter(|_| mux_redirect.is_none() && !missing_host);
+    let mut ctx = request_ctx(state, parts, param, t0, url.as_ref(), logged_route);
 
-    // net/http, before any handler: requests Go refuses to serve. readRequest parses the
-    // target first (url.ParseRequestURI), then insists on Host for HTTP/1.1.
-    let Some(url) = url else {
+    if let Some((outcome, resp)) =
+        refuse_before_routing(&method, url.is_none(), missing_host, star, mux_redirect)
+    {
         drain(&mut ctx, body).await;
-        ctx.finish("bad_request");
-        return go_bad_request(None);
-    };
-    if missing_host {
-        drain(&mut ctx, body).await;
-        ctx.finish("bad_request");
-        return go_bad_request(Some("missing required Host header"));
+        ctx.finish(outcome);
+        return resp;
     }
-    if star {
-        drain(&mut ctx, body).await;
-        if method == Method::OPTIONS {
-            // server.go serverHandler: `OPTIONS *` gets globalOptionsHandler's empty 200.
-            ctx.finish("handled");
-            let mut r = empty(StatusCode::OK);
-            r.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
-            return r;
-        }
-        // ServeMux.ServeHTTP: any other `*` request is a 400 that closes the connection.
-        ctx.finish("bad_request");
-        let mut r = empty(StatusCode::BAD_REQUEST);
-        r.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return r;
-    }
-    // DefaultServeMux sanitising: 301 to the cleaned path, for every method.
-    if let Some(location) = mux_redirect {
-        drain(&mut ctx, body).await;
-        ctx.finish("redirect");
-        return go_redirect(&method, 301, &location);
-    }
-    let Some(resolution) = resolution else {
+    // Unreachable with a `url` (only `*` resolves to nothing, and it was answered above).
+    let (Some(url), Some(resolution)) = (url, resolution) else {
         ctx.finish("not_found");
         return text(StatusCode::NOT_FOUND, "text/plain", "404 page not found");
     };
@@ -294,14 +238,7 @@ async fn dispatch(
     if let Resolution::Redirect { status, .. } = resolution {
         drain(&mut ctx, body).await;
         ctx.finish("redirect");
-        let new_path = router::trailing_slash_target(forwarded_prefix.as_deref(), &url.path);
-        // gin.go redirectRequest: URL.String(), whose path is re-escaped from the new Path.
-        let mut location = format!("{}{}", url.origin, gourl::escape_path(new_path.as_bytes()));
-        if url.force_query || !url.raw_query.is_empty() {
-            location.push('?');
-            location.push_str(&url.raw_query);
-        }
-        return go_redirect(&method, status, &location);
+        return gin_redirect(&method, status, &url, forwarded_prefix.as_deref());
     }
     let cors = match gate {
         Ok(c) => c,
@@ -316,9 +253,118 @@ async fn dispatch(
             return resp;
         }
     };
-    let mut resp = match (resolution, route_name) {
+    let mut resp = run_route(&mut ctx, resolution, route_name, body).await;
+    ctx.finish("handled");
+    allow_origin(&mut resp, cors);
+    resp
+}
+
+/// The handler's context, with a request-log entry when the log is on.
+fn request_ctx(
+    state: &Arc<State>,
+    parts: Parts,
+    param: Option<String>,
+    t0: Instant,
+    url: Option<&GoUrl>,
+    route: Option<&'static str>,
+) -> Ctx {
+    let Parts {
+        method,
+        uri,
+        version,
+        headers,
+        ..
+    } = parts;
+    let user_agent = headers.get(header::USER_AGENT).cloned();
+    let log = state.cfg.request_log.then(|| LogEntry {
+        seq: 0,
+        at: SystemTime::now(),
+        method: method.clone(),
+        uri,
+        version,
+        headers,
+        body_len: None,
+        body_sha256: None,
+        decoded_path: url.map(|u| u.path.clone()),
+        route,
+        outcome: "handled",
+        model: None,
+        destination: None,
+    });
+    Ctx {
+        state: state.clone(),
+        method,
+        param,
+        user_agent,
+        t0,
+        outcome: "handled",
+        log,
+    }
+}
+
+/// net/http, before any handler: requests Go refuses to serve, `*` targets, and
+/// DefaultServeMux's sanitising redirect. The outcome to log and the answer.
+fn refuse_before_routing(
+    method: &Method,
+    unparsed: bool,
+    missing_host: bool,
+    star: bool,
+    mux_redirect: Option<String>,
+) -> Option<(&'static str, Response<Body>)> {
+    // readRequest parses the target first (url.ParseRequestURI), then insists on Host for
+    // HTTP/1.1.
+    if unparsed {
+        return Some(("bad_request", go_bad_request(None)));
+    }
+    if missing_host {
+        let resp = go_bad_request(Some("missing required Host header"));
+        return Some(("bad_request", resp));
+    }
+    if star {
+        if method == Method::OPTIONS {
+            // server.go serverHandler: `OPTIONS *` gets globalOptionsHandler's empty 200.
+            let mut r = empty(StatusCode::OK);
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+            return Some(("handled", r));
+        }
+        // ServeMux.ServeHTTP: any other `*` request is a 400 that closes the connection.
+        let mut r = empty(StatusCode::BAD_REQUEST);
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Some(("bad_request", r));
+    }
+    // DefaultServeMux sanitising: 301 to the cleaned path, for every method.
+    mux_redirect.map(|location| ("redirect", go_redirect(method, 301, &location)))
+}
+
+/// gin's trailing-slash redirect.
+fn gin_redirect(
+    method: &Method,
+    status: u16,
+    url: &GoUrl,
+    forwarded_prefix: Option<&str>,
+) -> Response<Body> {
+    let new_path = router::trailing_slash_target(forwarded_prefix, &url.path);
+    // gin.go redirectRequest: URL.String(), whose path is re-escaped from the new Path.
+    let mut location = format!("{}{}", url.origin, gourl::escape_path(new_path.as_bytes()));
+    if url.force_query || !url.raw_query.is_empty() {
+        location.push('?');
+        location.push_str(&url.raw_query);
+    }
+    go_redirect(method, status, &location)
+}
+
+/// The routed request past the CORS and Host checks: gin's 405, a handler, or its 404.
+async fn run_route(
+    ctx: &mut Ctx,
+    resolution: Resolution,
+    route_name: Option<Route>,
+    body: Incoming,
+) -> Response<Body> {
+    match (resolution, route_name) {
         (Resolution::MethodNotAllowed { allow }, _) => {
-            drain(&mut ctx, body).await;
+            drain(ctx, body).await;
             ctx.finish("method_not_allowed");
             let mut r = text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -330,18 +376,21 @@ async fn dispatch(
             }
             r
         }
-        (Resolution::Handler { .. }, Some(Route::Blob)) => native::blob(&mut ctx, body).await,
-        (Resolution::Handler { .. }, Some(route)) => match collect(&mut ctx, body).await {
-            Some(bytes) => route_to(route, &mut ctx, bytes).await,
+        (Resolution::Handler { .. }, Some(Route::Blob)) => native::blob(ctx, body).await,
+        (Resolution::Handler { .. }, Some(route)) => match collect(ctx, body).await {
+            Some(bytes) => route_to(route, ctx, bytes).await,
             None => empty(StatusCode::BAD_REQUEST),
         },
         _ => {
-            drain(&mut ctx, body).await;
+            drain(ctx, body).await;
             ctx.finish("not_found");
             text(StatusCode::NOT_FOUND, "text/plain", "404 page not found")
         }
-    };
-    ctx.finish("handled");
+    }
+}
+
+/// The CORS middleware's headers on an allowed cross-origin request.
+fn allow_origin(resp: &mut Response<Body>, cors: CorsAllow) {
     if let Some((origin, all)) = cors {
         let h = resp.headers_mut();
         h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
@@ -349,7 +398,6 @@ async fn dispatch(
             h.append(header::VARY, HeaderValue::from_static("Origin"));
         }
     }
-    resp
 }
 
 async fn route_to(route: Route, ctx: &mut Ctx, body: Bytes) -> Response<Body> {
