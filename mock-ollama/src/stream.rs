@@ -467,9 +467,7 @@ pub struct GenStream {
     next: u64,
     emitted: u64,
     stage: Stage,
-    sleep: Option<Pin<Box<Sleep>>>,
-    slept_for: Option<u64>,
-    yield_next: bool,
+    pacer: Pacer,
     first_at: Option<Instant>,
 }
 
@@ -488,9 +486,7 @@ impl GenStream {
             } else {
                 Stage::Content
             },
-            sleep: None,
-            slept_for: None,
-            yield_next: false,
+            pacer: Pacer::default(),
             first_at: None,
             gen,
         }
@@ -499,7 +495,7 @@ impl GenStream {
     fn emit(&mut self, buf: Vec<u8>) -> PollFrame {
         self.emitted += 1;
         // The last frame goes out with the chunked terminator in the same write.
-        self.yield_next = self.stage != Stage::End;
+        self.pacer.yield_next = self.stage != Stage::End;
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
     }
 
@@ -529,18 +525,12 @@ impl GenStream {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> PollFrame {
-        if self.yield_next {
-            // Let hyper flush the previous chunk as its own write.
-            self.yield_next = false;
-            cx.waker().wake_by_ref();
+        if self.pacer.yielding(cx) {
             return Poll::Pending;
         }
         loop {
-            if let Some(s) = self.sleep.as_mut() {
-                if s.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                self.sleep = None;
+            if self.pacer.sleeping(cx) {
+                return Poll::Pending;
             }
             match self.stage {
                 Stage::End => return Poll::Ready(None),
@@ -551,65 +541,118 @@ impl GenStream {
                     return self.emit(buf);
                 }
                 Stage::Content if self.next < self.gen.tokens => {
-                    if self.slept_for != Some(self.next) {
-                        self.slept_for = Some(self.next);
-                        if let Some(d) = self.gen.deadline(self.start, self.next) {
-                            if d > Instant::now() {
-                                self.sleep = Some(Box::pin(tokio::time::sleep_until(d.into())));
-                                continue;
-                            }
-                        }
+                    let (gen, start, next) = (&self.gen, self.start, self.next);
+                    if self.pacer.wait_for(next, || gen.deadline(start, next)) {
+                        continue;
                     }
-                    if let Some(f) = self.fault() {
-                        return f;
-                    }
-                    self.first_at.get_or_insert_with(Instant::now);
-                    let mut buf = Vec::with_capacity(160 + self.gen.model_json.len());
-                    self.gen.content(&mut buf, token(self.next));
-                    self.next += 1;
-                    return self.emit(buf);
+                    return self.content();
                 }
                 Stage::Content => self.stage = Stage::Final,
-                Stage::Final => {
-                    if let Some(f) = self.fault() {
-                        return f;
-                    }
-                    let now = Instant::now();
-                    let first = self.first_at.unwrap_or(now);
-                    let t = Timings {
-                        load: self.load,
-                        prompt_eval: first - self.start,
-                        eval: now - first,
-                        total: self.gen.t0.elapsed(),
-                    };
-                    let mut buf = Vec::with_capacity(512);
-                    self.gen.last(&mut buf, "", &t, true);
-                    if let Some(s) = self.slot.take() {
-                        s.finish(true);
-                    }
-                    self.stage = match self.gen.kind {
-                        Kind::OaChat | Kind::OaCompletion if self.gen.include_usage => Stage::Usage,
-                        Kind::OaChat | Kind::OaCompletion | Kind::Anthropic => Stage::Done,
-                        _ => Stage::End,
-                    };
-                    return self.emit(buf);
-                }
+                Stage::Final => return self.final_chunk(),
                 Stage::Usage => {
                     let mut buf = Vec::with_capacity(300);
                     self.gen.usage_chunk(&mut buf);
                     self.stage = Stage::Done;
                     return self.emit(buf);
                 }
-                Stage::Done => {
-                    self.stage = Stage::End;
-                    if self.gen.kind == Kind::Anthropic {
-                        return self.emit(
-                            b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_vec(),
-                        );
-                    }
-                    return self.emit(b"data: [DONE]\n\n".to_vec());
-                }
+                Stage::Done => return self.done(),
             }
+        }
+    }
+
+    /// The next token, unless a fault is due first.
+    fn content(&mut self) -> PollFrame {
+        if let Some(f) = self.fault() {
+            return f;
+        }
+        self.first_at.get_or_insert_with(Instant::now);
+        let mut buf = Vec::with_capacity(160 + self.gen.model_json.len());
+        self.gen.content(&mut buf, token(self.next));
+        self.next += 1;
+        self.emit(buf)
+    }
+
+    /// The closing chunk with the timings; it frees the slot.
+    fn final_chunk(&mut self) -> PollFrame {
+        if let Some(f) = self.fault() {
+            return f;
+        }
+        let now = Instant::now();
+        let first = self.first_at.unwrap_or(now);
+        let t = Timings {
+            load: self.load,
+            prompt_eval: first - self.start,
+            eval: now - first,
+            total: self.gen.t0.elapsed(),
+        };
+        let mut buf = Vec::with_capacity(512);
+        self.gen.last(&mut buf, "", &t, true);
+        if let Some(s) = self.slot.take() {
+            s.finish(true);
+        }
+        self.stage = match self.gen.kind {
+            Kind::OaChat | Kind::OaCompletion if self.gen.include_usage => Stage::Usage,
+            Kind::OaChat | Kind::OaCompletion | Kind::Anthropic => Stage::Done,
+            _ => Stage::End,
+        };
+        self.emit(buf)
+    }
+
+    /// The SSE stream's terminator.
+    fn done(&mut self) -> PollFrame {
+        self.stage = Stage::End;
+        if self.gen.kind == Kind::Anthropic {
+            return self
+                .emit(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_vec());
+        }
+        self.emit(b"data: [DONE]\n\n".to_vec())
+    }
+}
+
+/// Paces a stream: one yield after each chunk so hyper flushes it as its own write, and
+/// each item not before its deadline.
+#[derive(Default)]
+struct Pacer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The item whose deadline was already armed (or found passed).
+    slept_for: Option<u64>,
+    yield_next: bool,
+}
+
+impl Pacer {
+    /// Let hyper flush the previous chunk as its own write.
+    fn yielding(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.yield_next {
+            self.yield_next = false;
+            cx.waker().wake_by_ref();
+            return true;
+        }
+        false
+    }
+
+    /// Whether an armed deadline is still ahead.
+    fn sleeping(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(s) = self.sleep.as_mut() {
+            if s.as_mut().poll(cx).is_pending() {
+                return true;
+            }
+            self.sleep = None;
+        }
+        false
+    }
+
+    /// Arm item `item`'s deadline once; true when it is ahead (poll `sleeping` next).
+    fn wait_for(&mut self, item: u64, deadline: impl FnOnce() -> Option<Instant>) -> bool {
+        if self.slept_for == Some(item) {
+            return false;
+        }
+        self.slept_for = Some(item);
+        match deadline() {
+            Some(d) if d > Instant::now() => {
+                self.sleep = Some(Box::pin(tokio::time::sleep_until(d.into())));
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -621,9 +664,7 @@ pub struct LineStream {
     delay: Duration,
     start: Instant,
     on_last: Option<Box<dyn FnOnce() + Send>>,
-    sleep: Option<Pin<Box<Sleep>>>,
-    slept_for: Option<usize>,
-    yield_next: bool,
+    pacer: Pacer,
 }
 
 impl LineStream {
@@ -638,35 +679,29 @@ impl LineStream {
             delay,
             start: Instant::now(),
             on_last,
-            sleep: None,
-            slept_for: None,
-            yield_next: false,
+            pacer: Pacer::default(),
         }
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> PollFrame {
-        if self.yield_next {
-            self.yield_next = false;
-            cx.waker().wake_by_ref();
+        if self.pacer.yielding(cx) {
             return Poll::Pending;
         }
         loop {
-            if let Some(s) = self.sleep.as_mut() {
-                if s.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                self.sleep = None;
+            if self.pacer.sleeping(cx) {
+                return Poll::Pending;
             }
             if self.idx >= self.lines.len() {
                 return Poll::Ready(None);
             }
-            if self.idx > 0 && !self.delay.is_zero() && self.slept_for != Some(self.idx) {
-                self.slept_for = Some(self.idx);
-                let d = self.start + self.delay.mul_f64(self.idx as f64);
-                if d > Instant::now() {
-                    self.sleep = Some(Box::pin(tokio::time::sleep_until(d.into())));
-                    continue;
-                }
+            let (idx, start, delay) = (self.idx, self.start, self.delay);
+            if idx > 0
+                && !delay.is_zero()
+                && self
+                    .pacer
+                    .wait_for(idx as u64, || Some(start + delay.mul_f64(idx as f64)))
+            {
+                continue;
             }
             if self.idx + 1 == self.lines.len() {
                 if let Some(f) = self.on_last.take() {
@@ -675,7 +710,7 @@ impl LineStream {
             }
             let line = self.lines[self.idx].clone();
             self.idx += 1;
-            self.yield_next = self.idx < self.lines.len();
+            self.pacer.yield_next = self.idx < self.lines.len();
             return Poll::Ready(Some(Ok(Frame::data(line))));
         }
     }
