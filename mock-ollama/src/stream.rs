@@ -276,104 +276,117 @@ impl Gen {
     /// The last object: the final stream chunk (`text` empty) or the whole non-streamed answer.
     fn last(&self, buf: &mut Vec<u8>, text: &str, t: &Timings, streamed: bool) {
         match self.kind {
-            Kind::Generate => {
-                self.native_head(buf);
-                buf.extend_from_slice(b",\"response\":");
-                buf.extend_from_slice(util::json_str(text).as_bytes());
-                buf.extend_from_slice(b",\"done\":true,\"done_reason\":\"");
-                buf.extend_from_slice(self.done_reason.as_bytes());
-                buf.push(b'"');
-                self.context(buf);
-                self.metrics(buf, t);
-                buf.extend_from_slice(b"}");
-            }
-            Kind::Chat => {
-                self.native_head(buf);
-                buf.extend_from_slice(b",\"message\":{\"role\":\"assistant\",\"content\":");
-                buf.extend_from_slice(util::json_str(text).as_bytes());
-                buf.extend_from_slice(b"},\"done_reason\":\"");
-                buf.extend_from_slice(self.done_reason.as_bytes());
-                buf.extend_from_slice(b"\",\"done\":true");
-                self.metrics(buf, t);
-                buf.extend_from_slice(b"}");
-            }
-            Kind::OaChat if streamed => {
-                buf.extend_from_slice(b"data: ");
-                self.oa_head(buf, "chat.completion.chunk");
-                buf.extend_from_slice(
-                    b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":\"",
-                );
-                buf.extend_from_slice(self.done_reason.as_bytes());
-                buf.extend_from_slice(b"\"}]}\n\n");
-                return;
-            }
-            Kind::OaChat => {
-                self.oa_head(buf, "chat.completion");
-                buf.extend_from_slice(
-                    b"{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":",
-                );
-                buf.extend_from_slice(util::json_str(text).as_bytes());
-                buf.extend_from_slice(b"},\"finish_reason\":\"");
-                buf.extend_from_slice(self.done_reason.as_bytes());
-                buf.extend_from_slice(b"\"}],");
-                self.usage(buf);
-                buf.push(b'}');
-            }
-            Kind::OaCompletion => {
+            Kind::Generate | Kind::Chat => {
+                self.native_last(buf, text, t);
                 if streamed {
-                    buf.extend_from_slice(b"data: ");
+                    buf.push(b'\n');
                 }
-                self.oa_head(buf, "text_completion");
-                buf.extend_from_slice(b"{\"text\":");
-                buf.extend_from_slice(util::json_str(text).as_bytes());
-                buf.extend_from_slice(b",\"index\":0,\"logprobs\":null,\"finish_reason\":\"");
-                buf.extend_from_slice(self.done_reason.as_bytes());
-                buf.extend_from_slice(b"\"}]");
-                if streamed {
-                    buf.extend_from_slice(b"}\n\n");
-                } else {
-                    buf.push(b',');
-                    self.usage(buf);
-                    buf.push(b'}');
-                }
-                return;
             }
-            Kind::Anthropic if streamed => {
-                buf.extend_from_slice(
-                    b"event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
-                );
-                buf.extend_from_slice(
-                    format!(
-                        "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"{}\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}\n\n",
-                        self.stop_reason(),
-                        self.tokens
-                    )
-                    .as_bytes(),
-                );
-                return;
-            }
-            Kind::Anthropic => {
-                buf.extend_from_slice(b"{\"id\":\"");
-                buf.extend_from_slice(self.id.as_bytes());
-                buf.extend_from_slice(b"\",\"type\":\"message\",\"role\":\"assistant\",\"model\":");
-                buf.extend_from_slice(self.model_json.as_bytes());
-                buf.extend_from_slice(b",\"content\":[{\"type\":\"text\",\"text\":");
-                buf.extend_from_slice(util::json_str(text).as_bytes());
-                buf.extend_from_slice(
-                    format!(
-                        "}}],\"stop_reason\":\"{}\",\"stop_sequence\":null,\"usage\":{{\"input_tokens\":{},\"output_tokens\":{}}}}}",
-                        self.stop_reason(),
-                        self.prompt_eval_count,
-                        self.tokens
-                    )
-                    .as_bytes(),
-                );
-                return;
-            }
+            Kind::OaChat if streamed => self.oa_chat_last_chunk(buf),
+            Kind::OaChat => self.oa_chat_answer(buf, text),
+            Kind::OaCompletion => self.oa_completion_last(buf, text, streamed),
+            Kind::Anthropic if streamed => self.anthropic_last_events(buf),
+            Kind::Anthropic => self.anthropic_answer(buf, text),
         }
+    }
+
+    /// /api/generate's and /api/chat's `done` object, with the metrics.
+    fn native_last(&self, buf: &mut Vec<u8>, text: &str, t: &Timings) {
+        self.native_head(buf);
+        let text = util::json_str(text);
+        if self.kind == Kind::Chat {
+            buf.extend_from_slice(b",\"message\":{\"role\":\"assistant\",\"content\":");
+            buf.extend_from_slice(text.as_bytes());
+            buf.extend_from_slice(b"},\"done_reason\":\"");
+            buf.extend_from_slice(self.done_reason.as_bytes());
+            buf.extend_from_slice(b"\",\"done\":true");
+        } else {
+            buf.extend_from_slice(b",\"response\":");
+            buf.extend_from_slice(text.as_bytes());
+            buf.extend_from_slice(b",\"done\":true,\"done_reason\":\"");
+            buf.extend_from_slice(self.done_reason.as_bytes());
+            buf.push(b'"');
+            self.context(buf);
+        }
+        self.metrics(buf, t);
+        buf.extend_from_slice(b"}");
+    }
+
+    /// The chat completion stream's last chunk: an empty delta with the finish reason.
+    fn oa_chat_last_chunk(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(b"data: ");
+        self.oa_head(buf, "chat.completion.chunk");
+        buf.extend_from_slice(
+            b"{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":\"",
+        );
+        buf.extend_from_slice(self.done_reason.as_bytes());
+        buf.extend_from_slice(b"\"}]}\n\n");
+    }
+
+    /// The whole non-streamed chat completion, with its usage.
+    fn oa_chat_answer(&self, buf: &mut Vec<u8>, text: &str) {
+        self.oa_head(buf, "chat.completion");
+        buf.extend_from_slice(b"{\"index\":0,\"message\":{\"role\":\"assistant\",\"content\":");
+        buf.extend_from_slice(util::json_str(text).as_bytes());
+        buf.extend_from_slice(b"},\"finish_reason\":\"");
+        buf.extend_from_slice(self.done_reason.as_bytes());
+        buf.extend_from_slice(b"\"}],");
+        self.usage(buf);
+        buf.push(b'}');
+    }
+
+    /// The text completion's last chunk, or the whole answer with its usage.
+    fn oa_completion_last(&self, buf: &mut Vec<u8>, text: &str, streamed: bool) {
         if streamed {
-            buf.push(b'\n');
+            buf.extend_from_slice(b"data: ");
         }
+        self.oa_head(buf, "text_completion");
+        buf.extend_from_slice(b"{\"text\":");
+        buf.extend_from_slice(util::json_str(text).as_bytes());
+        buf.extend_from_slice(b",\"index\":0,\"logprobs\":null,\"finish_reason\":\"");
+        buf.extend_from_slice(self.done_reason.as_bytes());
+        buf.extend_from_slice(b"\"}]");
+        if streamed {
+            buf.extend_from_slice(b"}\n\n");
+        } else {
+            buf.push(b',');
+            self.usage(buf);
+            buf.push(b'}');
+        }
+    }
+
+    /// Anthropic's closing events before message_stop: content_block_stop, message_delta.
+    fn anthropic_last_events(&self, buf: &mut Vec<u8>) {
+        buf.extend_from_slice(
+            b"event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        );
+        buf.extend_from_slice(
+            format!(
+                "event: message_delta\ndata: {{\"type\":\"message_delta\",\"delta\":{{\"stop_reason\":\"{}\",\"stop_sequence\":null}},\"usage\":{{\"output_tokens\":{}}}}}\n\n",
+                self.stop_reason(),
+                self.tokens
+            )
+            .as_bytes(),
+        );
+    }
+
+    /// The whole non-streamed Anthropic message.
+    fn anthropic_answer(&self, buf: &mut Vec<u8>, text: &str) {
+        buf.extend_from_slice(b"{\"id\":\"");
+        buf.extend_from_slice(self.id.as_bytes());
+        buf.extend_from_slice(b"\",\"type\":\"message\",\"role\":\"assistant\",\"model\":");
+        buf.extend_from_slice(self.model_json.as_bytes());
+        buf.extend_from_slice(b",\"content\":[{\"type\":\"text\",\"text\":");
+        buf.extend_from_slice(util::json_str(text).as_bytes());
+        buf.extend_from_slice(
+            format!(
+                "}}],\"stop_reason\":\"{}\",\"stop_sequence\":null,\"usage\":{{\"input_tokens\":{},\"output_tokens\":{}}}}}",
+                self.stop_reason(),
+                self.prompt_eval_count,
+                self.tokens
+            )
+            .as_bytes(),
+        );
     }
 
     /// `stream_options.include_usage`: one more chunk with no choices and the usage, before
