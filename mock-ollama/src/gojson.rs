@@ -325,95 +325,114 @@ pub fn decode(body: &[u8]) -> Result<Json, DecodeError> {
     }
     let mut stack: Vec<Frame> = Vec::new();
     loop {
-        // Expecting a value.
+        let Some(value) = begin_value(&mut p, &mut stack)? else {
+            continue;
+        };
+        if let Some(done) = end_value(&mut p, &mut stack, value)? {
+            return Ok(done);
+        }
+    }
+}
+
+/// Expecting a value: a scalar or an empty container is returned whole; a container with
+/// contents is opened on `stack` (None), its first key read.
+fn begin_value(p: &mut Parser, stack: &mut Vec<Frame>) -> Result<Option<Json>, DecodeError> {
+    p.skip_space();
+    let Some(c) = p.peek() else {
+        return Err(DecodeError::UnexpectedEof);
+    };
+    let value = match c {
+        b'{' | b'[' => {
+            if stack.len() >= MAX_DEPTH {
+                return Err(DecodeError::Syntax("exceeded max depth".into()));
+            }
+            p.i += 1;
+            p.skip_space();
+            let close = if c == b'{' { b'}' } else { b']' };
+            if p.peek() == Some(close) {
+                p.i += 1;
+                if c == b'{' {
+                    Json::Obj(Vec::new())
+                } else {
+                    Json::Arr(Vec::new())
+                }
+            } else if c == b'[' {
+                stack.push(Frame::Arr(Vec::new()));
+                return Ok(None);
+            } else {
+                let key = object_key(p)?;
+                stack.push(Frame::Obj(Vec::new(), key));
+                return Ok(None);
+            }
+        }
+        b'"' => Json::Str(p.string()?),
+        b'-' | b'0'..=b'9' => p.number()?,
+        b't' => {
+            p.literal("true")?;
+            Json::Bool(true)
+        }
+        b'f' => {
+            p.literal("false")?;
+            Json::Bool(false)
+        }
+        b'n' => {
+            p.literal("null")?;
+            Json::Null
+        }
+        c => return Err(invalid(c, "looking for beginning of value")),
+    };
+    Ok(Some(value))
+}
+
+/// A value is complete: attach it to its container, closing containers as they end. The
+/// whole document once the stack is empty; None when a `,` asks for the next value.
+fn end_value(
+    p: &mut Parser,
+    stack: &mut Vec<Frame>,
+    mut value: Json,
+) -> Result<Option<Json>, DecodeError> {
+    loop {
+        let Some(top) = stack.last_mut() else {
+            return Ok(Some(value));
+        };
         p.skip_space();
         let Some(c) = p.peek() else {
             return Err(DecodeError::UnexpectedEof);
         };
-        let mut value = match c {
-            b'{' | b'[' => {
-                if stack.len() >= MAX_DEPTH {
-                    return Err(DecodeError::Syntax("exceeded max depth".into()));
-                }
-                p.i += 1;
-                p.skip_space();
-                let close = if c == b'{' { b'}' } else { b']' };
-                if p.peek() == Some(close) {
-                    p.i += 1;
-                    if c == b'{' {
-                        Json::Obj(Vec::new())
-                    } else {
-                        Json::Arr(Vec::new())
+        match top {
+            Frame::Arr(items) => {
+                items.push(value);
+                match c {
+                    b',' => {
+                        p.i += 1;
+                        return Ok(None);
                     }
-                } else if c == b'[' {
-                    stack.push(Frame::Arr(Vec::new()));
-                    continue;
-                } else {
-                    let key = object_key(&mut p)?;
-                    stack.push(Frame::Obj(Vec::new(), key));
-                    continue;
+                    b']' => {
+                        p.i += 1;
+                        let Some(Frame::Arr(items)) = stack.pop() else {
+                            unreachable!("top is an array");
+                        };
+                        value = Json::Arr(items);
+                    }
+                    c => return Err(invalid(c, "after array element")),
                 }
             }
-            b'"' => Json::Str(p.string()?),
-            b'-' | b'0'..=b'9' => p.number()?,
-            b't' => {
-                p.literal("true")?;
-                Json::Bool(true)
-            }
-            b'f' => {
-                p.literal("false")?;
-                Json::Bool(false)
-            }
-            b'n' => {
-                p.literal("null")?;
-                Json::Null
-            }
-            c => return Err(invalid(c, "looking for beginning of value")),
-        };
-        // A value is complete: attach it to its container, closing containers as they end.
-        loop {
-            let Some(top) = stack.last_mut() else {
-                return Ok(value);
-            };
-            p.skip_space();
-            let Some(c) = p.peek() else {
-                return Err(DecodeError::UnexpectedEof);
-            };
-            match top {
-                Frame::Arr(items) => {
-                    items.push(value);
-                    match c {
-                        b',' => {
-                            p.i += 1;
-                            break;
-                        }
-                        b']' => {
-                            p.i += 1;
-                            let Some(Frame::Arr(items)) = stack.pop() else {
-                                unreachable!("top is an array");
-                            };
-                            value = Json::Arr(items);
-                        }
-                        c => return Err(invalid(c, "after array element")),
+            Frame::Obj(entries, key) => {
+                entries.push((std::mem::take(key), value));
+                match c {
+                    b',' => {
+                        p.i += 1;
+                        *key = object_key(p)?;
+                        return Ok(None);
                     }
-                }
-                Frame::Obj(entries, key) => {
-                    entries.push((std::mem::take(key), value));
-                    match c {
-                        b',' => {
-                            p.i += 1;
-                            *key = object_key(&mut p)?;
-                            break;
-                        }
-                        b'}' => {
-                            p.i += 1;
-                            let Some(Frame::Obj(entries, _)) = stack.pop() else {
-                                unreachable!("top is an object");
-                            };
-                            value = Json::Obj(entries);
-                        }
-                        c => return Err(invalid(c, "after object key:value pair")),
+                    b'}' => {
+                        p.i += 1;
+                        let Some(Frame::Obj(entries, _)) = stack.pop() else {
+                            unreachable!("top is an object");
+                        };
+                        value = Json::Obj(entries);
                     }
+                    c => return Err(invalid(c, "after object key:value pair")),
                 }
             }
         }
