@@ -193,16 +193,7 @@ impl Binder {
         v: Json,
     ) -> Result<Option<Value>, Abort> {
         if let Json::Null = v {
-            return Ok(match ty {
-                // literalStore: null into a primitive or struct is ignored.
-                Ty::Str | Ty::Bool | Ty::Int | Ty::Float32 | Ty::Float64 => cur,
-                Ty::Struct(s) if !s.custom => cur,
-                // Message.UnmarshalJSON("null") leaves a zero Message.
-                Ty::Struct(_) => Some(Value::Object(Map::new())),
-                Ty::Named(_, t) => return self.value(cur, t, v),
-                // Pointers, slices, maps and interfaces become nil.
-                _ => None,
-            });
+            return Ok(null_into(cur, ty));
         }
         match ty {
             Ty::Named(_, inner) => self.named(cur, ty, inner, v),
@@ -247,37 +238,14 @@ impl Binder {
             }),
             Ty::Duration => duration(&v).map(Some).map_err(Abort),
             Ty::Think => think(&v).map(Some).map_err(Abort),
-            Ty::Slice(elem) => Ok(match v {
-                Json::Arr(items) => {
-                    let mut old = match cur {
-                        Some(Value::Array(a)) => a,
-                        _ => Vec::new(),
-                    }
-                    .into_iter();
-                    let mut out = Vec::with_capacity(items.len());
-                    for item in items {
-                        let next = self.value(old.next(), elem, item)?;
-                        out.push(next.unwrap_or(Value::Null));
-                    }
-                    Some(Value::Array(out))
-                }
-                other => self.mismatch(cur, ty, &other),
-            }),
-            Ty::Map(elem) => Ok(match v {
-                Json::Obj(entries) => {
-                    let mut map = match cur {
-                        Some(Value::Object(m)) => m,
-                        _ => Map::new(),
-                    };
-                    for (k, item) in entries {
-                        // Map values start from zero each time (decode.go `mapElem`).
-                        let next = self.value(None, elem, item)?;
-                        map.insert(k, next.unwrap_or(Value::Null));
-                    }
-                    Some(Value::Object(map))
-                }
-                other => self.mismatch(cur, ty, &other),
-            }),
+            Ty::Slice(elem) => match v {
+                Json::Arr(items) => self.slice(cur, elem, items).map(Some),
+                other => Ok(self.mismatch(cur, ty, &other)),
+            },
+            Ty::Map(elem) => match v {
+                Json::Obj(entries) => self.map(cur, elem, entries).map(Some),
+                other => Ok(self.mismatch(cur, ty, &other)),
+            },
             Ty::Struct(schema) => match v {
                 Json::Obj(entries) if schema.custom => self.custom_struct(schema, entries),
                 Json::Obj(entries) => {
@@ -291,6 +259,45 @@ impl Binder {
                 other => Ok(self.mismatch(cur, ty, &other)),
             },
         }
+    }
+
+    /// Elements decode into the old slice's elements in place, as decode.go `array` does.
+    fn slice(
+        &mut self,
+        cur: Option<Value>,
+        elem: &'static Ty,
+        items: Vec<Json>,
+    ) -> Result<Value, Abort> {
+        let mut old = match cur {
+            Some(Value::Array(a)) => a,
+            _ => Vec::new(),
+        }
+        .into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            let next = self.value(old.next(), elem, item)?;
+            out.push(next.unwrap_or(Value::Null));
+        }
+        Ok(Value::Array(out))
+    }
+
+    /// Entries merge into the existing map.
+    fn map(
+        &mut self,
+        cur: Option<Value>,
+        elem: &'static Ty,
+        entries: Vec<(String, Json)>,
+    ) -> Result<Value, Abort> {
+        let mut map = match cur {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        for (k, item) in entries {
+            // Map values start from zero each time (decode.go `mapElem`).
+            let next = self.value(None, elem, item)?;
+            map.insert(k, next.unwrap_or(Value::Null));
+        }
+        Ok(Value::Object(map))
     }
 
     fn named(
@@ -401,6 +408,20 @@ impl Binder {
                 Value::Object(m)
             }
         }
+    }
+}
+
+/// What JSON null leaves in a field of type `ty` currently holding `cur`.
+fn null_into(cur: Option<Value>, ty: &'static Ty) -> Option<Value> {
+    match ty {
+        // literalStore: null into a primitive or struct is ignored.
+        Ty::Str | Ty::Bool | Ty::Int | Ty::Float32 | Ty::Float64 => cur,
+        Ty::Struct(s) if !s.custom => cur,
+        // Message.UnmarshalJSON("null") leaves a zero Message.
+        Ty::Struct(_) => Some(Value::Object(Map::new())),
+        Ty::Named(_, t) => null_into(cur, t),
+        // Pointers, slices, maps and interfaces become nil.
+        _ => None,
     }
 }
 
