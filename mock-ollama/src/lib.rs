@@ -25,6 +25,7 @@ mod state;
 mod stream;
 mod util;
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -33,7 +34,7 @@ use clap::Parser;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::cli::{Args, Config};
 use crate::state::State;
@@ -86,24 +87,8 @@ async fn run(cfg: Config) -> ExitCode {
     if let Some(ms) = cfg.start_delay_ms.filter(|ms| *ms > 0) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    let display = if cfg.bind_host.contains(':') {
-        format!("[{}]:{}", cfg.bind_host, cfg.bind_port)
-    } else {
-        format!("{}:{}", cfg.bind_host, cfg.bind_port)
-    };
-    let listener = match TcpListener::bind((cfg.bind_host.as_str(), cfg.bind_port)).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("Error: listen tcp {display}: bind: {}", bind_error_text(&e));
-            return ExitCode::from(1);
-        }
-    };
-    let addr = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("Error: {e}");
-            return ExitCode::from(1);
-        }
+    let Some((listener, addr)) = listen(&cfg).await else {
+        return ExitCode::from(1);
     };
     let state = Arc::new(State::new(cfg, addr));
     log_line(&format!(
@@ -127,22 +112,7 @@ async fn run(cfg: Config) -> ExitCode {
     loop {
         tokio::select! {
             r = listener.accept() => match r {
-                Ok((sock, _)) => {
-                    let _ = sock.set_nodelay(true);
-                    let log = state.cfg.log;
-                    let state = state.clone();
-                    let conn = builder.serve_connection(
-                        TokioIo::new(sock),
-                        service_fn(move |req| http::handle(state.clone(), req)),
-                    );
-                    tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            if log {
-                                eprintln!("mock-ollama: connection: {e}");
-                            }
-                        }
-                    });
-                }
+                Ok((sock, _)) => serve(&builder, sock, &state),
                 Err(e) => {
                     // EMFILE and friends: back off a little, keep serving.
                     if state.cfg.log {
@@ -158,4 +128,45 @@ async fn run(cfg: Config) -> ExitCode {
     // Like Ollama's srvr.Close(): stop accepting and end; open connections are cut.
     drop(listener);
     ExitCode::SUCCESS
+}
+
+/// Bind the configured address; on failure print `ollama serve`'s error (None).
+async fn listen(cfg: &Config) -> Option<(TcpListener, SocketAddr)> {
+    let display = if cfg.bind_host.contains(':') {
+        format!("[{}]:{}", cfg.bind_host, cfg.bind_port)
+    } else {
+        format!("{}:{}", cfg.bind_host, cfg.bind_port)
+    };
+    let listener = match TcpListener::bind((cfg.bind_host.as_str(), cfg.bind_port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("Error: listen tcp {display}: bind: {}", bind_error_text(&e));
+            return None;
+        }
+    };
+    match listener.local_addr() {
+        Ok(addr) => Some((listener, addr)),
+        Err(e) => {
+            eprintln!("Error: {e}");
+            None
+        }
+    }
+}
+
+/// Serve one accepted connection on its own task.
+fn serve(builder: &http1::Builder, sock: TcpStream, state: &Arc<State>) {
+    let _ = sock.set_nodelay(true);
+    let log = state.cfg.log;
+    let state = state.clone();
+    let conn = builder.serve_connection(
+        TokioIo::new(sock),
+        service_fn(move |req| http::handle(state.clone(), req)),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            if log {
+                eprintln!("mock-ollama: connection: {e}");
+            }
+        }
+    });
 }
