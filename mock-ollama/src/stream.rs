@@ -538,11 +538,8 @@ impl GenStream {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> PollFrame {
-        if self.pacer.yielding(cx) {
-            return Poll::Pending;
-        }
         loop {
-            if self.pacer.sleeping(cx) {
+            if self.pacer.waiting(cx) {
                 return Poll::Pending;
             }
             match self.stage {
@@ -633,18 +630,15 @@ struct Pacer {
 }
 
 impl Pacer {
-    /// Let hyper flush the previous chunk as its own write.
-    fn yielding(&mut self, cx: &mut Context<'_>) -> bool {
+    /// Whether the stream must return Pending: it yields once after each chunk (set by the
+    /// emitter), so hyper flushes that chunk as its own write; then an armed deadline that
+    /// is still ahead.
+    fn waiting(&mut self, cx: &mut Context<'_>) -> bool {
         if self.yield_next {
             self.yield_next = false;
             cx.waker().wake_by_ref();
             return true;
         }
-        false
-    }
-
-    /// Whether an armed deadline is still ahead.
-    fn sleeping(&mut self, cx: &mut Context<'_>) -> bool {
         if let Some(s) = self.sleep.as_mut() {
             if s.as_mut().poll(cx).is_pending() {
                 return true;
@@ -654,7 +648,7 @@ impl Pacer {
         false
     }
 
-    /// Arm item `item`'s deadline once; true when it is ahead (poll `sleeping` next).
+    /// Arm item `item`'s deadline once; true when it is ahead (poll `waiting` next).
     fn wait_for(&mut self, item: u64, deadline: impl FnOnce() -> Option<Instant>) -> bool {
         if self.slept_for == Some(item) {
             return false;
@@ -697,11 +691,8 @@ impl LineStream {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> PollFrame {
-        if self.pacer.yielding(cx) {
-            return Poll::Pending;
-        }
         loop {
-            if self.pacer.sleeping(cx) {
+            if self.pacer.waiting(cx) {
                 return Poll::Pending;
             }
             if self.idx >= self.lines.len() {
