@@ -1,5 +1,7 @@
 //! Model management and metadata routes of the native API.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -318,6 +320,22 @@ async fn progress(
     )
 }
 
+/// Pull's and create's progress, ended by writing the manifest: the model `name` (a copy of
+/// `src`, if given) is installed as the last line goes out.
+async fn install_progress(
+    ctx: &Ctx,
+    stream: Option<bool>,
+    mut lines: Vec<Bytes>,
+    name: String,
+    src: Option<Arc<Model>>,
+) -> Response<Body> {
+    lines.push(status_line("writing manifest"));
+    lines.push(status_line("success"));
+    let state = ctx.state.clone();
+    let install = move || state.install(&name, src.as_deref());
+    progress(ctx, stream, lines, Box::new(install)).await
+}
+
 fn short(digest: &str) -> &str {
     digest.get(..12).unwrap_or(digest)
 }
@@ -368,16 +386,7 @@ pub async fn pull(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
         lines.push(progress_line(&status, Some(&d), Some(total), Some(total)));
     }
     lines.push(status_line("verifying sha256 digest"));
-    lines.push(status_line("writing manifest"));
-    lines.push(status_line("success"));
-    let state = ctx.state.clone();
-    progress(
-        ctx,
-        r.stream,
-        lines,
-        Box::new(move || state.install(&name, None)),
-    )
-    .await
+    install_progress(ctx, r.stream, lines, name, None).await
 }
 
 pub async fn push(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
@@ -467,16 +476,7 @@ pub async fn create(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
             lines.push(status_line(&format!("creating new layer sha256:{d}")));
         }
     }
-    lines.push(status_line("writing manifest"));
-    lines.push(status_line("success"));
-    let state = ctx.state.clone();
-    progress(
-        ctx,
-        r.stream,
-        lines,
-        Box::new(move || state.install(&name, src.as_deref())),
-    )
-    .await
+    install_progress(ctx, r.stream, lines, name, src).await
 }
 
 pub fn delete(ctx: &mut Ctx, body: &[u8]) -> Response<Body> {
