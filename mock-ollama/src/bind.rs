@@ -514,6 +514,15 @@ pub mod schemas {
     use super::{Schema, Ty};
     use Ty::*;
 
+    /// A Go struct without its own UnmarshalJSON.
+    const fn go_struct(go_name: &'static str, fields: &'static [(&'static str, Ty)]) -> Schema {
+        Schema {
+            go_name,
+            fields,
+            custom: false,
+        }
+    }
+
     const OPT_BOOL: Ty = Ptr(&Bool);
     const OPTIONS: Ty = Map(&Any);
 
@@ -531,10 +540,9 @@ pub mod schemas {
         ],
     };
 
-    pub static GENERATE: Schema = Schema {
-        go_name: "api.GenerateRequest",
-        custom: false,
-        fields: &[
+    pub static GENERATE: Schema = go_struct(
+        "api.GenerateRequest",
+        &[
             ("model", Str),
             ("prompt", Str),
             ("suffix", Str),
@@ -554,12 +562,11 @@ pub mod schemas {
             ("logprobs", Bool),
             ("top_logprobs", Int),
         ],
-    };
+    );
 
-    pub static CHAT: Schema = Schema {
-        go_name: "api.ChatRequest",
-        custom: false,
-        fields: &[
+    pub static CHAT: Schema = go_struct(
+        "api.ChatRequest",
+        &[
             ("model", Str),
             ("messages", Slice(&Struct(&MESSAGE))),
             ("stream", OPT_BOOL),
@@ -574,12 +581,11 @@ pub mod schemas {
             ("logprobs", Bool),
             ("top_logprobs", Int),
         ],
-    };
+    );
 
-    pub static EMBED: Schema = Schema {
-        go_name: "api.EmbedRequest",
-        custom: false,
-        fields: &[
+    pub static EMBED: Schema = go_struct(
+        "api.EmbedRequest",
+        &[
             ("model", Str),
             ("input", Any),
             ("keep_alive", Ptr(&Duration)),
@@ -587,18 +593,17 @@ pub mod schemas {
             ("dimensions", Int),
             ("options", OPTIONS),
         ],
-    };
+    );
 
-    pub static EMBEDDING: Schema = Schema {
-        go_name: "api.EmbeddingRequest",
-        custom: false,
-        fields: &[
+    pub static EMBEDDING: Schema = go_struct(
+        "api.EmbeddingRequest",
+        &[
             ("model", Str),
             ("prompt", Str),
             ("keep_alive", Ptr(&Duration)),
             ("options", OPTIONS),
         ],
-    };
+    );
 
     const PULL_FIELDS: &[(&str, Ty)] = &[
         ("model", Str),
@@ -609,22 +614,13 @@ pub mod schemas {
         ("name", Str),
     ];
 
-    pub static PULL: Schema = Schema {
-        go_name: "api.PullRequest",
-        custom: false,
-        fields: PULL_FIELDS,
-    };
+    pub static PULL: Schema = go_struct("api.PullRequest", PULL_FIELDS);
 
-    pub static PUSH: Schema = Schema {
-        go_name: "api.PushRequest",
-        custom: false,
-        fields: PULL_FIELDS,
-    };
+    pub static PUSH: Schema = go_struct("api.PushRequest", PULL_FIELDS);
 
-    pub static CREATE: Schema = Schema {
-        go_name: "api.CreateRequest",
-        custom: false,
-        fields: &[
+    pub static CREATE: Schema = go_struct(
+        "api.CreateRequest",
+        &[
             ("model", Str),
             ("stream", OPT_BOOL),
             ("quantize", Str),
@@ -646,18 +642,13 @@ pub mod schemas {
             ("name", Str),
             ("quantization", Str),
         ],
-    };
+    );
 
-    pub static DELETE: Schema = Schema {
-        go_name: "api.DeleteRequest",
-        custom: false,
-        fields: &[("model", Str), ("name", Str)],
-    };
+    pub static DELETE: Schema = go_struct("api.DeleteRequest", &[("model", Str), ("name", Str)]);
 
-    pub static SHOW: Schema = Schema {
-        go_name: "api.ShowRequest",
-        custom: false,
-        fields: &[
+    pub static SHOW: Schema = go_struct(
+        "api.ShowRequest",
+        &[
             ("model", Str),
             ("system", Str),
             ("template", Str),
@@ -665,18 +656,14 @@ pub mod schemas {
             ("options", OPTIONS),
             ("name", Str),
         ],
-    };
+    );
 
-    pub static COPY: Schema = Schema {
-        go_name: "api.CopyRequest",
-        custom: false,
-        fields: &[("source", Str), ("destination", Str)],
-    };
+    pub static COPY: Schema =
+        go_struct("api.CopyRequest", &[("source", Str), ("destination", Str)]);
 
-    static OA_MESSAGE: Schema = Schema {
-        go_name: "openai.Message",
-        custom: false,
-        fields: &[
+    static OA_MESSAGE: Schema = go_struct(
+        "openai.Message",
+        &[
             ("role", Str),
             ("content", Any),
             ("reasoning", Str),
@@ -684,18 +671,13 @@ pub mod schemas {
             ("name", Str),
             ("tool_call_id", Str),
         ],
-    };
+    );
 
-    static STREAM_OPTIONS: Schema = Schema {
-        go_name: "openai.StreamOptions",
-        custom: false,
-        fields: &[("include_usage", Bool)],
-    };
+    static STREAM_OPTIONS: Schema = go_struct("openai.StreamOptions", &[("include_usage", Bool)]);
 
-    pub static OA_CHAT: Schema = Schema {
-        go_name: "openai.ChatCompletionRequest",
-        custom: false,
-        fields: &[
+    pub static OA_CHAT: Schema = go_struct(
+        "openai.ChatCompletionRequest",
+        &[
             ("model", Str),
             ("messages", Slice(&Struct(&OA_MESSAGE))),
             ("stream", Bool),
@@ -718,12 +700,11 @@ pub mod schemas {
             ("top_logprobs", Int),
             ("_debug_render_only", Bool),
         ],
-    };
+    );
 
-    pub static OA_COMPLETION: Schema = Schema {
-        go_name: "openai.CompletionRequest",
-        custom: false,
-        fields: &[
+    pub static OA_COMPLETION: Schema = go_struct(
+        "openai.CompletionRequest",
+        &[
             ("model", Str),
             ("prompt", Str),
             ("frequency_penalty", Float32),
@@ -739,29 +720,24 @@ pub mod schemas {
             ("logprobs", Ptr(&Int)),
             ("_debug_render_only", Bool),
         ],
-    };
+    );
 
-    pub static OA_EMBED: Schema = Schema {
-        go_name: "openai.EmbedRequest",
-        custom: false,
-        fields: &[
+    pub static OA_EMBED: Schema = go_struct(
+        "openai.EmbedRequest",
+        &[
             ("input", Any),
             ("model", Str),
             ("dimensions", Int),
             ("encoding_format", Str),
         ],
-    };
+    );
 
-    static ANTHROPIC_MESSAGE: Schema = Schema {
-        go_name: "anthropic.MessageParam",
-        custom: false,
-        fields: &[("role", Str), ("content", Any)],
-    };
+    static ANTHROPIC_MESSAGE: Schema =
+        go_struct("anthropic.MessageParam", &[("role", Str), ("content", Any)]);
 
-    pub static ANTHROPIC: Schema = Schema {
-        go_name: "anthropic.MessagesRequest",
-        custom: false,
-        fields: &[
+    pub static ANTHROPIC: Schema = go_struct(
+        "anthropic.MessagesRequest",
+        &[
             ("model", Str),
             ("max_tokens", Int),
             ("messages", Slice(&Struct(&ANTHROPIC_MESSAGE))),
@@ -777,14 +753,13 @@ pub mod schemas {
             ("metadata", Ptr(&Named("anthropic.Metadata", &Any))),
             ("output_config", Ptr(&Named("anthropic.OutputConfig", &Any))),
         ],
-    };
+    );
 
     /// openai.ResponsesRequest, as far as the mock reads it (model and stream).
-    pub static OA_RESPONSES: Schema = Schema {
-        go_name: "openai.ResponsesRequest",
-        custom: false,
-        fields: &[("model", Str), ("input", Any), ("stream", OPT_BOOL)],
-    };
+    pub static OA_RESPONSES: Schema = go_struct(
+        "openai.ResponsesRequest",
+        &[("model", Str), ("input", Any), ("stream", OPT_BOOL)],
+    );
 }
 
 #[cfg(test)]
