@@ -308,8 +308,9 @@ fn an_oversized_body_is_refused_with_413() {
 
 #[test]
 fn a_higher_priority_request_overtakes_the_queue() {
-    // One slot; each request takes about 100 ms (4 tokens x 25 ms).
-    let mock = Mock::start(&[("MOCK_TOKENS", "4"), ("MOCK_TOKEN_DELAY_MS", "25")]);
+    // One slot; each request takes about 400 ms (4 tokens x 100 ms), long enough that the
+    // high-priority request is sent while the same low one is still in service.
+    let mock = Mock::start(&[("MOCK_TOKENS", "4"), ("MOCK_TOKEN_DELAY_MS", "100")]);
     let sidecar = Sidecar::start(&format!(
         "admission:\n  priority_header: X-Priority\n{}",
         external_instances(&[&mock], 1)
@@ -330,7 +331,15 @@ fn a_higher_priority_request_overtakes_the_queue() {
     let low: Vec<_> = (0..6)
         .map(|_| std::thread::spawn(move || send(0)))
         .collect();
-    std::thread::sleep(Duration::from_millis(150));
+    // (waiting for the queue to say so, not for a fixed time: a loaded machine starts the
+    // threads late) ...
+    assert!(
+        wait_until(Duration::from_secs(10), || sidecar.status()["queue"]
+            ["queued"]
+            == 5),
+        "the low-priority requests did not queue: {}",
+        sidecar.status()["queue"]
+    );
     // ... and a high-priority one goes next.
     let high = send(10);
     let lows: Vec<Instant> = low.into_iter().map(|h| h.join().unwrap()).collect();
