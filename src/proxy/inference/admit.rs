@@ -47,15 +47,16 @@ pub enum Admission {
 
 /// Asks admission for a slot (so every request is counted there, even one whose client is
 /// already gone), then waits for it while watching the client: one that disconnects leaves the
-/// queue at once (dropping the wait is the cancellation).
+/// queue at once (dropping the wait is the cancellation). `model` is the name as the client
+/// sent it, for a refusal's message.
 pub async fn admit(
     app: &App,
     session: &mut Session,
     watch: &mut ClientWatch,
     request: AdmitRequest,
+    model: Option<&str>,
 ) -> Admission {
-    let model = request.model.clone();
-    let refused = |refusal: &Refusal| refused(refusal, app, model.as_deref());
+    let refused = |refusal: &Refusal| refused(refusal, app, model);
     let waiting = match app.admission.admit(request) {
         Ok(Admitted::Now(permit)) => return Admission::Granted(permit),
         Ok(Admitted::Queued(waiting)) => waiting,

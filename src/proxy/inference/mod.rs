@@ -40,7 +40,15 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
     let mut watch = ClientWatch::new();
     for attempt in 1u32.. {
         let queued_at = Instant::now();
-        let permit = match admit::admit(app, session, &mut watch, request.clone()).await {
+        let permit = match admit::admit(
+            app,
+            session,
+            &mut watch,
+            request.clone(),
+            ctx.model.as_deref(),
+        )
+        .await
+        {
             Admission::Granted(permit) => permit,
             Admission::Refused(refused) => {
                 respond::reject(app, session, ctx, refused).await?;
