@@ -666,6 +666,51 @@ fn a_failure_is_logged_by_its_label_not_an_internal_name() {
 }
 
 #[test]
+fn a_request_no_instance_can_serve_logs_why_the_instances_are_not_ready() {
+    let port = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "instances:\n  - name: gone\n    url: http://127.0.0.1:{port}\n"
+    ));
+    let refused = wait_until(Duration::from_secs(10), || {
+        sidecar.status()["instances"][0]["last_check"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connection refused"))
+    });
+    assert!(refused, "{}", sidecar.status());
+    let r = client()
+        .get(sidecar.url("/api/tags"))
+        .header("x-request-id", "no-instance-why")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().unwrap();
+    // The cause is the operator's to read, not the client's.
+    assert!(!body.contains("connection refused"), "{body}");
+    let mut line = String::new();
+    let logged = wait_until(Duration::from_secs(5), || {
+        line = sidecar
+            .log_text()
+            .lines()
+            .find(|l| l.contains("access:") && l.contains("no-instance-why"))
+            .unwrap_or_default()
+            .to_string();
+        !line.is_empty()
+    });
+    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    assert!(line.contains("error=\"no_instance\""), "{line}");
+    let instances = line
+        .split(" instances=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no instances field: {line}"));
+    assert!(instances.starts_with("gone: unhealthy ("), "{line}");
+    assert!(
+        instances.contains(&format!("127.0.0.1:{port}: connection refused")),
+        "{line}"
+    );
+}
+
+#[test]
 fn an_announced_body_over_max_body_gets_413_before_100_continue() {
     let mock = Mock::start(&[]);
     let sidecar = Sidecar::start(&format!(

@@ -230,15 +230,7 @@ pub fn readiness(app: &App) -> (bool, Value) {
     } else {
         let ready = app.registry.all().iter().filter(|i| i.is_ready()).count();
         if ready == 0 {
-            let each: Vec<String> = app
-                .registry
-                .all()
-                .iter()
-                .map(|i| match problem(i) {
-                    Some(p) => format!("{}: {} ({p})", i.name, health(i)),
-                    None => format!("{}: {}", i.name, health(i)),
-                })
-                .collect();
+            let each: Vec<String> = app.registry.all().iter().map(|i| why(i)).collect();
             json!({
                 "ready": false,
                 "reason": format!("no instance can serve inference ({})", each.join(", ")),
@@ -257,6 +249,27 @@ pub fn readiness(app: &App) -> (bool, Value) {
 
 /// Why an instance cannot serve, when known: its name does not resolve, or its last health
 /// check failed.
+/// Why the instances that are not healthy are not, one `name: health (problem)` each, or
+/// `None` when all are healthy: the access log's `instances` field for a request none could serve.
+pub fn unready_instances(app: &App) -> Option<String> {
+    let each: Vec<String> = app
+        .registry
+        .all()
+        .iter()
+        .filter(|i| health(i) != "healthy")
+        .map(|i| why(i))
+        .collect();
+    (!each.is_empty()).then(|| each.join(", "))
+}
+
+/// One instance's health and, when the health checker knows it, the cause.
+fn why(inst: &Instance) -> String {
+    match problem(inst) {
+        Some(p) => format!("{}: {} ({p})", inst.name, health(inst)),
+        None => format!("{}: {}", inst.name, health(inst)),
+    }
+}
+
 fn problem(inst: &Instance) -> Option<String> {
     inst.resolve_error().or_else(|| inst.problem())
 }

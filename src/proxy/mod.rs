@@ -238,6 +238,13 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
     if !app.config.log.access {
         return;
     }
+    // A request no instance could serve: why they are not ready, for the operator only.
+    let instances = match own {
+        Some(Reject::NoInstance | Reject::WaitExpired { .. } | Reject::ModelUnavailable { .. }) => {
+            crate::admin::unready_instances(app)
+        }
+        _ => None,
+    };
     // Milliseconds, to the microsecond.
     let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
     let stream_error = tap.error.as_deref().filter(|_| success);
@@ -269,6 +276,7 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         retries = ctx.retries,
         error,
         stream_error,
+        instances,
         "{} {} {} {}",
         req.method,
         raw_path,
