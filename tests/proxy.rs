@@ -634,6 +634,22 @@ fn bad_input_gets_a_clear_answer_and_the_proxy_keeps_serving() {
     );
 }
 
+/// The access-log line of the request with this id, waited for (it is written when the request ends).
+fn access_line(sidecar: &Sidecar, request_id: &str) -> String {
+    let mut line = String::new();
+    let logged = wait_until(Duration::from_secs(5), || {
+        line = sidecar
+            .log_text()
+            .lines()
+            .find(|l| l.contains("access:") && l.contains(request_id))
+            .unwrap_or_default()
+            .to_string();
+        !line.is_empty()
+    });
+    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    line
+}
+
 #[test]
 fn a_failure_is_logged_by_its_label_not_an_internal_name() {
     let port = free_port();
@@ -646,17 +662,7 @@ fn a_failure_is_logged_by_its_label_not_an_internal_name() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 503);
-    let mut line = String::new();
-    let logged = wait_until(Duration::from_secs(5), || {
-        line = sidecar
-            .log_text()
-            .lines()
-            .find(|l| l.contains("access:") && l.contains("no-instance-1"))
-            .unwrap_or_default()
-            .to_string();
-        !line.is_empty()
-    });
-    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    let line = access_line(&sidecar, "no-instance-1");
     assert!(line.contains("error=\"no_instance\""), "{line}");
     assert!(line.contains("outcome=\"failed\""), "{line}");
     assert!(!line.contains("NoInstanceReady"), "{line}");
@@ -686,17 +692,7 @@ fn a_request_no_instance_can_serve_logs_why_the_instances_are_not_ready() {
     let body = r.text().unwrap();
     // The cause is the operator's to read, not the client's.
     assert!(!body.contains("connection refused"), "{body}");
-    let mut line = String::new();
-    let logged = wait_until(Duration::from_secs(5), || {
-        line = sidecar
-            .log_text()
-            .lines()
-            .find(|l| l.contains("access:") && l.contains("no-instance-why"))
-            .unwrap_or_default()
-            .to_string();
-        !line.is_empty()
-    });
-    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    let line = access_line(&sidecar, "no-instance-why");
     assert!(line.contains("error=\"no_instance\""), "{line}");
     let instances = line
         .split(" instances=\"")
