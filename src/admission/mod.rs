@@ -366,6 +366,12 @@ impl Admission {
     }
 }
 
+/// What [`Shared::decide`] did with a request it did not refuse.
+enum Decision {
+    Now(Permit, Reason),
+    Queued(u64, oneshot::Receiver<Permit>),
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock; if something ever did, the state is still
@@ -388,78 +394,7 @@ impl Shared {
         let mut grants = Vec::new();
         let outcome = {
             let mut st = self.lock();
-            if st.closed {
-                st.counters.closed += 1;
-                Err(Refusal::Closed)
-            } else if let Some(refusal) = req
-                .model
-                .as_deref()
-                .and_then(|m| unservable(&self.instances, m))
-            {
-                st.counters.refused_model += 1;
-                Err(refusal)
-            } else {
-                if !st.queue.is_empty() {
-                    // Waiters and a free slot can only coexist after a readiness change nobody
-                    // poked about: serve them first, they are ahead of this request.
-                    self.dispatch(&mut st, now, &mut grants);
-                }
-                if let Some(model) = req.model.as_deref() {
-                    st.placement.asked(model, now);
-                }
-                let fast = if st.queue.is_empty() {
-                    match self.choose(&st, req.model.as_deref(), req.avoid, now, 0, now) {
-                        Choice::Grant(pos, instance, reason) => Some((pos, instance, reason)),
-                        Choice::Wait(until) => {
-                            self.wake(&mut st, until);
-                            None
-                        }
-                        Choice::NoSlot => None,
-                    }
-                } else {
-                    None
-                };
-                if let Some((pos, instance, reason)) = fast {
-                    let permit = self.grant(
-                        &mut st,
-                        pos,
-                        instance,
-                        req.model.as_deref(),
-                        reason,
-                        Duration::ZERO,
-                    );
-                    Ok(Ok((permit, reason)))
-                } else if st.queue.len() >= self.config.max_queued {
-                    st.counters.refused_full += 1;
-                    Err(Refusal::QueueFull)
-                } else if st.queue.bytes().saturating_add(req.body_bytes)
-                    > self.config.max_queued_bytes
-                {
-                    st.counters.refused_bytes += 1;
-                    Err(Refusal::QueueBytesFull)
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    let epoch = self.epoch(now);
-                    let seq = st.queue.push(
-                        Entry {
-                            client: req.client.clone(),
-                            priority: req.priority,
-                            bytes: req.body_bytes,
-                            enqueued: now,
-                            item: Waiter {
-                                tx,
-                                model: req.model.clone(),
-                                avoid: req.avoid,
-                            },
-                        },
-                        epoch,
-                    );
-                    // Free slots may sit beside waiters that wait for a warm one: this request
-                    // may take one.
-                    self.dispatch(&mut st, now, &mut grants);
-                    Ok(Err((seq, rx)))
-                }
-            }
+            self.decide(&mut st, &req, now, &mut grants)
         };
         self.deliver(grants);
         match outcome {
@@ -468,13 +403,13 @@ impl Shared {
                     reason = refusal.as_str(), "admission: refused");
                 Err(refusal)
             }
-            Ok(Ok((permit, reason))) => {
+            Ok(Decision::Now(permit, reason)) => {
                 tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
                     instance = %permit.instance.name, reason = reason.as_str(), waited_ms = 0u64,
                     "admission: granted at once");
                 Ok(Admitted::Now(permit))
             }
-            Ok(Err((seq, rx))) => {
+            Ok(Decision::Queued(seq, rx)) => {
                 tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
                     priority = req.priority, "admission: queued");
                 Ok(Admitted::Queued(Waiting {
@@ -490,6 +425,85 @@ impl Shared {
                 }))
             }
         }
+    }
+
+    /// Under the lock: refuse the request, grant it a slot at once, or queue it.
+    fn decide(
+        self: &Arc<Self>,
+        st: &mut State,
+        req: &AdmitRequest,
+        now: Instant,
+        grants: &mut Vec<Grant>,
+    ) -> Result<Decision, Refusal> {
+        if st.closed {
+            st.counters.closed += 1;
+            return Err(Refusal::Closed);
+        }
+        if let Some(refusal) = req
+            .model
+            .as_deref()
+            .and_then(|m| unservable(&self.instances, m))
+        {
+            st.counters.refused_model += 1;
+            return Err(refusal);
+        }
+        if !st.queue.is_empty() {
+            // Waiters and a free slot can only coexist after a readiness change nobody
+            // poked about: serve them first, they are ahead of this request.
+            self.dispatch(st, now, grants);
+        }
+        if let Some(model) = req.model.as_deref() {
+            st.placement.asked(model, now);
+        }
+        if st.queue.is_empty() {
+            match self.choose(st, req.model.as_deref(), req.avoid, now, 0, now) {
+                Choice::Grant(pos, instance, reason) => {
+                    let model = req.model.as_deref();
+                    let permit = self.grant(st, pos, instance, model, reason, Duration::ZERO);
+                    return Ok(Decision::Now(permit, reason));
+                }
+                Choice::Wait(until) => self.wake(st, until),
+                Choice::NoSlot => {}
+            }
+        }
+        self.enqueue(st, req, now, grants)
+    }
+
+    /// Under the lock: a place in the queue, unless it is full (by count or by bytes).
+    fn enqueue(
+        self: &Arc<Self>,
+        st: &mut State,
+        req: &AdmitRequest,
+        now: Instant,
+        grants: &mut Vec<Grant>,
+    ) -> Result<Decision, Refusal> {
+        if st.queue.len() >= self.config.max_queued {
+            st.counters.refused_full += 1;
+            return Err(Refusal::QueueFull);
+        }
+        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.max_queued_bytes {
+            st.counters.refused_bytes += 1;
+            return Err(Refusal::QueueBytesFull);
+        }
+        let (tx, rx) = oneshot::channel();
+        let epoch = self.epoch(now);
+        let seq = st.queue.push(
+            Entry {
+                client: req.client.clone(),
+                priority: req.priority,
+                bytes: req.body_bytes,
+                enqueued: now,
+                item: Waiter {
+                    tx,
+                    model: req.model.clone(),
+                    avoid: req.avoid,
+                },
+            },
+            epoch,
+        );
+        // Free slots may sit beside waiters that wait for a warm one: this request may take one.
+        self.dispatch(st, now, grants);
+        Ok(Decision::Queued(seq, rx))
     }
 
     /// Takes a slot on instance `pos` (under the lock).
