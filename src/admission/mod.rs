@@ -29,6 +29,7 @@ mod tests;
 
 pub use placement::{PlacementCounts, Reason};
 
+use crate::config::QueueConfig;
 use crate::upstream::Instance;
 use placement::{Choice, Placement};
 use queue::{Entry, FairQueue};
@@ -38,32 +39,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-
-/// Queue bounds and aging.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdmissionConfig {
-    /// Most requests waiting at once; one more is refused with [`Refusal::QueueFull`].
-    pub max_queued: usize,
-    /// Most request-body bytes held by waiters; a request that would exceed it is refused with
-    /// [`Refusal::QueueBytesFull`].
-    pub max_queued_bytes: u64,
-    /// Longest wait for a slot; then [`Refusal::WaitExpired`].
-    pub max_wait: Duration,
-    /// Each full `aging` period a client's turn waits raises its effective priority by one.
-    /// Zero disables aging.
-    pub aging: Duration,
-}
-
-impl Default for AdmissionConfig {
-    fn default() -> Self {
-        AdmissionConfig {
-            max_queued: 1024,
-            max_queued_bytes: 1 << 30,
-            max_wait: Duration::from_secs(600),
-            aging: Duration::from_secs(30),
-        }
-    }
-}
 
 /// One request asking for a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +223,7 @@ struct State {
 }
 
 struct Shared {
-    config: AdmissionConfig,
+    config: QueueConfig,
     instances: Vec<Arc<Instance>>,
     /// Origin of the aging epochs.
     base: Instant,
@@ -269,7 +244,7 @@ pub enum Admitted {
 }
 
 impl Admission {
-    pub fn new(config: AdmissionConfig, instances: Vec<Arc<Instance>>) -> Arc<Admission> {
+    pub fn new(config: QueueConfig, instances: Vec<Arc<Instance>>) -> Arc<Admission> {
         let busy = vec![0; instances.len()];
         let placement = Placement::new(instances.len());
         Arc::new(Admission {
@@ -290,7 +265,7 @@ impl Admission {
         })
     }
 
-    pub fn config(&self) -> &AdmissionConfig {
+    pub fn config(&self) -> &QueueConfig {
         &self.shared.config
     }
 
@@ -481,7 +456,7 @@ impl Shared {
             st.counters.refused_full += 1;
             return Err(Refusal::QueueFull);
         }
-        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.max_queued_bytes {
+        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.max_queued_bytes.0 {
             st.counters.refused_bytes += 1;
             return Err(Refusal::QueueBytesFull);
         }
