@@ -8,10 +8,8 @@
 //! - `enqueue_cancel`: 10,000 waiters; queue one more and drop it (cancel).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use ollama_sidecar::admission::{
-    Admission, AdmissionConfig, AdmitRequest, Admitted, Permit, Waiting,
-};
-use ollama_sidecar::config::{InstanceConfig, UpstreamAddress};
+use ollama_sidecar::admission::{Admission, AdmitRequest, Admitted, Permit, Waiting};
+use ollama_sidecar::config::{ByteSize, InstanceConfig, QueueConfig, UpstreamAddress};
 use ollama_sidecar::upstream::{Instance, InstanceState};
 use std::collections::VecDeque;
 use std::hint::black_box;
@@ -42,11 +40,12 @@ fn instances(n: usize, slots: usize) -> Vec<Arc<Instance>> {
 }
 
 fn admission(n_instances: usize, slots: usize) -> Arc<Admission> {
-    let config = AdmissionConfig {
+    let config = QueueConfig {
         max_queued: DEPTH,
-        max_queued_bytes: u64::MAX,
+        max_queued_bytes: ByteSize(u64::MAX),
         max_wait: Duration::from_secs(3600),
         aging: Duration::from_secs(3600),
+        ..QueueConfig::default()
     };
     Admission::new(config, instances(n_instances, slots))
 }

@@ -1,6 +1,6 @@
 //! The shared state every service reads, built once at startup from the validated configuration.
 
-use crate::admission::{Admission, AdmissionConfig};
+use crate::admission::Admission;
 use crate::config::Config;
 use crate::upstream::Registry;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,15 +24,7 @@ pub struct App {
 impl App {
     pub fn new(config: Config) -> Arc<App> {
         let registry = Arc::new(Registry::new(&config));
-        let admission = Admission::new(
-            AdmissionConfig {
-                max_queued: config.admission.max_queued,
-                max_queued_bytes: config.admission.max_queued_bytes.0,
-                max_wait: config.admission.max_wait,
-                aging: config.admission.aging,
-            },
-            registry.all().to_vec(),
-        );
+        let admission = Admission::new(config.admission.clone(), registry.all().to_vec());
         let management = Arc::new(tokio::sync::Semaphore::new(
             config.admission.management_concurrency,
         ));

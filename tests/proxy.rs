@@ -634,6 +634,22 @@ fn bad_input_gets_a_clear_answer_and_the_proxy_keeps_serving() {
     );
 }
 
+/// The access-log line of the request with this id, waited for (it is written when the request ends).
+fn access_line(sidecar: &Sidecar, request_id: &str) -> String {
+    let mut line = String::new();
+    let logged = wait_until(Duration::from_secs(5), || {
+        line = sidecar
+            .log_text()
+            .lines()
+            .find(|l| l.contains("access:") && l.contains(request_id))
+            .unwrap_or_default()
+            .to_string();
+        !line.is_empty()
+    });
+    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    line
+}
+
 #[test]
 fn a_failure_is_logged_by_its_label_not_an_internal_name() {
     let port = free_port();
@@ -646,23 +662,48 @@ fn a_failure_is_logged_by_its_label_not_an_internal_name() {
         .send()
         .unwrap();
     assert_eq!(r.status(), 503);
-    let mut line = String::new();
-    let logged = wait_until(Duration::from_secs(5), || {
-        line = sidecar
-            .log_text()
-            .lines()
-            .find(|l| l.contains("access:") && l.contains("no-instance-1"))
-            .unwrap_or_default()
-            .to_string();
-        !line.is_empty()
-    });
-    assert!(logged, "no access line; log:\n{}", sidecar.log_text());
+    let line = access_line(&sidecar, "no-instance-1");
     assert!(line.contains("error=\"no_instance\""), "{line}");
     assert!(line.contains("outcome=\"failed\""), "{line}");
     assert!(!line.contains("NoInstanceReady"), "{line}");
     // Absent values are left out, not written as "-".
     assert!(!line.contains("model="), "{line}");
     assert!(!line.contains("\"-\""), "{line}");
+}
+
+#[test]
+fn a_request_no_instance_can_serve_logs_why_the_instances_are_not_ready() {
+    let port = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "instances:\n  - name: gone\n    url: http://127.0.0.1:{port}\n"
+    ));
+    let refused = wait_until(Duration::from_secs(10), || {
+        sidecar.status()["instances"][0]["last_check"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connection refused"))
+    });
+    assert!(refused, "{}", sidecar.status());
+    let r = client()
+        .get(sidecar.url("/api/tags"))
+        .header("x-request-id", "no-instance-why")
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let body = r.text().unwrap();
+    // The cause is the operator's to read, not the client's.
+    assert!(!body.contains("connection refused"), "{body}");
+    let line = access_line(&sidecar, "no-instance-why");
+    assert!(line.contains("error=\"no_instance\""), "{line}");
+    let instances = line
+        .split(" instances=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_else(|| panic!("no instances field: {line}"));
+    assert!(instances.starts_with("gone: unhealthy ("), "{line}");
+    assert!(
+        instances.contains(&format!("127.0.0.1:{port}: connection refused")),
+        "{line}"
+    );
 }
 
 #[test]

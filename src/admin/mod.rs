@@ -22,7 +22,9 @@
 pub mod history;
 pub mod recent;
 
+use crate::admission::{AdmissionSnapshot, WaiterView};
 use crate::app::App;
+use crate::config::ApiKey;
 use crate::metrics::{self, Metrics};
 use crate::upstream::{client, Gate, Instance, InstanceState};
 use async_trait::async_trait;
@@ -230,15 +232,7 @@ pub fn readiness(app: &App) -> (bool, Value) {
     } else {
         let ready = app.registry.all().iter().filter(|i| i.is_ready()).count();
         if ready == 0 {
-            let each: Vec<String> = app
-                .registry
-                .all()
-                .iter()
-                .map(|i| match problem(i) {
-                    Some(p) => format!("{}: {} ({p})", i.name, health(i)),
-                    None => format!("{}: {}", i.name, health(i)),
-                })
-                .collect();
+            let each: Vec<String> = app.registry.all().iter().map(|i| why(i)).collect();
             json!({
                 "ready": false,
                 "reason": format!("no instance can serve inference ({})", each.join(", ")),
@@ -257,6 +251,27 @@ pub fn readiness(app: &App) -> (bool, Value) {
 
 /// Why an instance cannot serve, when known: its name does not resolve, or its last health
 /// check failed.
+/// Why the instances that are not healthy are not, one `name: health (problem)` each, or
+/// `None` when all are healthy: the access log's `instances` field for a request none could serve.
+pub fn unready_instances(app: &App) -> Option<String> {
+    let each: Vec<String> = app
+        .registry
+        .all()
+        .iter()
+        .filter(|i| health(i) != "healthy")
+        .map(|i| why(i))
+        .collect();
+    (!each.is_empty()).then(|| each.join(", "))
+}
+
+/// One instance's health and, when the health checker knows it, the cause.
+fn why(inst: &Instance) -> String {
+    match problem(inst) {
+        Some(p) => format!("{}: {} ({p})", inst.name, health(inst)),
+        None => format!("{}: {}", inst.name, health(inst)),
+    }
+}
+
 fn problem(inst: &Instance) -> Option<String> {
     inst.resolve_error().or_else(|| inst.problem())
 }
@@ -329,72 +344,132 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
     let list: Vec<Value> = instances
         .iter()
         .zip(ps)
-        .map(|(inst, ps)| {
-            let p = inst.process_info();
-            let slot = snap.slots.iter().find(|s| s.index == inst.index);
-            // An instance out of rotation has nothing loaded as far as traffic is concerned.
-            let models = ps.unwrap_or_else(|| {
-                inst.loaded_models()
-                    .into_iter()
-                    .filter(|_| inst.is_ready())
-                    .map(|m| json!({"name": m}))
-                    .collect()
-            });
-            let health_check = metrics.last_health_check(&inst.name);
-            let last_check_legacy = health_check
-                .as_ref()
-                .map(|h| json!({"result": h.result, "seconds_ago": h.at.elapsed().as_secs_f64()}));
-            let last_check = health_check.map(|h| {
-                json!({
-                    "result": h.result,
-                    "error": if h.result == "success" { None } else { inst.problem() },
-                    "at": SystemTime::now().checked_sub(h.at.elapsed()).and_then(unix_seconds),
-                    "seconds_ago": h.at.elapsed().as_secs_f64(),
-                })
-            });
-            let mut v = json!({
-                "name": inst.name,
-                "url": inst.upstream.to_string(),
-                "kind": if inst.supervised { "supervised" } else { "external" },
-                "state": inst.state().as_str(),
-                "state_age_seconds": inst.state_age().as_secs_f64(),
-                "ready": inst.is_ready(),
-                "health": health(inst),
-                "reason": problem(inst),
-                "address": inst.addr().map(|a| a.to_string()),
-                "addresses": inst.addresses().all().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
-                "host_header": inst.addr().map(|a| inst.host_header_for(a)),
-                "last_health_check": last_check_legacy,
-                "last_check": last_check,
-                "ejections": inst.ejections(),
-                "loaded_models": models,
-                "installed_models": metrics.installed_models(&inst.name),
-                "in_flight": inst.in_flight(),
-                "busy_slots": slot.map(|s| s.busy),
-                "placement": snap.placement.get(inst.index).map(|p| p.to_json()),
-                "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
-            });
-            if inst.supervised {
-                if let Value::Object(map) = &mut v {
-                    map.insert("pid".into(), json!(p.pid));
-                    map.insert(
-                        "started_at_unix".into(),
-                        json!(p.started_at.and_then(unix_seconds)),
-                    );
-                    map.insert("restarts".into(), json!(p.restarts));
-                    map.insert("last_exit".into(), json!(p.last_exit));
-                    map.insert("cpu_percent".into(), json!(p.cpu_percent));
-                    map.insert("cpu_seconds".into(), json!(p.cpu_seconds));
-                    map.insert("memory_bytes".into(), json!(p.memory_bytes));
-                }
-            }
-            v
-        })
+        .map(|(inst, ps)| instance_status(inst, ps, &snap, metrics))
         .collect();
-    let c = snap.counters;
     let (ready, _) = readiness(app);
     let waiters = app.admission.waiters();
     let keys = &app.config.access.keys;
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": app.started.elapsed().as_secs_f64(),
+        "ready": ready,
+        "draining": app.lifecycle.is_draining(),
+        "in_flight": app.lifecycle.active(),
+        "instances": list,
+        "queue": queue_status(app, &snap, &waiters),
+        "keys": key_usage(keys, &waiters),
+        "recent_refusals": recent_refusals(),
+        "known_models": metrics.known_models(),
+    })
+}
+
+/// One instance in `/status`: its state and why, its slots, models and last health check.
+fn instance_status(
+    inst: &Instance,
+    ps: Option<Vec<Value>>,
+    snap: &AdmissionSnapshot,
+    metrics: &Metrics,
+) -> Value {
+    let slot = snap.slots.iter().find(|s| s.index == inst.index);
+    // An instance out of rotation has nothing loaded as far as traffic is concerned.
+    let models = ps.unwrap_or_else(|| {
+        inst.loaded_models()
+            .into_iter()
+            .filter(|_| inst.is_ready())
+            .map(|m| json!({"name": m}))
+            .collect()
+    });
+    let health_check = metrics.last_health_check(&inst.name);
+    let last_check_legacy = health_check
+        .as_ref()
+        .map(|h| json!({"result": h.result, "seconds_ago": h.at.elapsed().as_secs_f64()}));
+    let last_check = health_check.map(|h| {
+        json!({
+            "result": h.result,
+            "error": if h.result == "success" { None } else { inst.problem() },
+            "at": SystemTime::now().checked_sub(h.at.elapsed()).and_then(unix_seconds),
+            "seconds_ago": h.at.elapsed().as_secs_f64(),
+        })
+    });
+    let mut v = json!({
+        "name": inst.name,
+        "url": inst.upstream.to_string(),
+        "kind": if inst.supervised { "supervised" } else { "external" },
+        "state": inst.state().as_str(),
+        "state_age_seconds": inst.state_age().as_secs_f64(),
+        "ready": inst.is_ready(),
+        "health": health(inst),
+        "reason": problem(inst),
+        "address": inst.addr().map(|a| a.to_string()),
+        "addresses": inst.addresses().all().iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "host_header": inst.addr().map(|a| inst.host_header_for(a)),
+        "last_health_check": last_check_legacy,
+        "last_check": last_check,
+        "ejections": inst.ejections(),
+        "loaded_models": models,
+        "installed_models": metrics.installed_models(&inst.name),
+        "in_flight": inst.in_flight(),
+        "busy_slots": slot.map(|s| s.busy),
+        "placement": snap.placement.get(inst.index).map(|p| p.to_json()),
+        "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
+    });
+    if inst.supervised {
+        if let Value::Object(map) = &mut v {
+            add_process_status(map, inst);
+        }
+    }
+    v
+}
+
+/// A supervised instance's process: pid, restarts, last exit and resource use.
+fn add_process_status(map: &mut serde_json::Map<String, Value>, inst: &Instance) {
+    let p = inst.process_info();
+    map.insert("pid".into(), json!(p.pid));
+    map.insert(
+        "started_at_unix".into(),
+        json!(p.started_at.and_then(unix_seconds)),
+    );
+    map.insert("restarts".into(), json!(p.restarts));
+    map.insert("last_exit".into(), json!(p.last_exit));
+    map.insert("cpu_percent".into(), json!(p.cpu_percent));
+    map.insert("cpu_seconds".into(), json!(p.cpu_seconds));
+    map.insert("memory_bytes".into(), json!(p.memory_bytes));
+}
+
+/// The admission queue in `/status`: who waits, its limits and its counters.
+fn queue_status(app: &App, snap: &AdmissionSnapshot, waiters: &[WaiterView]) -> Value {
+    let c = &snap.counters;
+    let keys = &app.config.access.keys;
+    json!({
+        "queued": snap.queued,
+        "queued_bytes": snap.queued_bytes,
+        "clients_queued": snap.clients_queued,
+        "oldest_wait_seconds": snap.oldest_wait.map(|d| d.as_secs_f64()),
+        "held_slots": snap.held(),
+        "waiting": waiting(keys, waiters),
+        "client_id_header": app.config.admission.client_id_header,
+        "client_is": if keys.is_empty() { "client_id_header, else address" } else { "key" },
+        "closed": snap.closed,
+        "limits": {
+            "max_queued": app.config.admission.max_queued,
+            "max_queued_bytes": app.config.admission.max_queued_bytes.0,
+            "max_wait_seconds": app.config.admission.max_wait.as_secs_f64(),
+        },
+        "counters": {
+            "admitted": c.admitted,
+            "released": c.released,
+            "refused_full": c.refused_full,
+            "refused_bytes": c.refused_bytes,
+            "expired": c.expired,
+            "cancelled": c.cancelled,
+            "closed": c.closed,
+            "undelivered": c.undelivered,
+        },
+    })
+}
+
+/// The waiting requests, in queue order.
+fn waiting(keys: &[ApiKey], waiters: &[WaiterView]) -> Vec<Value> {
     // With keys configured every inference request carries one, and its name is the client.
     let key_of = |client: &str| {
         keys.iter()
@@ -402,7 +477,7 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
             .map(|k| k.name.clone())
     };
     let now = SystemTime::now();
-    let waiting: Vec<Value> = waiters
+    waiters
         .iter()
         .map(|w| {
             json!({
@@ -416,10 +491,13 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 "since": now.checked_sub(w.waited).and_then(unix_seconds),
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Each key's use in the last minute against its limits.
+fn key_usage(keys: &[ApiKey], waiters: &[WaiterView]) -> Vec<Value> {
     let recent = recent::global();
-    let key_usage: Vec<Value> = keys
-        .iter()
+    keys.iter()
         .map(|k| {
             let used = recent.key_usage(&k.name);
             json!({
@@ -435,8 +513,12 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 },
             })
         })
-        .collect();
-    let refusals: Vec<Value> = recent
+        .collect()
+}
+
+/// The last refusals, with their reasons.
+fn recent_refusals() -> Vec<Value> {
+    recent::global()
         .refusals()
         .into_iter()
         .map(|r| {
@@ -453,42 +535,5 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
                 "error": r.error,
             })
         })
-        .collect();
-    json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "uptime_seconds": app.started.elapsed().as_secs_f64(),
-        "ready": ready,
-        "draining": app.lifecycle.is_draining(),
-        "in_flight": app.lifecycle.active(),
-        "instances": list,
-        "queue": {
-            "queued": snap.queued,
-            "queued_bytes": snap.queued_bytes,
-            "clients_queued": snap.clients_queued,
-            "oldest_wait_seconds": snap.oldest_wait.map(|d| d.as_secs_f64()),
-            "held_slots": snap.held(),
-            "waiting": waiting,
-            "client_id_header": app.config.admission.client_id_header,
-            "client_is": if keys.is_empty() { "client_id_header, else address" } else { "key" },
-            "closed": snap.closed,
-            "limits": {
-                "max_queued": app.config.admission.max_queued,
-                "max_queued_bytes": app.config.admission.max_queued_bytes.0,
-                "max_wait_seconds": app.config.admission.max_wait.as_secs_f64(),
-            },
-            "counters": {
-                "admitted": c.admitted,
-                "released": c.released,
-                "refused_full": c.refused_full,
-                "refused_bytes": c.refused_bytes,
-                "expired": c.expired,
-                "cancelled": c.cancelled,
-                "closed": c.closed,
-                "undelivered": c.undelivered,
-            },
-        },
-        "keys": key_usage,
-        "recent_refusals": refusals,
-        "known_models": metrics.known_models(),
-    })
+        .collect()
 }

@@ -29,6 +29,7 @@ mod tests;
 
 pub use placement::{PlacementCounts, Reason};
 
+use crate::config::QueueConfig;
 use crate::upstream::Instance;
 use placement::{Choice, Placement};
 use queue::{Entry, FairQueue};
@@ -38,32 +39,6 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-
-/// Queue bounds and aging.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AdmissionConfig {
-    /// Most requests waiting at once; one more is refused with [`Refusal::QueueFull`].
-    pub max_queued: usize,
-    /// Most request-body bytes held by waiters; a request that would exceed it is refused with
-    /// [`Refusal::QueueBytesFull`].
-    pub max_queued_bytes: u64,
-    /// Longest wait for a slot; then [`Refusal::WaitExpired`].
-    pub max_wait: Duration,
-    /// Each full `aging` period a client's turn waits raises its effective priority by one.
-    /// Zero disables aging.
-    pub aging: Duration,
-}
-
-impl Default for AdmissionConfig {
-    fn default() -> Self {
-        AdmissionConfig {
-            max_queued: 1024,
-            max_queued_bytes: 1 << 30,
-            max_wait: Duration::from_secs(600),
-            aging: Duration::from_secs(30),
-        }
-    }
-}
 
 /// One request asking for a slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +223,7 @@ struct State {
 }
 
 struct Shared {
-    config: AdmissionConfig,
+    config: QueueConfig,
     instances: Vec<Arc<Instance>>,
     /// Origin of the aging epochs.
     base: Instant,
@@ -269,7 +244,7 @@ pub enum Admitted {
 }
 
 impl Admission {
-    pub fn new(config: AdmissionConfig, instances: Vec<Arc<Instance>>) -> Arc<Admission> {
+    pub fn new(config: QueueConfig, instances: Vec<Arc<Instance>>) -> Arc<Admission> {
         let busy = vec![0; instances.len()];
         let placement = Placement::new(instances.len());
         Arc::new(Admission {
@@ -290,7 +265,7 @@ impl Admission {
         })
     }
 
-    pub fn config(&self) -> &AdmissionConfig {
+    pub fn config(&self) -> &QueueConfig {
         &self.shared.config
     }
 
@@ -366,6 +341,12 @@ impl Admission {
     }
 }
 
+/// What [`Shared::decide`] did with a request it did not refuse.
+enum Decision {
+    Now(Permit, Reason),
+    Queued(u64, oneshot::Receiver<Permit>),
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding the lock; if something ever did, the state is still
@@ -388,78 +369,7 @@ impl Shared {
         let mut grants = Vec::new();
         let outcome = {
             let mut st = self.lock();
-            if st.closed {
-                st.counters.closed += 1;
-                Err(Refusal::Closed)
-            } else if let Some(refusal) = req
-                .model
-                .as_deref()
-                .and_then(|m| unservable(&self.instances, m))
-            {
-                st.counters.refused_model += 1;
-                Err(refusal)
-            } else {
-                if !st.queue.is_empty() {
-                    // Waiters and a free slot can only coexist after a readiness change nobody
-                    // poked about: serve them first, they are ahead of this request.
-                    self.dispatch(&mut st, now, &mut grants);
-                }
-                if let Some(model) = req.model.as_deref() {
-                    st.placement.asked(model, now);
-                }
-                let fast = if st.queue.is_empty() {
-                    match self.choose(&st, req.model.as_deref(), req.avoid, now, 0, now) {
-                        Choice::Grant(pos, instance, reason) => Some((pos, instance, reason)),
-                        Choice::Wait(until) => {
-                            self.wake(&mut st, until);
-                            None
-                        }
-                        Choice::NoSlot => None,
-                    }
-                } else {
-                    None
-                };
-                if let Some((pos, instance, reason)) = fast {
-                    let permit = self.grant(
-                        &mut st,
-                        pos,
-                        instance,
-                        req.model.as_deref(),
-                        reason,
-                        Duration::ZERO,
-                    );
-                    Ok(Ok((permit, reason)))
-                } else if st.queue.len() >= self.config.max_queued {
-                    st.counters.refused_full += 1;
-                    Err(Refusal::QueueFull)
-                } else if st.queue.bytes().saturating_add(req.body_bytes)
-                    > self.config.max_queued_bytes
-                {
-                    st.counters.refused_bytes += 1;
-                    Err(Refusal::QueueBytesFull)
-                } else {
-                    let (tx, rx) = oneshot::channel();
-                    let epoch = self.epoch(now);
-                    let seq = st.queue.push(
-                        Entry {
-                            client: req.client.clone(),
-                            priority: req.priority,
-                            bytes: req.body_bytes,
-                            enqueued: now,
-                            item: Waiter {
-                                tx,
-                                model: req.model.clone(),
-                                avoid: req.avoid,
-                            },
-                        },
-                        epoch,
-                    );
-                    // Free slots may sit beside waiters that wait for a warm one: this request
-                    // may take one.
-                    self.dispatch(&mut st, now, &mut grants);
-                    Ok(Err((seq, rx)))
-                }
-            }
+            self.decide(&mut st, &req, now, &mut grants)
         };
         self.deliver(grants);
         match outcome {
@@ -468,13 +378,13 @@ impl Shared {
                     reason = refusal.as_str(), "admission: refused");
                 Err(refusal)
             }
-            Ok(Ok((permit, reason))) => {
+            Ok(Decision::Now(permit, reason)) => {
                 tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
                     instance = %permit.instance.name, reason = reason.as_str(), waited_ms = 0u64,
                     "admission: granted at once");
                 Ok(Admitted::Now(permit))
             }
-            Ok(Err((seq, rx))) => {
+            Ok(Decision::Queued(seq, rx)) => {
                 tracing::debug!(client = %req.client, model = req.model.as_deref().unwrap_or("-"),
                     priority = req.priority, "admission: queued");
                 Ok(Admitted::Queued(Waiting {
@@ -490,6 +400,85 @@ impl Shared {
                 }))
             }
         }
+    }
+
+    /// Under the lock: refuse the request, grant it a slot at once, or queue it.
+    fn decide(
+        self: &Arc<Self>,
+        st: &mut State,
+        req: &AdmitRequest,
+        now: Instant,
+        grants: &mut Vec<Grant>,
+    ) -> Result<Decision, Refusal> {
+        if st.closed {
+            st.counters.closed += 1;
+            return Err(Refusal::Closed);
+        }
+        if let Some(refusal) = req
+            .model
+            .as_deref()
+            .and_then(|m| unservable(&self.instances, m))
+        {
+            st.counters.refused_model += 1;
+            return Err(refusal);
+        }
+        if !st.queue.is_empty() {
+            // Waiters and a free slot can only coexist after a readiness change nobody
+            // poked about: serve them first, they are ahead of this request.
+            self.dispatch(st, now, grants);
+        }
+        if let Some(model) = req.model.as_deref() {
+            st.placement.asked(model, now);
+        }
+        if st.queue.is_empty() {
+            match self.choose(st, req.model.as_deref(), req.avoid, now, 0, now) {
+                Choice::Grant(pos, instance, reason) => {
+                    let model = req.model.as_deref();
+                    let permit = self.grant(st, pos, instance, model, reason, Duration::ZERO);
+                    return Ok(Decision::Now(permit, reason));
+                }
+                Choice::Wait(until) => self.wake(st, until),
+                Choice::NoSlot => {}
+            }
+        }
+        self.enqueue(st, req, now, grants)
+    }
+
+    /// Under the lock: a place in the queue, unless it is full (by count or by bytes).
+    fn enqueue(
+        self: &Arc<Self>,
+        st: &mut State,
+        req: &AdmitRequest,
+        now: Instant,
+        grants: &mut Vec<Grant>,
+    ) -> Result<Decision, Refusal> {
+        if st.queue.len() >= self.config.max_queued {
+            st.counters.refused_full += 1;
+            return Err(Refusal::QueueFull);
+        }
+        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.max_queued_bytes.0 {
+            st.counters.refused_bytes += 1;
+            return Err(Refusal::QueueBytesFull);
+        }
+        let (tx, rx) = oneshot::channel();
+        let epoch = self.epoch(now);
+        let seq = st.queue.push(
+            Entry {
+                client: req.client.clone(),
+                priority: req.priority,
+                bytes: req.body_bytes,
+                enqueued: now,
+                item: Waiter {
+                    tx,
+                    model: req.model.clone(),
+                    avoid: req.avoid,
+                },
+            },
+            epoch,
+        );
+        // Free slots may sit beside waiters that wait for a warm one: this request may take one.
+        self.dispatch(st, now, grants);
+        Ok(Decision::Queued(seq, rx))
     }
 
     /// Takes a slot on instance `pos` (under the lock).

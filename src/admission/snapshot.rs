@@ -47,14 +47,14 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{AdmissionConfig, AdmitRequest, Admitted};
+    use super::super::{AdmitRequest, Admitted, QueueConfig};
     use super::*;
 
     /// With no instance ready everything queues; the view lists the waiters in the order the
     /// queue serves them: round robin between clients, FIFO within one, priority first.
     #[tokio::test]
     async fn waiters_in_serving_order() {
-        let admission = Admission::new(AdmissionConfig::default(), Vec::new());
+        let admission = Admission::new(QueueConfig::default(), Vec::new());
         let mut held = Vec::new();
         for (client, model, priority) in [
             ("alice", "a", 0),

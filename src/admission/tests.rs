@@ -1,5 +1,5 @@
 use super::*;
-use crate::config::{InstanceConfig, UpstreamAddress};
+use crate::config::{ByteSize, InstanceConfig, UpstreamAddress};
 use crate::upstream::InstanceState;
 use rand::Rng;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,10 +20,10 @@ fn instance(index: usize, slots: usize) -> Arc<Instance> {
     inst
 }
 
-fn config(max_queued: usize) -> AdmissionConfig {
-    AdmissionConfig {
+fn config(max_queued: usize) -> QueueConfig {
+    QueueConfig {
         max_queued,
-        ..AdmissionConfig::default()
+        ..QueueConfig::default()
     }
 }
 
@@ -233,7 +233,7 @@ async fn fifo_within_a_client() {
 #[tokio::test]
 async fn priority_first_and_aging_prevents_starvation() {
     tokio::time::pause();
-    let cfg = AdmissionConfig {
+    let cfg = QueueConfig {
         aging: Duration::from_secs(30),
         ..config(100)
     };
@@ -272,10 +272,10 @@ async fn priority_first_and_aging_prevents_starvation() {
 
 #[tokio::test]
 async fn queue_full_and_bytes_full_refuse_at_once() {
-    let cfg = AdmissionConfig {
+    let cfg = QueueConfig {
         max_queued: 2,
-        max_queued_bytes: 100,
-        ..AdmissionConfig::default()
+        max_queued_bytes: ByteSize(100),
+        ..QueueConfig::default()
     };
     let adm = Admission::new(cfg, vec![instance(0, 1)]);
     let held = now(&adm, req("a").body_bytes(1_000)); // the fast path holds no queue bytes
@@ -298,7 +298,7 @@ async fn queue_full_and_bytes_full_refuse_at_once() {
 #[tokio::test]
 async fn wait_expires_and_removes_the_waiter() {
     tokio::time::pause();
-    let cfg = AdmissionConfig {
+    let cfg = QueueConfig {
         max_wait: Duration::from_secs(5),
         ..config(10)
     };
@@ -520,7 +520,7 @@ async fn close_refuses_waiters_and_later_requests() {
 async fn degenerate_configurations_do_not_panic() {
     tokio::time::pause();
     // No instances at all: requests wait, then expire.
-    let cfg = AdmissionConfig {
+    let cfg = QueueConfig {
         max_wait: Duration::from_millis(10),
         aging: Duration::ZERO,
         ..config(10)
@@ -537,7 +537,7 @@ async fn degenerate_configurations_do_not_panic() {
     assert_eq!(adm.admit(req("b")).err(), Some(Refusal::QueueFull));
     drop(p);
     // Huge max_wait and extreme priorities.
-    let cfg = AdmissionConfig {
+    let cfg = QueueConfig {
         max_wait: Duration::MAX,
         aging: Duration::from_nanos(1),
         ..config(10)

@@ -4,11 +4,9 @@
 use super::secrets::{self, parse_sha256_hex, Secrets};
 use super::shared_state::{self, SharedStateConfig};
 use super::{err, file, ConfigError};
+use crate::route_class::RouteClass;
 use std::fmt;
 use std::time::Duration;
-
-/// The route classes a key or policy may name.
-pub const ROUTE_CLASSES: &[&str] = &["inference", "metadata", "management", "other"];
 
 /// The validated access-control configuration.
 #[derive(Debug, Clone, Default)]
@@ -33,8 +31,8 @@ pub struct ApiKey {
     pub requests_per_minute: Option<u32>,
     pub tokens_per_minute: Option<u64>,
     pub models: Vec<String>,
-    /// Route classes allowed (names from [`ROUTE_CLASSES`]); `management` only with `admin`.
-    pub routes: Vec<String>,
+    /// Route classes allowed; `management` only with `admin`.
+    pub routes: Vec<RouteClass>,
     pub admin: bool,
 }
 
@@ -52,8 +50,8 @@ impl fmt::Debug for ApiKey {
 pub struct PolicyConfig {
     /// Models anyone may use (glob patterns); empty: every model.
     pub models: Vec<String>,
-    /// Route classes refused to everyone (names from [`ROUTE_CLASSES`]).
-    pub deny_classes: Vec<String>,
+    /// Route classes refused to everyone.
+    pub deny_classes: Vec<RouteClass>,
     /// Requests per minute per client address, for requests without an API key (1 or more).
     pub requests_per_minute_per_client: Option<u32>,
 }
@@ -154,13 +152,12 @@ fn validate_key(
         ));
     }
     check_globs(at.source, &at.key("models"), &k.models)?;
-    check_classes(at.source, &at.key("routes"), &k.routes)?;
-    let mut routes = k.routes.clone();
-    if routes.iter().any(|r| r == "management") && !k.admin {
+    let mut routes = route_classes(at.source, &at.key("routes"), &k.routes)?;
+    if routes.contains(&RouteClass::Management) && !k.admin {
         return Err(at.err("routes", "`management` needs `admin: true` on this key"));
     }
-    if k.admin && !routes.iter().any(|r| r == "management") {
-        routes.push("management".to_string());
+    if k.admin && !routes.contains(&RouteClass::Management) {
+        routes.push(RouteClass::Management);
     }
     Ok(ApiKey {
         name: k.name.clone(),
@@ -218,7 +215,7 @@ fn key_digest(at: &KeyAt, k: &file::ApiKey, secrets: Secrets) -> Result<[u8; 32]
 
 fn validate_policy(policy: &file::Policy, source: &str) -> Result<PolicyConfig, ConfigError> {
     check_globs(source, "policy.models", &policy.models)?;
-    check_classes(source, "policy.deny_classes", &policy.deny_classes)?;
+    let deny_classes = route_classes(source, "policy.deny_classes", &policy.deny_classes)?;
     if policy.requests_per_minute_per_client == Some(0) {
         return Err(err(
             source,
@@ -228,7 +225,7 @@ fn validate_policy(policy: &file::Policy, source: &str) -> Result<PolicyConfig, 
     }
     Ok(PolicyConfig {
         models: policy.models.clone(),
-        deny_classes: policy.deny_classes.clone(),
+        deny_classes,
         requests_per_minute_per_client: policy.requests_per_minute_per_client,
     })
 }
@@ -290,17 +287,26 @@ fn check_globs(source: &str, key: &str, patterns: &[String]) -> Result<(), Confi
     Ok(())
 }
 
-fn check_classes(source: &str, key: &str, classes: &[String]) -> Result<(), ConfigError> {
-    for (i, c) in classes.iter().enumerate() {
-        if !ROUTE_CLASSES.contains(&c.as_str()) {
-            return Err(err(
-                source,
-                format!("{key}[{i}]"),
-                format!("`{c}`: expected one of {}", ROUTE_CLASSES.join(", ")),
-            ));
-        }
-    }
-    Ok(())
+/// The classes a list names, or an error at the first name that is not one.
+fn route_classes(
+    source: &str,
+    key: &str,
+    names: &[String],
+) -> Result<Vec<RouteClass>, ConfigError> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            RouteClass::from_name(c).ok_or_else(|| {
+                let all: Vec<&str> = RouteClass::ALL.iter().map(|c| c.as_str()).collect();
+                err(
+                    source,
+                    format!("{key}[{i}]"),
+                    format!("`{c}`: expected one of {}", all.join(", ")),
+                )
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -324,7 +330,9 @@ mod tests {
         let k = &c.access.keys[0];
         assert_eq!((k.name.as_str(), k.priority, k.admin), ("ops", 5, true));
         assert_eq!(k.sha256, [0xab; 32]);
-        assert!(k.routes.iter().any(|r| r == "management"));
+        assert!(k
+            .routes
+            .contains(&crate::route_class::RouteClass::Management));
         assert_eq!(k.models, vec!["*"]);
         // `check` prints the hash, never a key.
         assert!(!format!("{:?}", c.access).contains(&hex));

@@ -26,6 +26,23 @@ pub struct QueueConfig {
     pub management_concurrency: usize,
 }
 
+/// The file's defaults.
+impl Default for QueueConfig {
+    fn default() -> Self {
+        let file = file::Admission::default();
+        QueueConfig {
+            max_queued: file.max_queued,
+            max_queued_bytes: file.max_queued_bytes,
+            max_wait: file.max_wait,
+            aging: file.aging,
+            client_id_header: file.client_id_header,
+            priority_header: file.priority_header,
+            priorities: file.priorities,
+            management_concurrency: file.management_concurrency,
+        }
+    }
+}
+
 pub(super) fn validate(file: &file::Admission, source: &str) -> Result<QueueConfig, ConfigError> {
     if file.max_queued == 0 {
         return Err(err(source, "admission.max_queued", "must be at least 1"));

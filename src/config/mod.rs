@@ -28,7 +28,7 @@ mod timeouts;
 mod units;
 mod yaml;
 
-pub use access::{AccessConfig, ApiKey, CorsConfig, PolicyConfig, ROUTE_CLASSES};
+pub use access::{AccessConfig, ApiKey, CorsConfig, PolicyConfig};
 pub use address::{parse_instance_url, UpstreamAddress};
 pub use admission::QueueConfig;
 pub use cli::ConfigArgs;

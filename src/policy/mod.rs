@@ -53,7 +53,7 @@ pub struct KeyState {
 
 impl KeyState {
     fn allows_class(&self, class: RouteClass) -> bool {
-        self.key.routes.iter().any(|r| r == class.as_str())
+        self.key.routes.contains(&class)
     }
 
     /// Its limits for one request (`max_concurrent` only where it counts), or `None` without
@@ -290,12 +290,7 @@ pub async fn on_request(
             Auth::Invalid => return Err(Reject::KeyInvalid),
         }
     };
-    if access
-        .policy
-        .deny_classes
-        .iter()
-        .any(|c| c == class.as_str())
-    {
+    if access.policy.deny_classes.contains(&class) {
         return Err(Reject::ClassDenied {
             class: class.as_str(),
         });
@@ -592,7 +587,7 @@ mod tests {
             requests_per_minute: None,
             tokens_per_minute: None,
             models: models.iter().map(|s| s.to_string()).collect(),
-            routes: vec!["inference".into()],
+            routes: vec![RouteClass::Inference],
             admin: false,
         }
     }

@@ -182,8 +182,8 @@ fn client_label(ctx: &RequestCtx, session: &Session) -> Option<String> {
     }
 }
 
-/// Records a finished client request: its metrics, and its access-log line (target `access`,
-/// unless `log.access` is off). Absent values are left out of the line.
+/// Records a finished client request: its metrics, the status page's recent requests, and its
+/// access-log line (target `access`, unless `log.access` is off).
 fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
     let status = session
         .response_written()
@@ -191,16 +191,13 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         .unwrap_or(ctx.status);
     let duration = ctx.started.elapsed();
     ctx.tap.finish(duration);
-    let tap = ctx.tap.summary();
+    let ctx = &*ctx;
     let downstream = session.as_downstream();
-    let bytes_in = ctx.request_bytes.max(downstream.body_bytes_read() as u64);
-    let bytes_out = ctx.response_bytes.max(downstream.body_bytes_sent() as u64);
     // The sidecar's own answer, or what a failure without one would have been.
     let own = ctx
         .reject
         .clone()
         .or_else(|| e.and_then(|e| respond::classify(e, ctx.instance_name(), &app.config)));
-    let rejection = own.as_ref().filter(|r| r.is_refusal()).map(Reject::label);
     let record = crate::metrics::RequestRecord {
         class: ctx.route.class.as_str(),
         route: ctx.route.name,
@@ -209,38 +206,56 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         duration,
         queue_wait: ctx.queue_wait,
         first_byte: ctx.first_byte,
-        tap,
+        tap: ctx.tap.summary(),
         outcome: ctx.outcome,
-        rejection,
-        bytes_in,
-        bytes_out,
+        rejection: own.as_ref().filter(|r| r.is_refusal()).map(Reject::label),
+        bytes_in: ctx.request_bytes.max(downstream.body_bytes_read() as u64),
+        bytes_out: ctx.response_bytes.max(downstream.body_bytes_sent() as u64),
     };
     crate::metrics::global().record(&record);
-    let req = session.req_header();
     let client = client_label(ctx, session);
-    // An error status Ollama answered is its own message, not a stream's end.
-    let success = (200..300).contains(&status);
-    let error = own
-        .as_ref()
-        .map(Reject::label)
-        .or(tap.error.as_deref().filter(|_| !success));
     crate::admin::recent::global().record(
         &crate::admin::recent::Seen {
             request_id: &ctx.request_id,
             client: client.as_deref().unwrap_or("-"),
             key: ctx.policy.key_name(),
-            method: req.method.as_str(),
+            method: session.req_header().method.as_str(),
             reason: own.as_ref().map(Reject::label),
             message: own.as_ref().map(Reject::message),
         },
         &record,
     );
-    if !app.config.log.access {
-        return;
+    if app.config.log.access {
+        log_access(app, session, ctx, &record, own.as_ref(), client.as_deref());
     }
+}
+
+/// The access-log line of a finished request. Absent values are left out of the line.
+fn log_access(
+    app: &App,
+    session: &Session,
+    ctx: &RequestCtx,
+    record: &crate::metrics::RequestRecord,
+    own: Option<&Reject>,
+    client: Option<&str>,
+) {
+    let req = session.req_header();
+    let tap = record.tap;
+    // An error status Ollama answered is its own message, not a stream's end.
+    let success = (200..300).contains(&record.status);
+    let error = own
+        .map(Reject::label)
+        .or(tap.error.as_deref().filter(|_| !success));
+    let stream_error = tap.error.as_deref().filter(|_| success);
+    // A request no instance could serve: why they are not ready, for the operator only.
+    let instances = match own {
+        Some(Reject::NoInstance | Reject::WaitExpired { .. } | Reject::ModelUnavailable { .. }) => {
+            crate::admin::unready_instances(app)
+        }
+        _ => None,
+    };
     // Milliseconds, to the microsecond.
     let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
-    let stream_error = tap.error.as_deref().filter(|_| success);
     // The path as the client sent it (what was forwarded); `route` names what it meant.
     let raw_path = String::from_utf8_lossy(req.raw_path());
     let raw_path = raw_path.split('?').next().unwrap_or_default();
@@ -250,30 +265,31 @@ fn record_request(app: &App, session: &Session, e: Option<&Error>, ctx: &mut Req
         client,
         method = %req.method,
         path = %raw_path,
-        route = ctx.route.name,
-        class = ctx.route.class.as_str(),
-        model = ctx.model.as_deref(),
+        route = record.route,
+        class = record.class,
+        model = record.model,
         instance = ctx.instance_name(),
         placement = ctx.placement,
-        status,
-        outcome = ctx.outcome.as_str(),
-        rejection,
-        queue_ms = ctx.queue_wait.map(ms),
-        ttfb_ms = ctx.first_byte.map(ms),
+        status = record.status,
+        outcome = record.outcome.as_str(),
+        rejection = record.rejection,
+        queue_ms = record.queue_wait.map(ms),
+        ttfb_ms = record.first_byte.map(ms),
         ttft_ms = tap.first_token.map(ms),
-        duration_ms = ms(duration),
+        duration_ms = ms(record.duration),
         prompt_tokens = tap.prompt_tokens,
         completion_tokens = tap.completion_tokens,
-        bytes_in,
-        bytes_out,
+        bytes_in = record.bytes_in,
+        bytes_out = record.bytes_out,
         retries = ctx.retries,
         error,
         stream_error,
+        instances,
         "{} {} {} {}",
         req.method,
         raw_path,
-        status,
-        ctx.outcome.as_str()
+        record.status,
+        record.outcome.as_str()
     );
 }
 

@@ -20,29 +20,7 @@ pub enum ApiShape {
     Anthropic,
 }
 
-/// What kind of work a request is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RouteClass {
-    /// Generation and embeddings: admitted into a slot.
-    Inference,
-    /// Listing and describing: never waits.
-    Metadata,
-    /// pull/push/create/copy/delete/blobs: its own small limit.
-    Management,
-    /// Anything else (unknown paths, redirects, account routes): passed through, Ollama answers.
-    Other,
-}
-
-impl RouteClass {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RouteClass::Inference => "inference",
-            RouteClass::Metadata => "metadata",
-            RouteClass::Management => "management",
-            RouteClass::Other => "other",
-        }
-    }
-}
+pub use crate::route_class::RouteClass;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Route {

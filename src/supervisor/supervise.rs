@@ -245,83 +245,99 @@ impl InstanceTask {
         outcome
     }
 
+    /// The phases of one run: each returns `Err` with the run's outcome when the run ends there.
     async fn serve(&mut self, running: &mut Running) -> Outcome {
+        if let Err(outcome) = self.start(running).await {
+            return outcome;
+        }
+        if let Err(outcome) = self.warm(running).await {
+            return outcome;
+        }
+        self.stay_ready(running).await
+    }
+
+    /// Starting: poll /api/version until 200 or start_timeout.
+    async fn start(&mut self, running: &mut Running) -> Result<(), Outcome> {
         let port = self.spec.port;
         let grace = self.spec.stop_grace;
-        let name = self.instance.name.clone();
-        let stopped = |exit: String| {
-            tracing::info!(instance = %name, exit = %exit, "instance process stopped");
-            Outcome::Stopped { exit }
-        };
-        let ended = |exit: String, ready_for: Option<Duration>| Outcome::Ended { exit, ready_for };
-
-        // Starting: poll /api/version until 200 or start_timeout.
         let deadline = Instant::now() + self.spec.start_timeout;
         loop {
             match running
                 .watch(&mut self.stop, probe::version_ok(port, READY_PROBE_TIMEOUT))
                 .await
             {
-                Event::Done(true) => break,
+                Event::Done(true) => return Ok(()),
                 Event::Done(false) => {}
-                Event::Exited(s) => return ended(running.exited(s), None),
-                Event::Stop => return stopped(running.terminate(grace).await),
+                Event::Exited(s) => return Err(ended(running.exited(s), None)),
+                Event::Stop => return Err(self.stopped(running.terminate(grace).await)),
             }
             if Instant::now() >= deadline {
-                tracing::warn!(instance = %name, start_timeout = %humantime::format_duration(self.spec.start_timeout), "instance did not answer /api/version in time; killing it");
+                tracing::warn!(instance = %self.instance.name, start_timeout = %humantime::format_duration(self.spec.start_timeout), "instance did not answer /api/version in time; killing it");
                 let exit = running.terminate(grace).await;
-                return ended(
+                return Err(ended(
                     format!(
                         "{exit}; killed by the sidecar: no answer within start_timeout ({})",
                         humantime::format_duration(self.spec.start_timeout)
                     ),
                     None,
-                );
+                ));
             }
             match running
                 .watch(&mut self.stop, tokio::time::sleep(READY_POLL))
                 .await
             {
                 Event::Done(()) => {}
-                Event::Exited(s) => return ended(running.exited(s), None),
-                Event::Stop => return stopped(running.terminate(grace).await),
+                Event::Exited(s) => return Err(ended(running.exited(s), None)),
+                Event::Stop => return Err(self.stopped(running.terminate(grace).await)),
             }
         }
+    }
 
-        // Warming: load each warm-up model; a failure is a warning, not a failed start.
-        if !self.spec.warmup.is_empty() {
-            self.set_state(InstanceState::Warming);
-            // A cold load takes as long as a first response may: reuse that bound.
-            let timeout = self.app.config.timeouts.response_header;
-            for model in self.spec.warmup.clone() {
-                let mut body = serde_json::json!({ "model": model });
-                if let Some(k) = &self.spec.keep_alive {
-                    body["keep_alive"] = serde_json::Value::String(k.clone());
+    /// Warming: load each warm-up model; a failure is a warning, not a failed start.
+    async fn warm(&mut self, running: &mut Running) -> Result<(), Outcome> {
+        if self.spec.warmup.is_empty() {
+            return Ok(());
+        }
+        let port = self.spec.port;
+        let grace = self.spec.stop_grace;
+        let name = self.instance.name.clone();
+        self.set_state(InstanceState::Warming);
+        // A cold load takes as long as a first response may: reuse that bound.
+        let timeout = self.app.config.timeouts.response_header;
+        for model in self.spec.warmup.clone() {
+            let mut body = serde_json::json!({ "model": model });
+            if let Some(k) = &self.spec.keep_alive {
+                body["keep_alive"] = serde_json::Value::String(k.clone());
+            }
+            let started = Instant::now();
+            match running
+                .watch(
+                    &mut self.stop,
+                    probe::post_json(port, "/api/generate", &body, timeout),
+                )
+                .await
+            {
+                Event::Done(Ok(a)) if a.status == 200 && !has_error(&a.body) => {
+                    tracing::info!(instance = %name, model = %model, took = %humantime::format_duration(round_ms(started.elapsed())), "warm-up model loaded");
                 }
-                let started = Instant::now();
-                match running
-                    .watch(
-                        &mut self.stop,
-                        probe::post_json(port, "/api/generate", &body, timeout),
-                    )
-                    .await
-                {
-                    Event::Done(Ok(a)) if a.status == 200 && !has_error(&a.body) => {
-                        tracing::info!(instance = %name, model = %model, took = %humantime::format_duration(round_ms(started.elapsed())), "warm-up model loaded");
-                    }
-                    Event::Done(Ok(a)) => {
-                        tracing::warn!(instance = %name, model = %model, status = a.status, body = %String::from_utf8_lossy(&a.body[..a.body.len().min(512)]).trim(), "warm-up failed; the instance is ready without it");
-                    }
-                    Event::Done(Err(e)) => {
-                        tracing::warn!(instance = %name, model = %model, error = %e, "warm-up failed; the instance is ready without it");
-                    }
-                    Event::Exited(s) => return ended(running.exited(s), None),
-                    Event::Stop => return stopped(running.terminate(grace).await),
+                Event::Done(Ok(a)) => {
+                    tracing::warn!(instance = %name, model = %model, status = a.status, body = %String::from_utf8_lossy(&a.body[..a.body.len().min(512)]).trim(), "warm-up failed; the instance is ready without it");
                 }
+                Event::Done(Err(e)) => {
+                    tracing::warn!(instance = %name, model = %model, error = %e, "warm-up failed; the instance is ready without it");
+                }
+                Event::Exited(s) => return Err(ended(running.exited(s), None)),
+                Event::Stop => return Err(self.stopped(running.terminate(grace).await)),
             }
         }
+        Ok(())
+    }
 
-        // Ready: liveness every LIVENESS_INTERVAL; liveness_failures in a row restart it.
+    /// Ready: liveness every LIVENESS_INTERVAL; liveness_failures in a row restart it.
+    async fn stay_ready(&mut self, running: &mut Running) -> Outcome {
+        let port = self.spec.port;
+        let grace = self.spec.stop_grace;
+        let name = self.instance.name.clone();
         self.set_state(InstanceState::Ready);
         let ready_at = Instant::now();
         let limit = self.spec.restart.liveness_failures.max(1);
@@ -333,7 +349,7 @@ impl InstanceTask {
             {
                 Event::Done(()) => {}
                 Event::Exited(s) => return ended(running.exited(s), Some(ready_at.elapsed())),
-                Event::Stop => return stopped(running.terminate(grace).await),
+                Event::Stop => return self.stopped(running.terminate(grace).await),
             }
             match running
                 .watch(&mut self.stop, probe::version_ok(port, LIVENESS_TIMEOUT))
@@ -358,10 +374,21 @@ impl InstanceTask {
                     }
                 }
                 Event::Exited(s) => return ended(running.exited(s), Some(ready_at.elapsed())),
-                Event::Stop => return stopped(running.terminate(grace).await),
+                Event::Stop => return self.stopped(running.terminate(grace).await),
             }
         }
     }
+
+    /// `stop()` ended the run.
+    fn stopped(&self, exit: String) -> Outcome {
+        tracing::info!(instance = %self.instance.name, exit = %exit, "instance process stopped");
+        Outcome::Stopped { exit }
+    }
+}
+
+/// The process ended (or was killed) and restarts after the backoff.
+fn ended(exit: String, ready_for: Option<Duration>) -> Outcome {
+    Outcome::Ended { exit, ready_for }
 }
 
 /// Ollama reports a failed load as `{"error": "..."}` (sometimes with status 200 in a stream).
