@@ -1309,3 +1309,39 @@ fn the_per_address_limit_has_its_own_label() {
         1.0
     );
 }
+
+#[test]
+fn the_merged_model_list_carries_cors_headers() {
+    // With two instances the sidecar answers /api/tags itself (the merged list): like every
+    // answer of its own, it must let an allowed browser origin read it.
+    let origin = "https://app.example";
+    let (a, b) = (Mock::start(&[]), Mock::start(&[]));
+    let sc = Sidecar::start(&format!(
+        "cors:\n  origins: [\"{origin}\"]\n{}",
+        external_instances(&[&a, &b], 1)
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            client()
+                .get(sc.url("/api/tags"))
+                .send()
+                .is_ok_and(|r| r.status() == 200)
+        }),
+        "no merged list; log:\n{}",
+        sc.log_text()
+    );
+    let r = client()
+        .get(sc.url("/api/tags"))
+        .header("origin", origin)
+        .send()
+        .expect("tags");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some(origin),
+        "{:?}",
+        r.headers()
+    );
+}

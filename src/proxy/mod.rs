@@ -108,20 +108,7 @@ impl SidecarProxy {
             return Ok(false);
         };
         match models_view::fetch(&app.registry, list, app.config.health.timeout).await {
-            Ok(body) => {
-                let mut header = ResponseHeader::build(200, Some(3))?;
-                header.insert_header(
-                    http::header::CONTENT_TYPE,
-                    "application/json; charset=utf-8",
-                )?;
-                header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-                if !ctx.request_id.is_empty() {
-                    header.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
-                }
-                ctx.status = 200;
-                ctx.outcome = Outcome::Served;
-                respond::write_whole_response(session, header, body).await?;
-            }
+            Ok(body) => respond::json(app, session, ctx, body).await?,
             Err(ViewError::NoInstanceReady) => {
                 respond::reject(app, session, ctx, Reject::NoInstance).await?
             }

@@ -29,12 +29,7 @@ pub async fn reject(
         session.set_keepalive(None);
     }
     let body = errors::error_body(ctx.route.shape, status, &reject.message());
-    let mut header = ResponseHeader::build(status, Some(8))?;
-    header.insert_header(
-        http::header::CONTENT_TYPE,
-        "application/json; charset=utf-8",
-    )?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    let mut header = json_header(app, session, ctx, status, body.len())?;
     if let Some(secs) = reject.retry_after() {
         header.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }
@@ -44,12 +39,6 @@ pub async fn reject(
             "Bearer realm=\"ollama-sidecar\"",
         )?;
     }
-    if !ctx.request_id.is_empty() {
-        header.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
-    }
-    if let Some(origin) = cors::allowed_origin(&app.config.access.cors, session.req_header()) {
-        cors::decorate(&mut header, origin)?;
-    }
     ctx.status = status;
     ctx.outcome = if reject.is_refusal() {
         Outcome::Refused
@@ -58,6 +47,43 @@ pub async fn reject(
     };
     ctx.reject = Some(reject);
     write_whole_response(session, header, body).await
+}
+
+/// Answers the request with a JSON document of the sidecar's own (200).
+pub async fn json(
+    app: &App,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    body: bytes::Bytes,
+) -> Result<()> {
+    let header = json_header(app, session, ctx, 200, body.len())?;
+    ctx.status = 200;
+    ctx.outcome = Outcome::Served;
+    write_whole_response(session, header, body).await
+}
+
+/// The head of every JSON answer of the sidecar's own: type, length, the request id, and CORS
+/// for an allowed origin (so a browser can read it, errors and their `Retry-After` included).
+fn json_header(
+    app: &App,
+    session: &Session,
+    ctx: &RequestCtx,
+    status: u16,
+    body_len: usize,
+) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(status, Some(8))?;
+    header.insert_header(
+        http::header::CONTENT_TYPE,
+        "application/json; charset=utf-8",
+    )?;
+    header.insert_header(http::header::CONTENT_LENGTH, body_len.to_string())?;
+    if !ctx.request_id.is_empty() {
+        header.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
+    }
+    if let Some(origin) = cors::allowed_origin(&app.config.access.cors, session.req_header()) {
+        cors::decorate(&mut header, origin)?;
+    }
+    Ok(header)
 }
 
 /// Writes a response the sidecar answers itself: the header and its whole body, or the header
