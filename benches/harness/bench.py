@@ -211,14 +211,16 @@ def quiet_machine(max_busy, max_wait, log):
 # Measuring clients
 
 
-def run_wrk(url, conns, duration, threads, method=None, body=None):
+def run_wrk(url, conns, duration, threads, method=None, body=None, headers=()):
     env = dict(os.environ)
     if method:
         env["WRK_METHOD"] = method
     if body:
         env["WRK_BODY"] = body
-    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency",
-           "-s", LUA, url]
+    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency"]
+    for header in headers:
+        cmd += ["-H", header]
+    cmd += ["-s", LUA, url]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60)
     for line in out.stdout.splitlines():
         if line.startswith("WRKJSON "):

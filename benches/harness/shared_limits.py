@@ -17,7 +17,6 @@ redis-server). Everything runs on 127.0.0.1 and is stopped on exit: a redis-serv
 import argparse
 import datetime
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -88,18 +87,8 @@ def start_sidecar(procs, workdir, args, name, mock_port, extra):
 
 
 def wrk(port, path, conns, threads, duration, body=None):
-    env = dict(os.environ)
-    if body:
-        env.update(WRK_METHOD="POST", WRK_BODY=body)
-    cmd = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "5s", "--latency",
-           "-H", AUTH, "-s", bench.LUA, f"http://127.0.0.1:{port}{path}"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=duration + 60)
-    for line in out.stdout.splitlines():
-        if line.startswith("WRKJSON "):
-            r = json.loads(line[8:])
-            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
-            return r
-    raise RuntimeError(f"wrk failed: {out.stdout}\n{out.stderr}")
+    return bench.run_wrk(f"http://127.0.0.1:{port}{path}", conns, duration, threads,
+                         "POST" if body else None, body, headers=[AUTH])
 
 
 def main():
