@@ -325,10 +325,16 @@ fn token_counters_equal_the_mocks_counts() {
         e.0 += prompt;
         e.1 += completion;
     }
-    // A stream without `include_usage` reports no counts, and adds none.
+    // A stream without `include_usage` shows the client no counts, but the sidecar asked Ollama
+    // for them: they are counted like those of the same stream with the option.
     let (status, text) = post(&sc, "/v1/chat/completions", &openai_body(true, false));
     assert_eq!(status, 200);
     assert_eq!(counts_in(&text), (0, 0));
+    let (_, with_usage) = post(&sc, "/v1/chat/completions", &openai_body(true, true));
+    let (prompt, completion) = counts_in(&with_usage);
+    let e = expected.entry("/v1/chat/completions").or_default();
+    e.0 += 2 * prompt;
+    e.1 += 2 * completion;
     // The mock's prompt count: 1 + chars/4 + 4 per message ("hello world": 1 + 2 + 4).
     let (_, text) = post(&sc, "/api/chat", &chat_body(false));
     assert_eq!(counts_in(&text), (7, MOCK_TOKENS));

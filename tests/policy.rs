@@ -579,6 +579,130 @@ fn streamed_tokens_are_charged() {
     }));
 }
 
+/// The events of an SSE body, with the fields that differ between two runs (`id`, `created`)
+/// blanked, so a stream through the sidecar can be compared with one from the mock directly.
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(
+            |e| match e.strip_prefix("data: ").map(serde_json::from_str::<Value>) {
+                Some(Ok(Value::Object(mut o))) => {
+                    o.remove("id");
+                    o.remove("created");
+                    Value::Object(o).to_string()
+                }
+                _ => e.to_string(),
+            },
+        )
+        .collect()
+}
+
+#[test]
+fn openai_streams_are_charged_without_include_usage() {
+    let mock = Mock::start(&[("MOCK_TOKENS", "70")]);
+    let sc = start_with_keys(&mock, "      tokens_per_minute: 60\n", "");
+    let alice = format!("Bearer {ALICE}");
+    let stream =
+        json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":true})
+            .to_string();
+    let auth = [("authorization", alice.as_str())];
+    // The client gets exactly what Ollama would send it without the option: no usage chunk.
+    let (status, _, through) = send(
+        "POST",
+        &sc.url("/v1/chat/completions"),
+        &auth,
+        Some(stream.clone()),
+    );
+    assert_eq!(status, 200, "{through}");
+    let (_, _, direct) = send(
+        "POST",
+        &mock.url("/v1/chat/completions"),
+        &[],
+        Some(stream.clone()),
+    );
+    assert!(!through.contains("\"usage\""), "{through}");
+    assert_eq!(sse_events(&through), sse_events(&direct));
+    // Ollama was asked for the usage on the client's behalf: the body it got through the
+    // sidecar is the client's with the option as its last key.
+    let asking = format!(
+        "{},\"stream_options\":{{\"include_usage\":true}}}}",
+        &stream[..stream.len() - 1]
+    );
+    let bodies: Vec<String> = mock_requests(&mock)
+        .iter()
+        .filter(|r| r["path"] == "/v1/chat/completions")
+        .map(|r| r["body_sha256"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(
+        bodies,
+        [sha(&asking), sha(&stream)],
+        "through the sidecar, then direct"
+    );
+    // The first stream spent more than the 60-token budget (a prompt and 70 tokens): the next ones are refused.
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let (status, _, _) = send(
+            "POST",
+            &sc.url("/v1/chat/completions"),
+            &auth,
+            Some(stream.clone()),
+        );
+        statuses.push(status);
+    }
+    assert!(statuses.iter().all(|&s| s == 429), "{statuses:?}");
+    // A client that asked for the usage still gets it.
+    let (status, _, text) = send(
+        "POST",
+        &sc.url("/v1/chat/completions"),
+        &[("x-api-key", BOB)],
+        Some(json!({"model":"llama3.2","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}).to_string()),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"completion_tokens\":70"), "{text}");
+}
+
+#[test]
+fn a_stream_cut_short_is_charged_for_what_it_carried() {
+    use std::io::{Read, Write};
+    let mock = Mock::start(&[("MOCK_TOKENS", "200"), ("MOCK_TOKEN_DELAY_MS", "20")]);
+    let sc = start_with_keys(&mock, "      tokens_per_minute: 30\n", "");
+    let body = json!({"model":"llama3.2","prompt":"hi"}).to_string();
+    let request = format!(
+        "POST /api/generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ALICE}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", sc.port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    conn.write_all(request.as_bytes()).expect("send");
+    // Read until about 40 tokens have arrived, then leave before the counts at the end.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while seen.windows(13).filter(|w| w == b"\"done\":false}").count() < 40 {
+        assert!(std::time::Instant::now() < deadline, "the stream stalled");
+        let n = conn.read(&mut buf).expect("read");
+        assert!(n > 0, "the stream ended early");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(conn);
+    // Charged when the sidecar has seen the client go (its access line); a probe that was let
+    // through would spend tokens itself, so one probe only.
+    assert!(
+        wait_until(Duration::from_secs(5), || sc
+            .log_text()
+            .contains("outcome=\"cancelled_streaming\"")),
+        "the client's leaving went unnoticed"
+    );
+    // What it carried (about 40 tokens) is over the 30-token budget: the key is refused.
+    let alice = format!("Bearer {ALICE}");
+    let (status, _, text) = post_chat(&sc, &[("authorization", alice.as_str())], "llama3.2");
+    assert_eq!(
+        status, 429,
+        "a stream the client cut short was not charged: {text}"
+    );
+}
+
 #[test]
 fn anonymous_metadata_when_allowed() {
     let mock = Mock::start(&[]);

@@ -522,13 +522,13 @@ pub fn on_response(
     Ok(())
 }
 
-/// The request is over: charge its tokens (prompt + completion, as the tap read them) to the
-/// key's budget and end its in-flight count.
+/// The request is over: charge its tokens (`TapSummary::tokens_to_charge`: Ollama's counts, or
+/// the output a stream cut short had carried) to the key's budget and end its in-flight count.
 pub fn on_finish(mut state: RequestPolicy, tap: &TapSummary) {
     let Some(key) = state.key.as_ref().map(|k| &k.0) else {
         return;
     };
-    let used = tap.prompt_tokens.unwrap_or(0) + tap.completion_tokens.unwrap_or(0);
+    let used = tap.tokens_to_charge();
     if let (Some(tokens), true) = (&key.tokens, used > 0) {
         lock(tokens).charge(used as f64, Instant::now());
     }

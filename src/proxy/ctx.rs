@@ -3,7 +3,7 @@
 //! and `status` are set wherever the request ends (`respond::reject` for the sidecar's own
 //! answers, the relay, the conductor's `logging` for the ordinary proxy path).
 
-use super::{canonical, retry, route, tap};
+use super::{canonical, retry, route, tap, usage};
 use crate::app::ActiveGuard;
 use crate::metrics::Outcome;
 use crate::reject::Reject;
@@ -16,6 +16,10 @@ use std::time::{Duration, Instant};
 pub struct Dispatch {
     pub instance: Arc<Instance>,
     pub request_id: String,
+    /// The length of the body handed over, which the subrequest's `Content-Length` must say
+    /// (Pingora builds the subrequest from the client's raw header, and the body may have been
+    /// extended: `usage.rs`).
+    pub body_length: usize,
 }
 
 pub struct RequestCtx {
@@ -60,6 +64,8 @@ pub struct RequestCtx {
     pub(super) reject: Option<Reject>,
     /// Reads the relayed response for tokens and in-band errors.
     pub(super) tap: tap::StreamTap,
+    /// Takes out the usage event the sidecar asked for on the client's behalf (`usage.rs`).
+    pub(super) usage_strip: usage::UsageStrip,
     /// Retries made, and why.
     pub(super) retries: u32,
     pub(super) retry_reasons: Vec<retry::RetryReason>,
@@ -93,6 +99,7 @@ impl RequestCtx {
             outcome: Outcome::Pending,
             reject: None,
             tap: tap::StreamTap::default(),
+            usage_strip: usage::UsageStrip::default(),
             retries: 0,
             retry_reasons: Vec::new(),
             policy: Default::default(),

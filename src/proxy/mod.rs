@@ -13,6 +13,7 @@ pub mod respond;
 pub mod retry;
 pub mod route;
 pub mod tap;
+pub mod usage;
 
 use crate::app::App;
 use crate::metrics::Outcome;
@@ -21,6 +22,7 @@ use crate::policy::{self, Verdict};
 use crate::reject::Reject;
 use crate::upstream::{select, target};
 use async_trait::async_trait;
+use bytes::Bytes;
 pub use ctx::{Dispatch, RequestCtx};
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
@@ -311,6 +313,12 @@ impl ProxyHttp for SidecarProxy {
         {
             ctx.request_id = dispatch.request_id.clone();
             ctx.dispatch = Some(dispatch.clone());
+            // Before anything reads the body: Pingora frames it by this header.
+            let body_length = dispatch.body_length;
+            let header = session.req_header_mut();
+            if header.headers.contains_key(http::header::CONTENT_LENGTH) {
+                header.insert_header(http::header::CONTENT_LENGTH, body_length)?;
+            }
             return Ok(false);
         }
         ctx.request_id = headers::request_id(req);
@@ -410,7 +418,25 @@ impl ProxyHttp for SidecarProxy {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        // The ordinary proxy path's responses are read too, so any counts they carry are charged
+        // (the inference path's relay reads its own; a subrequest's parent does).
+        if !ctx.is_subrequest() {
+            ctx.tap.start(ctx.response_content_type.as_deref());
+        }
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if let (Some(bytes), false) = (body.as_ref(), ctx.is_subrequest()) {
+            ctx.tap.observe(bytes, ctx.started.elapsed());
+        }
+        Ok(None)
     }
 
     fn fail_to_connect(

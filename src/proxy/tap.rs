@@ -52,6 +52,20 @@ pub struct TapSummary {
     pub done: bool,
     /// The body was a stream (NDJSON or SSE).
     pub streamed: bool,
+    /// Streamed chunks that carried output. Ollama's runners send each generated token as it
+    /// comes, holding back only a piece that may be a stop sequence or a partial UTF-8 character,
+    /// so this is a lower bound of the completion tokens when the stream ends before its counts.
+    pub token_chunks: u64,
+}
+
+impl TapSummary {
+    /// The tokens a key's budget is charged: Ollama's own counts; for a stream that ended
+    /// before them (the client left, the instance broke), the output chunks seen (the prompt's
+    /// count is unknown then, and not charged).
+    pub fn tokens_to_charge(&self) -> u64 {
+        let completion = self.completion_tokens.unwrap_or(self.token_chunks);
+        self.prompt_tokens.unwrap_or(0) + completion
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +201,7 @@ impl StreamTap {
                 // After the first token, content chunks only need to be seen, not parsed.
                 if self.summary.first_token.is_some() && line.ends_with(b"\"done\":false}") {
                     self.summary.last_token = Some(at);
+                    self.summary.token_chunks += 1;
                     return;
                 }
                 line
@@ -203,6 +218,7 @@ impl StreamTap {
                 }
                 if self.summary.first_token.is_some() && is_plain_sse_delta(data) {
                     self.summary.last_token = Some(at);
+                    self.summary.token_chunks += 1;
                     return;
                 }
                 data
@@ -235,6 +251,7 @@ impl StreamTap {
         if streamed && token {
             s.first_token.get_or_insert(at);
             s.last_token = Some(at);
+            s.token_chunks += 1;
         }
         if obj.done == Some(true) {
             s.done = true;

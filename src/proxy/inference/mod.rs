@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 /// Serves one inference request from `request_filter`; always returns `Ok(true)` (answered).
 pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     let body = match read::read_checked(app, session, ctx).await? {
-        Ok(body) => body,
+        Ok(body) => super::usage::prepare(session, ctx, body),
         Err(refused) => {
             respond::reject(app, session, ctx, refused).await?;
             return Ok(true);

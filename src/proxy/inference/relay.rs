@@ -98,6 +98,7 @@ impl Subrequest {
         let dispatch = Dispatch {
             instance: instance.clone(),
             request_id: ctx.request_id.clone(),
+            body_length: body.len(),
         };
         let sub_ctx = SubrequestCtx::builder()
             .body_mode(BodyMode::ExpectBody)
@@ -236,6 +237,7 @@ pub async fn attempt(
             phase = Phase::Streaming;
         }
         observe(ctx, &task);
+        let task = ctx.usage_strip.relay_task(task);
         let end = task.is_end() || matches!(task, HttpTask::Done);
         if session.write_response_tasks(vec![task]).await.is_err() {
             break Stop::ClientGone;
