@@ -985,14 +985,31 @@ impl Redis {
     }
 }
 
-/// A sample's value on the sidecar's `/metrics` (`name{labels}` as written there), 0 when absent.
-pub fn metric_value(admin_port: u16, series: &str) -> f64 {
-    let text = client()
+/// The sidecar's `/metrics` page ("" when it cannot be read).
+pub fn metrics_text(admin_port: u16) -> String {
+    client()
         .get(format!("http://127.0.0.1:{admin_port}/metrics"))
         .send()
         .and_then(|r| r.text())
-        .unwrap_or_default();
-    text.lines()
+        .unwrap_or_default()
+}
+
+/// The sum of every sample of the metric `name`, whatever its labels.
+pub fn metric_sum(admin_port: u16, name: &str) -> f64 {
+    metrics_text(admin_port)
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A sample's value on the sidecar's `/metrics` (`name{labels}` as written there), 0 when absent.
+pub fn metric_value(admin_port: u16, series: &str) -> f64 {
+    metrics_text(admin_port)
+        .lines()
         .find_map(|l| {
             l.strip_prefix(series)?
                 .strip_prefix(' ')?
