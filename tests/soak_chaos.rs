@@ -312,7 +312,7 @@ fn two_hundred_clients_while_instances_are_killed() {
         let (stop, ends, broken, sent) = (stop.clone(), ends.clone(), broken.clone(), sent.clone());
         let port = sc.port;
         threads.push(std::thread::spawn(move || {
-            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c + 1) * 0x2545_F491_4F6C_DD1D));
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (c + 1).wrapping_mul(0x2545_F491_4F6C_DD1D));
             // A bounded count as well as the deadline.
             for _ in 0..10_000 {
                 if stop.load(Ordering::Relaxed) || Instant::now() >= deadline {
