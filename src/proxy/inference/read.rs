@@ -4,26 +4,27 @@
 
 use super::super::body;
 use super::super::ctx::RequestCtx;
-use super::super::request_body;
+use super::super::request_body::{self, Bounds, PendingBody};
 use crate::app::App;
 use crate::reject::Reject;
 use bytes::Bytes;
 use pingora_error::Result;
 use pingora_proxy::Session;
 
-/// The body, or why the request is refused before admission.
+/// The body and its share of the pending-body budget (held until admission), or why the
+/// request is refused before admission.
 pub async fn read_checked(
     app: &App,
     session: &mut Session,
     ctx: &mut RequestCtx,
-) -> Result<std::result::Result<Bytes, Reject>> {
+) -> Result<std::result::Result<(Bytes, PendingBody), Reject>> {
     let limits = &app.config.limits;
     let too_large = Reject::BodyTooLarge {
         limit: limits.max_body,
     };
-    let timeout = limits.body_read_timeout;
-    let read = request_body::read(session, ctx, limits.max_body.0, too_large, timeout).await?;
-    Ok(read.and_then(|body| check(app, session, ctx, &body).map(|()| body)))
+    let bounds = Bounds::new(limits, limits.max_body.0, too_large);
+    let read = request_body::read(session, ctx, bounds).await?;
+    Ok(read.and_then(|body| check(app, session, ctx, &body.0).map(|()| body)))
 }
 
 /// The parsed body's model and the policy's checks on it.
