@@ -383,3 +383,58 @@ fn trickled_large_bodies_are_bounded_in_memory_and_time() {
         .expect("chat");
     assert_eq!(resp.status(), 200);
 }
+
+/// A model name is the client's: one far longer than any model Ollama can have (its
+/// `ParseName` refuses more than 128 bytes) is kept bounded in the access log, the status
+/// page's recent refusals and the sidecar's memory, refused or forwarded.
+#[test]
+fn long_model_names_are_bounded_in_logs_and_state() {
+    let mock = Mock::start(&[]);
+    let sc = Sidecar::start(&format!(
+        "log:\n  format: json\npolicy:\n  models: [\"llama3.2*\"]\n{}",
+        external_instances(&[&mock], 2)
+    ));
+    let long = "q".repeat(512 << 10);
+    let body = format!(r#"{{"model":"{long}","prompt":"hi","stream":false}}"#);
+    let resp = client()
+        .post(sc.url("/api/generate"))
+        .header("x-request-id", "long-name")
+        .body(body)
+        .send()
+        .expect("generate");
+    assert_eq!(resp.status(), 403);
+    let text = resp.text().unwrap_or_default();
+    assert!(
+        text.len() < 1024,
+        "the refusal repeats the name: {} bytes",
+        text.len()
+    );
+    let lines = access_lines(&sc, |ls| ls.iter().any(|l| l["request_id"] == "long-name"));
+    let line = lines
+        .iter()
+        .find(|l| l["request_id"] == "long-name")
+        .unwrap_or_else(|| panic!("no access line; log:\n{}", sc.log_text()));
+    let logged = line["model"].as_str().unwrap_or_default();
+    assert!(
+        logged.starts_with("qqqq") && logged.len() <= 140,
+        "the access log holds a model name of {} bytes",
+        logged.len()
+    );
+    let status = sc.status();
+    let refusal = status["recent_refusals"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["request_id"] == "long-name"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no recent refusal: {status}"));
+    assert!(
+        refusal["model"].as_str().unwrap_or_default().len() <= 140,
+        "the status page keeps a model name of {} bytes",
+        refusal.to_string().len()
+    );
+    // The whole log stays small: the name was not written out anywhere at full length.
+    assert!(
+        sc.log_text().len() < 64 << 10,
+        "{} bytes of log",
+        sc.log_text().len()
+    );
+}
