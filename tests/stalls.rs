@@ -2,7 +2,8 @@
 //! that stops reading loses its stream and its slot (`limits.write_timeout`); request bodies held
 //! before admission are bounded in all (`limits.max_pending_body_bytes`) and in time
 //! (`limits.body_deadline`); requests sent back to back on one connection are all answered, in
-//! order. Loops are bounded in count and time; sockets and processes end with their test.
+//! order; a client's model name is kept bounded. Loops are bounded in count and time; sockets
+//! and processes end with their test.
 
 mod common;
 
