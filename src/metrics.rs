@@ -104,6 +104,8 @@ pub enum Outcome {
     CancelledStreaming,
     /// No instance could answer it.
     Failed,
+    /// The client read nothing for `limits.write_timeout`: its stream was cut.
+    WriteTimeout,
 }
 
 impl Outcome {
@@ -116,6 +118,7 @@ impl Outcome {
             Outcome::CancelledWaiting => "cancelled_waiting",
             Outcome::CancelledStreaming => "cancelled_streaming",
             Outcome::Failed => "failed",
+            Outcome::WriteTimeout => "write_timeout",
         }
     }
 }
@@ -756,6 +759,7 @@ impl Metrics {
             Outcome::CancelledQueued => Some("queued"),
             Outcome::CancelledWaiting => Some("waiting"),
             Outcome::CancelledStreaming => Some("streaming"),
+            Outcome::WriteTimeout => Some("write_timeout"),
             _ => None,
         };
         if let Some(phase) = phase {

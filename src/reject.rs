@@ -139,6 +139,15 @@ pub enum Reject {
     /// A status Pingora raised as an error.
     HttpStatus(u16),
     Internal,
+    /// Request bodies held before admission, all connections together, would pass
+    /// `limits.max_pending_body_bytes`.
+    PendingBodiesFull {
+        limit: ByteSize,
+    },
+    /// The body did not arrive whole within `limits.body_deadline`.
+    BodyDeadline {
+        after: Duration,
+    },
 }
 
 /// The labels of refusals (`rejections_total{reason}`, the access log's `rejection`), so that
@@ -162,6 +171,8 @@ pub const REFUSAL_LABELS: &[&str] = &[
     "wait_expired",
     "shutting_down",
     "management_busy",
+    "pending_bodies_full",
+    "body_deadline",
 ];
 
 fn human(d: Duration) -> humantime::FormattedDuration {
@@ -184,7 +195,7 @@ impl Reject {
             | KeyModelDenied { .. }
             | PolicyModelDenied { .. }
             | ModelUnreadable => 403,
-            BodyTimeout { .. } => 408,
+            BodyTimeout { .. } | BodyDeadline { .. } => 408,
             BodyTooLarge { .. } | CheckedBodyTooLarge => 413,
             UriTooLong { .. } => 414,
             KeyRequests { .. }
@@ -202,7 +213,8 @@ impl Reject {
             | ShuttingDown
             | ManagementBusy
             | NoInstance
-            | ModelUnavailable { .. } => 503,
+            | ModelUnavailable { .. }
+            | PendingBodiesFull { .. } => 503,
             ConnectTimeout { .. } | ResponseTimeout { .. } | IdleTimeout { .. } => 504,
         }
     }
@@ -218,7 +230,8 @@ impl Reject {
             | LimitsUnavailable
             | QueueFull
             | QueueBytesFull
-            | ShuttingDown => Some(1),
+            | ShuttingDown
+            | PendingBodiesFull { .. } => Some(1),
             WaitExpired { .. } | ManagementBusy | ModelUnavailable { .. } => Some(5),
             _ => None,
         }
@@ -258,6 +271,8 @@ impl Reject {
             BadRequest => "bad_request",
             HttpStatus(_) => "http_status",
             Internal => "internal",
+            PendingBodiesFull { .. } => "pending_bodies_full",
+            BodyDeadline { .. } => "body_deadline",
         }
     }
 
@@ -277,6 +292,8 @@ impl Reject {
                 | Reject::BodyTimeout { .. }
                 | Reject::ShuttingDown
                 | Reject::ManagementBusy
+                | Reject::PendingBodiesFull { .. }
+                | Reject::BodyDeadline { .. }
         )
     }
 
@@ -391,6 +408,13 @@ impl Reject {
             BadRequest => format!("{p}: bad request"),
             HttpStatus(code) => format!("{p}: request failed with status {code}"),
             Internal => format!("{p}: internal error"),
+            PendingBodiesFull { limit } => format!(
+                "{p}: too many request bodies are arriving at once (more than {limit} in all, limits.max_pending_body_bytes)"
+            ),
+            BodyDeadline { after } => format!(
+                "{p}: the request body did not arrive whole within {} (limits.body_deadline)",
+                human(*after)
+            ),
         }
     }
 }

@@ -279,7 +279,7 @@ fn two_hundred_clients_while_instances_are_killed() {
     let clients = env_or("SOAK_CLIENTS", 200);
     let mut sc = SidecarCmd::config(|ports| {
         let mut y = format!(
-            "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\nshutdown:\n  drain_timeout: 5s\nlimits:\n  body_read_timeout: 2s\nadmission:\n  max_wait: 20s\ninstances:\n",
+            "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\nshutdown:\n  drain_timeout: 5s\nlimits:\n  body_read_timeout: 2s\n  write_timeout: 3s\nadmission:\n  max_wait: 20s\ninstances:\n",
             ports.proxy, ports.admin
         );
         for name in ["s0", "s1"] {

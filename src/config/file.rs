@@ -195,6 +195,15 @@ pub struct Limits {
     /// Longest silence while a request body is read; then 408 and the connection closes.
     #[serde(with = "duration_text")]
     pub body_read_timeout: Duration,
+    /// Longest a write to a client may take (a client that reads nothing for it loses its
+    /// stream; the instance's request is cancelled and the slot freed).
+    #[serde(with = "duration_text")]
+    pub write_timeout: Duration,
+    /// Request-body bytes held before admission, across all connections; beyond it: 503.
+    pub max_pending_body_bytes: ByteSize,
+    /// Longest a request body may take to arrive in all; then 408 and the connection closes.
+    #[serde(with = "duration_text")]
+    pub body_deadline: Duration,
 }
 
 impl Default for Limits {
@@ -205,6 +214,9 @@ impl Default for Limits {
             max_headers: 100,
             max_uri_bytes: ByteSize(8 << 10),
             body_read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_pending_body_bytes: ByteSize(256 << 20),
+            body_deadline: Duration::from_secs(120),
         }
     }
 }

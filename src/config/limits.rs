@@ -17,6 +17,12 @@ pub struct LimitsConfig {
     pub max_uri_bytes: ByteSize,
     /// Longest silence while a request body is read (100ms or more).
     pub body_read_timeout: Duration,
+    /// Longest a write to a client may take (100ms or more).
+    pub write_timeout: Duration,
+    /// Request-body bytes held before admission, all connections together (`max_body` or more).
+    pub max_pending_body_bytes: ByteSize,
+    /// Longest a request body may take to arrive in all (100ms or more).
+    pub body_deadline: Duration,
 }
 
 impl From<&file::Limits> for LimitsConfig {
@@ -27,6 +33,9 @@ impl From<&file::Limits> for LimitsConfig {
             max_headers: file.max_headers,
             max_uri_bytes: file.max_uri_bytes,
             body_read_timeout: file.body_read_timeout,
+            write_timeout: file.write_timeout,
+            max_pending_body_bytes: file.max_pending_body_bytes,
+            body_deadline: file.body_deadline,
         }
     }
 }
@@ -70,6 +79,21 @@ pub(super) fn validate(file: &file::Limits, source: &str) -> Result<LimitsConfig
             "must be at least 100ms",
         ));
     }
+    for (key, value) in [
+        ("limits.write_timeout", file.write_timeout),
+        ("limits.body_deadline", file.body_deadline),
+    ] {
+        if value < Duration::from_millis(100) {
+            return Err(err(source, key, "must be at least 100ms"));
+        }
+    }
+    if file.max_pending_body_bytes.0 < file.max_body.0 {
+        return Err(err(
+            source,
+            "limits.max_pending_body_bytes",
+            "must be at least limits.max_body (one whole body must fit)",
+        ));
+    }
     Ok(file.into())
 }
 
@@ -94,6 +118,18 @@ mod tests {
                 "limits.max_header_bytes: expected 1KiB to 1MiB (Pingora's own limit)",
             ),
             ("max_body: 0", "limits.max_body: must be greater than 0"),
+            (
+                "write_timeout: 10ms",
+                "limits.write_timeout: must be at least 100ms",
+            ),
+            (
+                "body_deadline: 0s",
+                "limits.body_deadline: must be at least 100ms",
+            ),
+            (
+                "max_pending_body_bytes: 1MiB",
+                "limits.max_pending_body_bytes: must be at least limits.max_body (one whole body must fit)",
+            ),
         ] {
             let e = parse_err(&format!("limits:\n  {limits}\n{one}"));
             assert_eq!(e, format!("test.yaml: {message}"));

@@ -79,17 +79,12 @@ impl SidecarProxy {
         ctx: &mut RequestCtx,
     ) -> Result<std::result::Result<Vec<String>, Reject>> {
         session.as_downstream_mut().enable_retry_buffering();
-        let timeout = self.app.config.limits.body_read_timeout;
-        let body = match request_body::read(
-            session,
-            ctx,
-            MAX_CHECKED_BODY,
-            Reject::CheckedBodyTooLarge,
-            timeout,
-        )
-        .await?
-        {
-            Ok(body) => body,
+        let limits = &self.app.config.limits;
+        let bounds =
+            request_body::Bounds::new(limits, MAX_CHECKED_BODY, Reject::CheckedBodyTooLarge);
+        // The body goes on in Pingora's retry buffer: it leaves the pending budget here.
+        let body = match request_body::read(session, ctx, bounds).await? {
+            Ok((body, _pending)) => body,
             Err(refused) => return Ok(Err(refused)),
         };
         if body.iter().all(u8::is_ascii_whitespace) {
@@ -321,6 +316,17 @@ impl ProxyHttp for SidecarProxy {
             }
             return Ok(false);
         }
+        let limits = &self.app.config.limits;
+        // A silent client is cut off while its body is read (Pingora's own default is 60 s).
+        session.set_read_timeout(Some(limits.body_read_timeout));
+        // A client that stops reading is cut off too (Pingora's default: no bound). This
+        // bounds each body write of Pingora's proxy path and of the sidecar's own answers.
+        session.set_write_timeout(Some(limits.write_timeout));
+        // Requests sent back to back on one connection are answered in order: Pingora keeps
+        // the bytes after this request's body for the next one (off, it closes the connection
+        // after this answer and the pipelined request is lost without a word).
+        session.as_downstream_mut().set_pipelining_enabled(true);
+        let req = session.req_header();
         ctx.request_id = headers::request_id(req);
         let is_post = req.method == http::Method::POST;
         if self.app.lifecycle.is_draining() {
@@ -333,8 +339,6 @@ impl ProxyHttp for SidecarProxy {
             respond::reject(&self.app, session, ctx, refused).await?;
             return Ok(true);
         }
-        // A silent client is cut off while its body is read (Pingora's own default is 60 s).
-        session.set_read_timeout(Some(self.app.config.limits.body_read_timeout));
         if self.apply_policy(session, ctx).await? {
             return Ok(true);
         }
@@ -561,6 +565,7 @@ impl ProxyHttp for SidecarProxy {
             // The ordinary proxy path: what became of the request.
             let answered = session.response_written().is_some();
             ctx.outcome = match e {
+                Some(e) if *e.etype() == ErrorType::WriteTimedout => Outcome::WriteTimeout,
                 Some(e) if e.esource() == &ErrorSource::Downstream && answered => {
                     Outcome::CancelledStreaming
                 }

@@ -102,8 +102,8 @@ pub struct Instance {
     /// Why the last active health check failed, until one succeeds.
     problem: Mutex<Option<String>>,
     pub process: Mutex<ProcessInfo>,
-    /// Models the instance has loaded (from `/api/ps`, plus what the sidecar just sent there),
-    /// normalised with `model_key`.
+    /// Models the instance listed loaded at its last answered `/api/ps`, in `model_key` form.
+    /// Its view (`loaded_models`) adds the models in use here and those just noted.
     loaded_models: RwLock<Vec<String>>,
     /// Models the instance has installed (from `/api/tags`), in `model_key` form; `None` until
     /// it first answers, when it may hold anything.
@@ -117,7 +117,19 @@ pub struct Instance {
     models_in_use: Mutex<std::collections::HashMap<String, usize>>,
     passive_config: PassiveConfig,
     passive: Mutex<Passive>,
+    /// Models the sidecar made the instance load, not yet confirmed by `/api/ps`, with when
+    /// they were last sent or used: dropped by the next `/api/ps` that does not list them, or
+    /// after [`NOTED_MODEL_TTL`] while `/api/ps` does not answer.
+    noted_models: Mutex<std::collections::HashMap<String, Instant>>,
 }
+
+/// How long a model the sidecar sent to an instance counts as loaded there without `/api/ps`
+/// saying so (its polls failing), once no request uses it.
+pub const NOTED_MODEL_TTL: Duration = Duration::from_secs(30);
+
+/// An `/api/ps` answer may have been written before a load the sidecar just caused began: a
+/// model noted this recently is not dropped for its absence.
+const NOTED_MODEL_GRACE: Duration = Duration::from_secs(2);
 
 /// Passive health: what real traffic says about the instance.
 #[derive(Debug, Default)]
@@ -190,6 +202,7 @@ impl Instance {
             models_in_use: Mutex::new(std::collections::HashMap::new()),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
+            noted_models: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
@@ -382,28 +395,43 @@ impl Instance {
 
     /// Whether the instance has `model` loaded (a name in `model_key` form).
     pub fn has_model(&self, model: &str) -> bool {
-        self.loaded_models
-            .read()
-            .map(|m| m.iter().any(|x| x == model))
-            .unwrap_or(false)
+        self.loaded_models().iter().any(|x| x == model)
     }
 
+    /// The models the instance has loaded as far as the sidecar knows: what `/api/ps` said,
+    /// and those noted since (a load the sidecar caused, a model in use when `/api/ps` did
+    /// not list it yet) while in use or younger than [`NOTED_MODEL_TTL`].
     pub fn loaded_models(&self) -> Vec<String> {
-        self.loaded_models
+        let mut models = self
+            .loaded_models
             .read()
             .map(|m| m.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Ok(noted) = self.noted_models.lock() {
+            for (model, at) in noted.iter() {
+                let current = at.elapsed() < NOTED_MODEL_TTL || self.is_model_in_use(model);
+                if current && !models.contains(model) {
+                    models.push(model.clone());
+                }
+            }
+        }
+        models
     }
 
-    /// Replaces the loaded-model list (from a `/api/ps` poll), keeping the models requests are
-    /// using here right now (a request may not have reached the instance yet).
-    pub fn set_loaded_models(&self, mut models: Vec<String>) {
+    /// Replaces the loaded-model list with an `/api/ps` answer. A model the sidecar noted is
+    /// confirmed by it, or dropped when it is not there (unless noted just now, or in use: a
+    /// request may not have reached the instance yet, and stays noted).
+    pub fn set_loaded_models(&self, models: Vec<String>) {
         self.model_capacity
             .fetch_max(models.len(), Ordering::Relaxed);
-        if let Ok(in_use) = self.models_in_use.lock() {
-            for (model, n) in in_use.iter() {
-                if *n > 0 && !models.contains(model) {
-                    models.push(model.clone());
+        if let Ok(mut noted) = self.noted_models.lock() {
+            noted.retain(|model, at| {
+                !models.contains(model)
+                    && (at.elapsed() < NOTED_MODEL_GRACE || self.is_model_in_use(model))
+            });
+            if let Ok(in_use) = self.models_in_use.lock() {
+                for model in in_use.keys().filter(|m| !models.contains(m)) {
+                    noted.entry(model.clone()).or_insert_with(Instant::now);
                 }
             }
         }
@@ -426,6 +454,14 @@ impl Instance {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     in_use.remove(model);
+                }
+            }
+        }
+        if !started {
+            // A noted model's time counts from its last use.
+            if let Ok(mut noted) = self.noted_models.lock() {
+                if let Some(at) = noted.get_mut(model) {
+                    *at = Instant::now();
                 }
             }
         }
@@ -453,6 +489,9 @@ impl Instance {
         if let Ok(mut m) = self.loaded_models.write() {
             m.retain(|x| x != model);
         }
+        if let Ok(mut noted) = self.noted_models.lock() {
+            noted.remove(model);
+        }
     }
 
     /// Replaces the installed-model list (from a `/api/tags` answer); true when it changed.
@@ -479,12 +518,13 @@ impl Instance {
             .unwrap_or(true)
     }
 
-    /// Records that a request for `model` was just sent here: Ollama loads it on arrival.
+    /// Records that a request for `model` was just sent here: Ollama loads it on arrival (if
+    /// it has it). Counted as loaded until `/api/ps` confirms or denies it, or for
+    /// [`NOTED_MODEL_TTL`] after its last use while `/api/ps` does not answer.
     pub fn note_model(&self, model: &str) {
-        if let Ok(mut m) = self.loaded_models.write() {
-            if !m.iter().any(|x| x == model) {
-                m.push(model.to_string());
-            }
+        if let Ok(mut noted) = self.noted_models.lock() {
+            noted.retain(|_, at| at.elapsed() < NOTED_MODEL_TTL);
+            noted.insert(model.to_string(), Instant::now());
         }
     }
 
@@ -570,6 +610,56 @@ mod tests {
         assert_eq!(i.gate(), Gate::Open);
         assert_eq!(i.slot_limit(), 4);
         assert_eq!(i.ejections(), 3);
+    }
+
+    /// Ages a noted model by `by`, as if it had been noted that long ago.
+    fn age_note(i: &Instance, model: &str, by: Duration) {
+        let mut noted = i.noted_models.lock().unwrap();
+        let at = noted.get_mut(model).unwrap();
+        *at = at.checked_sub(by).unwrap();
+    }
+
+    #[test]
+    fn a_noted_model_is_confirmed_or_dropped_by_api_ps() {
+        let i = instance();
+        i.note_model("m:latest");
+        assert!(i.has_model("m:latest"), "the sidecar just sent it there");
+        // An /api/ps answer written before the load began does not drop it at once...
+        i.set_loaded_models(vec![]);
+        assert!(i.has_model("m:latest"));
+        // ...but one a little later does.
+        age_note(&i, "m:latest", NOTED_MODEL_GRACE);
+        i.set_loaded_models(vec![]);
+        assert!(!i.has_model("m:latest"), "/api/ps does not list it");
+        // Confirmed by /api/ps: loaded for as long as /api/ps says so.
+        i.note_model("n:latest");
+        i.set_loaded_models(vec!["n:latest".into()]);
+        age_note_absent(&i, "n:latest");
+        assert!(i.has_model("n:latest"));
+        i.set_loaded_models(vec![]);
+        assert!(!i.has_model("n:latest"));
+    }
+
+    /// A confirmed model is no longer noted.
+    fn age_note_absent(i: &Instance, model: &str) {
+        assert!(!i.noted_models.lock().unwrap().contains_key(model));
+    }
+
+    #[test]
+    fn a_noted_model_expires_while_api_ps_does_not_answer() {
+        let i = instance();
+        i.model_in_use("m:latest", true);
+        i.note_model("m:latest");
+        age_note(&i, "m:latest", NOTED_MODEL_TTL);
+        assert!(i.has_model("m:latest"), "in use: loaded or loading");
+        i.model_in_use("m:latest", false);
+        assert!(i.has_model("m:latest"), "its time counts from its last use");
+        age_note(&i, "m:latest", NOTED_MODEL_TTL);
+        assert!(
+            !i.has_model("m:latest"),
+            "no /api/ps answer for a while: not assumed loaded for ever"
+        );
+        assert!(i.loaded_models().is_empty());
     }
 
     #[test]

@@ -28,7 +28,11 @@ pub fn admit_request(
     AdmitRequest {
         priority,
         client,
-        model: ctx.model.as_deref().map(model_key),
+        model: ctx
+            .model
+            .as_deref()
+            .and_then(super::read::routable_model)
+            .map(model_key),
         body_bytes,
         avoid: None,
     }

@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 /// Serves one inference request from `request_filter`; always returns `Ok(true)` (answered).
 pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-    let body = match read::read_checked(app, session, ctx).await? {
-        Ok(body) => super::usage::prepare(session, ctx, body),
+    let (body, pending) = match read::read_checked(app, session, ctx).await? {
+        Ok((body, pending)) => (super::usage::prepare(session, ctx, body), pending),
         Err(refused) => {
             respond::reject(app, session, ctx, refused).await?;
             return Ok(true);
@@ -38,6 +38,8 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
     let mut request = identity::admit_request(app, session, ctx, body.len() as u64);
     app.retry_budget.record_request();
     let mut watch = ClientWatch::new();
+    // Admission counts the body from here on (queued bytes, or a slot): it is no longer pending.
+    drop(pending);
     for attempt in 1u32.. {
         let queued_at = Instant::now();
         let permit = match admit::admit(

@@ -58,6 +58,8 @@ enum Stop {
     /// The client has the whole response.
     Complete,
     ClientGone,
+    /// A write to the client did not finish within `limits.write_timeout`.
+    WriteTimeout,
     /// The instance was silent past the phase's timeout.
     Silent,
     /// The subrequest ended without finishing the response.
@@ -218,6 +220,7 @@ pub async fn attempt(
 ) -> Result<Attempt> {
     let mut sub = Subrequest::start(session, ctx, instance, body)?;
     let timeouts = &app.config.timeouts;
+    let write_timeout = app.config.limits.write_timeout;
     let mut phase = Phase::AwaitingHeader;
     let stop = loop {
         let limit = match phase {
@@ -239,8 +242,14 @@ pub async fn attempt(
         observe(ctx, &task);
         let task = ctx.usage_strip.relay_task(task);
         let end = task.is_end() || matches!(task, HttpTask::Done);
-        if session.write_response_tasks(vec![task]).await.is_err() {
-            break Stop::ClientGone;
+        // Bounded as a whole (header, body, flush): a client that stops reading fills the
+        // socket's buffers and would hold the slot and the instance's request for ever.
+        let write = session.write_response_tasks(vec![task]);
+        match tokio::time::timeout(write_timeout, write).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if *e.etype() == ErrorType::WriteTimedout => break Stop::WriteTimeout,
+            Ok(Err(_)) => break Stop::ClientGone,
+            Err(_) => break Stop::WriteTimeout,
         }
         if end {
             break Stop::Complete;
@@ -270,12 +279,13 @@ async fn conclude(
     let silent = match stop {
         // Returning drops the subrequest and its upstream connection.
         Stop::Retry(retry) => return Ok(Attempt::Retry(retry)),
-        Stop::ClientGone => {
+        Stop::ClientGone | Stop::WriteTimeout => {
             // Dropping the subrequest drops the upstream connection, which is what makes
             // Ollama stop generating; the caller releases the slot.
-            ctx.outcome = match phase {
-                Phase::AwaitingHeader => Outcome::CancelledWaiting,
-                Phase::Streaming => Outcome::CancelledStreaming,
+            ctx.outcome = match (&stop, phase) {
+                (Stop::WriteTimeout, _) => Outcome::WriteTimeout,
+                (_, Phase::AwaitingHeader) => Outcome::CancelledWaiting,
+                (_, Phase::Streaming) => Outcome::CancelledStreaming,
             };
             session.set_keepalive(None);
             return Ok(Attempt::ClientGone);
@@ -309,7 +319,8 @@ async fn conclude(
         // The client has a status line: end the stream in its own framing, then close.
         let content_type = ctx.response_content_type.as_deref();
         if let Some(line) = errors::in_band_error(content_type, &failure.message()) {
-            let _ = session.write_response_body(Some(line), true).await;
+            let write = session.write_response_body(Some(line), true);
+            let _ = tokio::time::timeout(app.config.limits.write_timeout, write).await;
         }
         ctx.outcome = Outcome::Failed;
         ctx.reject = Some(failure);
