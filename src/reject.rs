@@ -139,6 +139,11 @@ pub enum Reject {
     /// A status Pingora raised as an error.
     HttpStatus(u16),
     Internal,
+    /// Instances are ready, but none of those the model's `models:` rule allows and that have
+    /// it installed.
+    ModelRestricted {
+        model: String,
+    },
 }
 
 /// The labels of refusals (`rejections_total{reason}`, the access log's `rejection`), so that
@@ -202,7 +207,8 @@ impl Reject {
             | ShuttingDown
             | ManagementBusy
             | NoInstance
-            | ModelUnavailable { .. } => 503,
+            | ModelUnavailable { .. }
+            | ModelRestricted { .. } => 503,
             ConnectTimeout { .. } | ResponseTimeout { .. } | IdleTimeout { .. } => 504,
         }
     }
@@ -219,7 +225,10 @@ impl Reject {
             | QueueFull
             | QueueBytesFull
             | ShuttingDown => Some(1),
-            WaitExpired { .. } | ManagementBusy | ModelUnavailable { .. } => Some(5),
+            WaitExpired { .. }
+            | ManagementBusy
+            | ModelUnavailable { .. }
+            | ModelRestricted { .. } => Some(5),
             _ => None,
         }
     }
@@ -248,7 +257,7 @@ impl Reject {
             ShuttingDown => "shutting_down",
             ManagementBusy => "management_busy",
             NoInstance => "no_instance",
-            ModelUnavailable { .. } => "model_unavailable",
+            ModelUnavailable { .. } | ModelRestricted { .. } => "model_unavailable",
             ConnectTimeout { .. } => "connect_timeout",
             ResponseTimeout { .. } => "response_timeout",
             IdleTimeout { .. } => "idle_timeout",
@@ -391,6 +400,10 @@ impl Reject {
             BadRequest => format!("{p}: bad request"),
             HttpStatus(code) => format!("{p}: request failed with status {code}"),
             Internal => format!("{p}: internal error"),
+            ModelRestricted { model } => format!(
+                "{p}: none of the instances the `models` rule for {} allows is ready with it installed",
+                serde_json::to_string(&shown(model)).unwrap_or_default()
+            ),
         }
     }
 }
