@@ -307,6 +307,33 @@ fn dispatch_waits_for_a_near_warm_slot_and_cold_loads_when_far_behind() {
     let text = status.to_string();
     assert!(text.contains("\"cold_load\""), "{status}");
     assert!(text.contains("\"model_loaded\""), "{status}");
+
+    // The same decisions as metrics, with the model label of an installed model.
+    let metrics = client()
+        .get(format!("http://127.0.0.1:{}/metrics", sidecar.admin_port))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let cold = value("ollama_sidecar_model_cold_loads_total{");
+    assert!(cold >= 2.0, "{cold}: {metrics}");
+    assert!(
+        metrics.contains("model=\"x:latest\""),
+        "model label: {metrics}"
+    );
+    let hits = value("ollama_sidecar_placement_affinity_total{result=\"hit\"}");
+    let misses = value("ollama_sidecar_placement_affinity_total{result=\"miss\"}");
+    assert_eq!(hits + misses, 19.0, "{metrics}");
+    assert_eq!(misses, cold);
+    assert!(value("ollama_sidecar_placement_decisions_total{") >= 19.0);
+    assert!(value("ollama_sidecar_model_load_duration_seconds_count{model=\"x:latest\"}") >= 1.0);
+    assert!(value("ollama_sidecar_placement_warm_wait_seconds_count{") >= 1.0);
 }
 
 fn generate_as(base: &str, client_id: &str, model: &str) -> (u16, Value) {

@@ -527,8 +527,7 @@ impl Shared {
         st.counters.admitted += 1;
         st.rotation = st.rotation.wrapping_add(1);
         if let Some(model) = model {
-            st.placement
-                .granted(pos, &instance, model, reason, !waited.is_zero());
+            st.placement.granted(pos, &instance, model, reason, waited);
         }
         Permit {
             shared: self.clone(),

@@ -155,19 +155,27 @@ impl Placement {
         instance: &Instance,
         model: &str,
         reason: Reason,
-        waited: bool,
+        waited: Duration,
     ) {
         instance.model_in_use(model, true);
         self.rules.started(pos, model);
         let cold = !instance.has_model(model);
         let victim = cold.then(|| self.victim(instance, false)).flatten();
+        crate::metrics::global().placement(
+            &instance.name,
+            model,
+            reason.as_str(),
+            cold,
+            victim.as_ref().and_then(|v| v.as_deref()),
+            waited,
+        );
         let Some(counts) = self.counts.get_mut(pos) else {
             return;
         };
         if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
             counts.by_reason[i] += 1;
         }
-        if waited && reason == Reason::ModelLoaded {
+        if !waited.is_zero() && reason == Reason::ModelLoaded {
             counts.warm_waits += 1;
         }
         if !cold {
