@@ -502,3 +502,38 @@ fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
         sidecar.log_text()
     );
 }
+
+/// `pinned: true` on external instances: loaded at start only where the rule allows it, and
+/// loaded again when an instance that went away comes back (a fresh Ollama with nothing loaded).
+#[test]
+fn a_pinned_model_is_loaded_again_when_an_external_instance_comes_back() {
+    let env = [("MOCK_MODELS", "keep,other")];
+    let (m0, m1) = (Mock::start(&env), Mock::start(&env));
+    let port = m1.port;
+    let sidecar = Sidecar::start(&format!(
+        "health:\n  interval: 200ms\n  fall: 1\n  rise: 1\nmodels:\n  - match: keep\n    \
+         pinned: true\n    instances: [m1]\n{}",
+        common::external_instances(&[&m0, &m1], 1)
+    ));
+    assert!(
+        common::wait_until(Duration::from_secs(15), || loaded_on(port)
+            == ["keep:latest"]),
+        "pinned at start: {}",
+        sidecar.log_text()
+    );
+    assert!(
+        loaded_on(m0.port).is_empty(),
+        "m0 is not allowed to serve it"
+    );
+    drop(m1);
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        sidecar.status().to_string().contains("\"unhealthy\"")
+    }));
+    let back = Mock::start_on(port, &env);
+    assert!(
+        common::wait_until(Duration::from_secs(15), || loaded_on(back.port)
+            == ["keep:latest"]),
+        "pinned again once back: {}",
+        sidecar.log_text()
+    );
+}
