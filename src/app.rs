@@ -25,6 +25,7 @@ impl App {
     pub fn new(config: Config) -> Arc<App> {
         let registry = Arc::new(Registry::new(&config));
         let admission = Admission::new(config.admission.clone(), registry.all().to_vec());
+        admission.set_model_rules(config.models.clone());
         let management = Arc::new(tokio::sync::Semaphore::new(
             config.admission.management_concurrency,
         ));

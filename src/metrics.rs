@@ -226,6 +226,7 @@ pub struct Metrics {
     known_models: RwLock<KnownModels>,
     last_health: Mutex<BTreeMap<String, HealthRecord>>,
     started: Instant,
+    placement: PlacementMetrics,
 }
 
 /// The model allow-list, per instance (an instance that stops answering keeps its entries).
@@ -304,6 +305,7 @@ impl Metrics {
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0),
         );
+        let placement = PlacementMetrics::new(&r);
         let m = Metrics {
             requests: metric!(
                 r,
@@ -647,6 +649,7 @@ impl Metrics {
             known_models: RwLock::new(KnownModels::default()),
             last_health: Mutex::new(BTreeMap::new()),
             started: Instant::now(),
+            placement,
         };
         for gauge in [
             Box::new(m.queue_requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -1084,6 +1087,107 @@ pub async fn poll_known_models(registry: Arc<Registry>, metrics: &'static Metric
             MODELS_RETRY
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// Where dispatch sent requests for a model and what that cost (`src/admission/placement.rs`):
+/// decisions by reason, affinity hits, the loads and evictions the sidecar caused, and how long
+/// requests waited for a warm slot (a load's duration is `model_load_duration_seconds`, from
+/// Ollama's `load_duration`). Model labels go through [`Metrics::model_label`].
+struct PlacementMetrics {
+    decisions: IntCounterVec,
+    affinity: IntCounterVec,
+    cold_loads: IntCounterVec,
+    evictions: IntCounterVec,
+    warm_wait: HistogramVec,
+}
+
+impl PlacementMetrics {
+    fn new(r: &prometheus::Registry) -> PlacementMetrics {
+        PlacementMetrics {
+            decisions: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "placement_decisions_total",
+                    "Slots granted to requests for a model, by instance and reason (model_loaded, cold_load, cold_load_warm_busy, half_open_trial)."
+                ),
+                &["instance", "reason"]
+            ),
+            affinity: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "placement_affinity_total",
+                    "Requests for a model by whether their instance had it loaded: hit or miss. Hit ratio: hit / (hit + miss)."
+                ),
+                &["result"]
+            ),
+            cold_loads: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "model_cold_loads_total",
+                    "Requests the sidecar sent to an instance that did not have their model loaded (the instance loads it)."
+                ),
+                &["instance", "model"]
+            ),
+            evictions: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "model_evictions_total",
+                    "Models the sidecar expects a load it caused to have evicted, by instance and evicted model."
+                ),
+                &["instance", "model"]
+            ),
+            warm_wait: metric!(
+                r,
+                HistogramVec,
+                hopts(
+                    "placement_warm_wait_seconds",
+                    "Time queued by requests that waited while their model was warm on a busy instance, by how they ended: warm (got a warm slot) or cold_load (waited out a load's time).",
+                    LATENCY_BUCKETS
+                ),
+                &["outcome"]
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    /// A slot for `model` on `instance` granted for `reason` after `waited` queued; `cold`: the
+    /// instance loads the model for it, evicting `evicted`.
+    pub fn placement(
+        &self,
+        instance: &str,
+        model: &str,
+        reason: &'static str,
+        cold: bool,
+        evicted: Option<&str>,
+        waited: Duration,
+    ) {
+        let p = &self.placement;
+        inc(&p.decisions, &[instance, reason], 1);
+        inc(&p.affinity, &[if cold { "miss" } else { "hit" }], 1);
+        if cold {
+            inc(
+                &p.cold_loads,
+                &[instance, &self.model_label(Some(model))],
+                1,
+            );
+        }
+        if let Some(evicted) = evicted {
+            inc(
+                &p.evictions,
+                &[instance, &self.model_label(Some(evicted))],
+                1,
+            );
+        }
+        if !waited.is_zero() && matches!(reason, "model_loaded" | "cold_load_warm_busy") {
+            let outcome = if cold { "cold_load" } else { "warm" };
+            observe(&p.warm_wait, &[outcome], waited);
+        }
     }
 }
 

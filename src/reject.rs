@@ -148,6 +148,11 @@ pub enum Reject {
     BodyDeadline {
         after: Duration,
     },
+    /// Instances are ready, but none of those the model's `models:` rule allows and that have
+    /// it installed.
+    ModelRestricted {
+        model: String,
+    },
 }
 
 /// The labels of refusals (`rejections_total{reason}`, the access log's `rejection`), so that
@@ -214,7 +219,8 @@ impl Reject {
             | ManagementBusy
             | NoInstance
             | ModelUnavailable { .. }
-            | PendingBodiesFull { .. } => 503,
+            | PendingBodiesFull { .. }
+            | ModelRestricted { .. } => 503,
             ConnectTimeout { .. } | ResponseTimeout { .. } | IdleTimeout { .. } => 504,
         }
     }
@@ -232,7 +238,10 @@ impl Reject {
             | QueueBytesFull
             | ShuttingDown
             | PendingBodiesFull { .. } => Some(1),
-            WaitExpired { .. } | ManagementBusy | ModelUnavailable { .. } => Some(5),
+            WaitExpired { .. }
+            | ManagementBusy
+            | ModelUnavailable { .. }
+            | ModelRestricted { .. } => Some(5),
             _ => None,
         }
     }
@@ -261,7 +270,7 @@ impl Reject {
             ShuttingDown => "shutting_down",
             ManagementBusy => "management_busy",
             NoInstance => "no_instance",
-            ModelUnavailable { .. } => "model_unavailable",
+            ModelUnavailable { .. } | ModelRestricted { .. } => "model_unavailable",
             ConnectTimeout { .. } => "connect_timeout",
             ResponseTimeout { .. } => "response_timeout",
             IdleTimeout { .. } => "idle_timeout",
@@ -414,6 +423,10 @@ impl Reject {
             BodyDeadline { after } => format!(
                 "{p}: the request body did not arrive whole within {} (limits.body_deadline)",
                 human(*after)
+            ),
+            ModelRestricted { model } => format!(
+                "{p}: none of the instances the `models` rule for {} allows is ready with it installed",
+                serde_json::to_string(&shown(model)).unwrap_or_default()
             ),
         }
     }

@@ -209,7 +209,20 @@ fn a_model_whose_instances_are_all_down_is_refused_with_the_reason() {
         names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
     }));
     assert_eq!(generate(&base, "only-one").0, 200);
-    drop(m1);
+    refused_once_down(
+        &sidecar,
+        m1,
+        "only-one",
+        "ollama-sidecar: no ready instance has model \"only-one\" installed",
+        "only-zero",
+    );
+}
+
+/// Stops `down`; once the sidecar sees it unhealthy, a request for `model` gets a 503 with
+/// `error` at once, and one for `served` is still served.
+fn refused_once_down(sidecar: &Sidecar, down: Mock, model: &str, error: &str, served: &str) {
+    let base = sidecar.url("");
+    drop(down);
     assert!(
         common::wait_until(Duration::from_secs(15), || {
             sidecar.status().to_string().contains("\"unhealthy\"")
@@ -218,14 +231,11 @@ fn a_model_whose_instances_are_all_down_is_refused_with_the_reason() {
         sidecar.status()
     );
     let t = Instant::now();
-    let (status, v) = generate(&base, "only-one");
+    let (status, v) = generate(&base, model);
     assert_eq!(status, 503, "{v}");
-    assert_eq!(
-        v["error"],
-        "ollama-sidecar: no ready instance has model \"only-one\" installed"
-    );
+    assert_eq!(v["error"], error);
     assert!(t.elapsed() < Duration::from_secs(2));
-    assert_eq!(generate(&base, "only-zero").0, 200);
+    assert_eq!(generate(&base, served).0, 200);
 }
 
 /// Two swapping mocks that both have `x` and `y`; each loads one model at a time, a load
@@ -297,4 +307,233 @@ fn dispatch_waits_for_a_near_warm_slot_and_cold_loads_when_far_behind() {
     let text = status.to_string();
     assert!(text.contains("\"cold_load\""), "{status}");
     assert!(text.contains("\"model_loaded\""), "{status}");
+
+    // The same decisions as metrics, with the model label of an installed model.
+    let metrics = client()
+        .get(format!("http://127.0.0.1:{}/metrics", sidecar.admin_port))
+        .send()
+        .and_then(|r| r.text())
+        .expect("metrics");
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let cold = value("ollama_sidecar_model_cold_loads_total{");
+    assert!(cold >= 2.0, "{cold}: {metrics}");
+    assert!(
+        metrics.contains("model=\"x:latest\""),
+        "model label: {metrics}"
+    );
+    let hits = value("ollama_sidecar_placement_affinity_total{result=\"hit\"}");
+    let misses = value("ollama_sidecar_placement_affinity_total{result=\"miss\"}");
+    assert_eq!(hits + misses, 19.0, "{metrics}");
+    assert_eq!(misses, cold);
+    assert!(value("ollama_sidecar_placement_decisions_total{") >= 19.0);
+    assert!(value("ollama_sidecar_model_load_duration_seconds_count{model=\"x:latest\"}") >= 1.0);
+    assert!(value("ollama_sidecar_placement_warm_wait_seconds_count{") >= 1.0);
+}
+
+fn generate_as(base: &str, client_id: &str, model: &str) -> (u16, Value) {
+    let r = client()
+        .post(format!("{base}/api/generate"))
+        .header("X-Client-Id", client_id)
+        .json(&json!({"model": model, "prompt": "hi", "stream": false}))
+        .send()
+        .expect("generate");
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// `max_concurrent` and `max_concurrent_per_instance` hold across two instances with room for
+/// more: the requests over the limit wait (none is refused), and another client's request for
+/// another model is served meanwhile, not queued behind them.
+#[test]
+fn per_model_concurrency_limits_hold_and_other_models_pass() {
+    let env = [
+        ("MOCK_MODELS", "x,y"),
+        ("MOCK_TOKENS", "4"),
+        ("MOCK_TOKEN_DELAY_MS", "75"),
+    ];
+    let (m0, m1) = (Mock::start(&env), Mock::start(&env));
+    let sidecar = Sidecar::start(&format!(
+        "admission:\n  client_id_header: X-Client-Id\nmodels:\n  - match: \"x*\"\n    \
+         max_concurrent: 2\n    max_concurrent_per_instance: 1\n{}",
+        common::external_instances(&[&m0, &m1], 4)
+    ));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    // Loaded once on each instance, so the timing below is answers only.
+    burst(&base, &["x", "x"]);
+    for m in [&m0, &m1] {
+        client().post(m.url("/mock/reset")).send().expect("reset");
+    }
+    let t = Instant::now();
+    let xs: Vec<_> = (0..6)
+        .map(|_| {
+            let base = base.clone();
+            std::thread::spawn(move || generate_as(&base, "flood", "x").0)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let ty = Instant::now();
+    assert_eq!(generate_as(&base, "other", "y").0, 200);
+    let y_took = ty.elapsed();
+    let statuses: Vec<u16> = xs.into_iter().map(|h| h.join().unwrap_or(0)).collect();
+    let x_took = t.elapsed();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    // Two at a time, about 240 ms each: three rounds (without the rule: one).
+    assert!(x_took >= Duration::from_millis(600), "{x_took:?}");
+    assert!(y_took < Duration::from_millis(600), "y waited {y_took:?}");
+    for m in [&m0, &m1] {
+        let stats = mock_stats(m);
+        assert_eq!(stats["peak_by_model"]["x:latest"], 1, "{stats}");
+    }
+}
+
+/// `instances:` holds: a model goes only to the instances its rule names; with those down it
+/// gets a 503 that says why while the other instance serves other models; a model that only a
+/// disallowed instance has is sent to an allowed one, which answers Ollama's own 404.
+#[test]
+fn a_model_runs_only_on_the_instances_its_rule_allows() {
+    let m0 = Mock::start(&[("MOCK_MODELS", "x,y,only-zero")]);
+    let m1 = Mock::start(&[("MOCK_MODELS", "x,y")]);
+    let sidecar = Sidecar::start(&format!(
+        "health:\n  interval: 200ms\n  fall: 1\nmodels:\n  - match: y\n    instances: [m1]\n  \
+         - match: \"only-*\"\n    instances: [m1]\n{}",
+        common::external_instances(&[&m0, &m1], 2)
+    ));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 3
+    }));
+    let statuses = burst(&base, &["y", "y", "y", "y", "y", "y", "x", "x"]);
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let on0 = model_names_of(&m0);
+    assert!(!on0.iter().any(|m| m.starts_with('y')), "{on0:?}");
+    assert_eq!(
+        model_names_of(&m1)
+            .iter()
+            .filter(|m| m.starts_with('y'))
+            .count(),
+        6
+    );
+    let (status, v) = generate(&base, "only-zero");
+    assert_eq!(status, 404, "{v}");
+    assert!(!model_names_of(&m0).iter().any(|m| m.starts_with("only")));
+    refused_once_down(
+        &sidecar,
+        m1,
+        "y",
+        "ollama-sidecar: none of the instances the `models` rule for \"y\" allows is ready with it installed",
+        "x",
+    );
+}
+
+/// The pid of the mock on `port`; `None` while none answers.
+fn mock_pid(port: u16) -> Option<u64> {
+    client()
+        .get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .send()
+        .and_then(|r| r.json::<Value>())
+        .ok()
+        .and_then(|v| v["pid"].as_u64())
+}
+
+/// The models the mock on `port` has loaded; none while it does not answer.
+fn loaded_on(port: u16) -> Vec<String> {
+    client()
+        .get(format!("http://127.0.0.1:{port}/api/ps"))
+        .send()
+        .and_then(|r| r.json::<Value>())
+        .map(|v| names(&v, "models"))
+        .unwrap_or_default()
+}
+
+/// `pinned: true` on a supervised instance: the model is loaded at start without a request,
+/// stays loaded while two other models take turns in the one other place (and after a request
+/// for it, which sets its keep-alive back to the client's), and is loaded again after the
+/// instance is killed and restarted.
+#[test]
+fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
+    let port = common::free_port();
+    // `aaa` sorts first: with equal keep-alives, Ollama would evict it first.
+    let sidecar = Sidecar::start(&format!(
+        "models:\n  - match: aaa\n    pinned: true\ninstances:\n  - name: sup\n    command: {}\n    \
+         port: {port}\n    num_parallel: 2\n    restart:\n      initial_backoff: 100ms\n      \
+         max_backoff: 500ms\n    env:\n      MOCK_MODELS: \"aaa=1GB,b=1GB,c=1GB\"\n      \
+         OLLAMA_MAX_LOADED_MODELS: \"2\"\n      MOCK_LOAD_MS_PER_GB: \"200\"\n",
+        common::MOCK
+    ));
+    let base = sidecar.url("");
+    assert!(
+        common::wait_until(Duration::from_secs(15), || common::port_open(port)
+            && loaded_on(port) == ["aaa:latest"]),
+        "pinned at start: {}",
+        sidecar.log_text()
+    );
+    for model in ["b", "c", "aaa", "b", "c", "b"] {
+        assert_eq!(generate(&base, model).0, 200);
+        if model == "aaa" {
+            // The pin is sent again once the request ends.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let loaded = loaded_on(port);
+        assert!(
+            loaded.contains(&"aaa:latest".to_string()),
+            "{model}: {loaded:?}"
+        );
+    }
+    let pid = mock_pid(port).expect("mock pid");
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            common::port_open(port)
+                && mock_pid(port).is_some_and(|p| p != pid)
+                && loaded_on(port) == ["aaa:latest"]
+        }),
+        "pinned again after the restart: {}",
+        sidecar.log_text()
+    );
+}
+
+/// `pinned: true` on external instances: loaded at start only where the rule allows it, and
+/// loaded again when an instance that went away comes back (a fresh Ollama with nothing loaded).
+#[test]
+fn a_pinned_model_is_loaded_again_when_an_external_instance_comes_back() {
+    let env = [("MOCK_MODELS", "keep,other")];
+    let (m0, m1) = (Mock::start(&env), Mock::start(&env));
+    let port = m1.port;
+    let sidecar = Sidecar::start(&format!(
+        "health:\n  interval: 200ms\n  fall: 1\n  rise: 1\nmodels:\n  - match: keep\n    \
+         pinned: true\n    instances: [m1]\n{}",
+        common::external_instances(&[&m0, &m1], 1)
+    ));
+    assert!(
+        common::wait_until(Duration::from_secs(15), || loaded_on(port)
+            == ["keep:latest"]),
+        "pinned at start: {}",
+        sidecar.log_text()
+    );
+    assert!(
+        loaded_on(m0.port).is_empty(),
+        "m0 is not allowed to serve it"
+    );
+    drop(m1);
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        sidecar.status().to_string().contains("\"unhealthy\"")
+    }));
+    let back = Mock::start_on(port, &env);
+    assert!(
+        common::wait_until(Duration::from_secs(15), || loaded_on(back.port)
+            == ["keep:latest"]),
+        "pinned again once back: {}",
+        sidecar.log_text()
+    );
 }

@@ -21,12 +21,14 @@
 //! The engine knows no Pingora types: the proxy calls [`Admission::acquire`] (or
 //! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
 
+mod model_rules;
 mod placement;
 mod queue;
 mod snapshot;
 #[cfg(test)]
 mod tests;
 
+pub use model_rules::pinned_models;
 pub use placement::{PlacementCounts, Reason};
 
 use crate::config::QueueConfig;
@@ -100,6 +102,9 @@ pub enum Refusal {
     Closed,
     /// Instances are ready, but none of those that may have the model.
     ModelUnavailable,
+    /// Instances are ready, but none of those the model's `models:` rule allows and that may
+    /// have it.
+    ModelRestricted,
 }
 
 impl Refusal {
@@ -111,6 +116,7 @@ impl Refusal {
             Refusal::WaitExpired { .. } => "wait_expired",
             Refusal::Closed => "closed",
             Refusal::ModelUnavailable => "model_unavailable",
+            Refusal::ModelRestricted => "model_restricted",
         }
     }
 }
@@ -131,6 +137,9 @@ impl fmt::Display for Refusal {
             }
             Refusal::Closed => f.write_str("shutting down"),
             Refusal::ModelUnavailable => f.write_str("no ready instance has the model installed"),
+            Refusal::ModelRestricted => {
+                f.write_str("no ready instance that the model's rule allows has it installed")
+            }
         }
     }
 }
@@ -267,6 +276,27 @@ impl Admission {
 
     pub fn config(&self) -> &QueueConfig {
         &self.shared.config
+    }
+
+    /// How many requests for pinned `model` on instance `pos` have ended (the pin keeper
+    /// pins it again after each).
+    pub fn pinned_releases(&self, pos: usize, model: &str) -> u64 {
+        self.shared
+            .lock()
+            .placement
+            .rules
+            .pinned_releases(pos, model)
+    }
+
+    /// Notified when a request for a pinned model ends.
+    pub fn pin_wanted(&self) -> Arc<tokio::sync::Notify> {
+        self.shared.lock().placement.rules.pin_wanted()
+    }
+
+    /// Sets the `models:` rules dispatch enforces (at start, before any request).
+    pub fn set_model_rules(&self, rules: crate::config::ModelRulesConfig) {
+        let mut st = self.shared.lock();
+        st.placement.rules = model_rules::ModelRules::new(rules, &self.shared.instances);
     }
 
     /// Waits for a slot. Cancellation-safe: dropping the future while queued removes the waiter
@@ -417,7 +447,7 @@ impl Shared {
         if let Some(refusal) = req
             .model
             .as_deref()
-            .and_then(|m| unservable(&self.instances, m))
+            .and_then(|m| st.placement.unservable(&self.instances, m))
         {
             st.counters.refused_model += 1;
             return Err(refusal);
@@ -497,8 +527,7 @@ impl Shared {
         st.counters.admitted += 1;
         st.rotation = st.rotation.wrapping_add(1);
         if let Some(model) = model {
-            st.placement
-                .granted(pos, &instance, model, reason, !waited.is_zero());
+            st.placement.granted(pos, &instance, model, reason, waited);
         }
         Permit {
             shared: self.clone(),
@@ -691,20 +720,6 @@ impl Shared {
         };
         entry.is_some()
     }
-}
-
-/// Why no instance can take a request for `model` now: some instance is ready, but none of
-/// those that may have it installed. With no instance ready at all the request waits, as every
-/// request does then; a model no instance has goes anywhere, so that Ollama answers its own 404.
-fn unservable(instances: &[Arc<Instance>], model: &str) -> Option<Refusal> {
-    if !instances.iter().any(|i| i.may_serve(model)) {
-        return None;
-    }
-    let mut ready = instances.iter().filter(|i| i.is_ready()).peekable();
-    if ready.peek().is_some() && !ready.any(|i| i.may_serve(model)) {
-        return Some(Refusal::ModelUnavailable);
-    }
-    None
 }
 
 /// How many clients' next waiters one dispatch round considers (bounds the work under the lock).

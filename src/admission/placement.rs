@@ -13,6 +13,8 @@
 //! model will need loading again). With nothing learned yet, dispatch is work-conserving as
 //! before.
 
+use super::model_rules::ModelRules;
+use super::Refusal;
 use crate::upstream::Instance;
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -121,6 +123,8 @@ pub struct Placement {
     /// When each model was last asked for.
     last_asked: HashMap<String, Instant>,
     pub counts: Vec<PlacementCounts>,
+    /// The `models:` rules and the requests running under their limits.
+    pub rules: ModelRules,
 }
 
 fn ewma(old: Option<Duration>, sample: Duration) -> Duration {
@@ -151,18 +155,27 @@ impl Placement {
         instance: &Instance,
         model: &str,
         reason: Reason,
-        waited: bool,
+        waited: Duration,
     ) {
         instance.model_in_use(model, true);
+        self.rules.started(pos, model);
         let cold = !instance.has_model(model);
         let victim = cold.then(|| self.victim(instance, false)).flatten();
+        crate::metrics::global().placement(
+            &instance.name,
+            model,
+            reason.as_str(),
+            cold,
+            victim.as_ref().and_then(|v| v.as_deref()),
+            waited,
+        );
         let Some(counts) = self.counts.get_mut(pos) else {
             return;
         };
         if let Some(i) = Reason::ALL.iter().position(|r| *r == reason) {
             counts.by_reason[i] += 1;
         }
-        if waited && reason == Reason::ModelLoaded {
+        if !waited.is_zero() && reason == Reason::ModelLoaded {
             counts.warm_waits += 1;
         }
         if !cold {
@@ -187,6 +200,7 @@ impl Placement {
         held: Option<Duration>,
     ) {
         instance.model_in_use(model, false);
+        self.rules.finished(pos, model);
         let Some(held) = held else {
             return;
         };
@@ -202,7 +216,8 @@ impl Placement {
     }
 
     /// Whether a load on `instance` evicts a model, and which: as Ollama's `findRunnerToUnload`
-    /// picks it (server/sched.go), the first idle model by name (keep-alives assumed equal);
+    /// picks it (server/sched.go), the first idle model by session duration, then name: pinned
+    /// models (`keep_alive: -1`, the longest) last, the others' keep-alives assumed equal;
     /// `Some(None)` when every loaded model is busy (the load waits for one). `None` while the
     /// instance holds fewer models than it was seen holding; with that not seen yet, `guess`
     /// takes the instance as full.
@@ -216,7 +231,7 @@ impl Placement {
         if loaded.len() < capacity {
             return None;
         }
-        loaded.sort();
+        loaded.sort_by_key(|m| (self.rules.pinned(m), m.clone()));
         Some(
             loaded
                 .iter()
@@ -234,6 +249,35 @@ impl Placement {
                 .get(&v)
                 .map_or(Duration::MAX, |t| now.saturating_duration_since(*t))
         }))
+    }
+
+    /// Whether a load on `instance` would evict a pinned model (every idle model there is one).
+    fn evicts_pinned(&self, instance: &Instance) -> bool {
+        matches!(self.victim(instance, true), Some(Some(v)) if self.rules.pinned(&v))
+    }
+
+    /// Why no instance can take a request for `model` now: some instance is ready, but none of
+    /// those that may have it installed (and that its rule allows). With no instance ready at
+    /// all the request waits, as every request does then; a model no allowed instance has goes
+    /// to an allowed one, so that Ollama answers its own 404.
+    pub fn unservable(&self, instances: &[Arc<Instance>], model: &str) -> Option<Refusal> {
+        let may = |pos: usize, i: &Instance| self.rules.allowed(pos, model) && i.may_serve(model);
+        if !instances.iter().enumerate().any(|(pos, i)| may(pos, i)) {
+            return None;
+        }
+        let any_ready = instances.iter().any(|i| i.is_ready());
+        let ready_may = instances
+            .iter()
+            .enumerate()
+            .any(|(pos, i)| i.is_ready() && may(pos, i));
+        if !any_ready || ready_may {
+            return None;
+        }
+        Some(if self.rules.restricted(model) {
+            Refusal::ModelRestricted
+        } else {
+            Refusal::ModelUnavailable
+        })
     }
 
     fn service(&self, model: &str) -> Option<Duration> {
@@ -286,8 +330,16 @@ impl Placement {
         now: Instant,
     ) -> Choice {
         let n = instances.len();
+        if self.rules.fleet_full(model) {
+            // `max_concurrent`: it waits for one of its model's requests to end.
+            return Choice::NoSlot;
+        }
         let avoid = usable_avoid(instances, avoid);
-        let model_somewhere = instances.iter().any(|i| i.may_serve(model));
+        let allowed = |pos: usize| self.rules.allowed(pos, model);
+        let model_somewhere = instances
+            .iter()
+            .enumerate()
+            .any(|(pos, i)| allowed(pos) && i.may_serve(model));
         let mut free: Vec<(usize, &Arc<Instance>, usize)> = Vec::new();
         let mut warm_busy_slots = 0usize;
         for offset in 0..n {
@@ -295,10 +347,15 @@ impl Placement {
             let (Some(inst), Some(b)) = (instances.get(pos), busy.get(pos)) else {
                 continue;
             };
-            if avoid == Some(pos) || (model_somewhere && !inst.may_serve(model)) {
+            if avoid == Some(pos) || !allowed(pos) || (model_somewhere && !inst.may_serve(model)) {
                 continue;
             }
-            let limit = inst.slot_limit();
+            let limit = if self.rules.instance_full(pos, model) {
+                // `max_concurrent_per_instance`: no slot here for this model now.
+                0
+            } else {
+                inst.slot_limit()
+            };
             let f = limit.saturating_sub(*b);
             if f > 0 {
                 free.push((pos, inst, f));
@@ -321,11 +378,18 @@ impl Placement {
         if let Some((pos, inst, _)) = warm {
             return Choice::Grant(*pos, (*inst).clone(), Reason::ModelLoaded);
         }
-        // A cold load: where it evicts nothing, else where the evicted model was asked for
-        // longest ago; then the most free slots.
+        // A cold load: never one that evicts a pinned model while another is possible; where
+        // it evicts nothing, else where the evicted model was asked for longest ago; then the
+        // most free slots.
         let cold = free.iter().min_by_key(|(_, inst, f)| {
             let cost = self.eviction_cost(inst, now);
-            Reverse((cost.is_none(), cost.unwrap_or(Duration::MAX), *f))
+            let spares_pins = !self.evicts_pinned(inst);
+            Reverse((
+                spares_pins,
+                cost.is_none(),
+                cost.unwrap_or(Duration::MAX),
+                *f,
+            ))
         });
         let Some((pos, inst, _)) = cold else {
             return Choice::NoSlot;
@@ -364,4 +428,58 @@ pub fn usable_avoid(instances: &[Arc<Instance>], avoid: Option<usize>) -> Option
             .enumerate()
             .any(|(pos, i)| pos != a && i.slot_limit() > 0)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{InstanceConfig, ModelRuleConfig, ModelRulesConfig, UpstreamAddress};
+    use crate::upstream::InstanceState;
+
+    fn ready(index: usize, loaded: &str) -> Arc<Instance> {
+        let config = InstanceConfig {
+            name: format!("i{index}"),
+            upstream: UpstreamAddress {
+                host: "127.0.0.1".to_string(),
+                port: 11434 + index as u16,
+                tls: false,
+            },
+            num_parallel: 1,
+            supervised: None,
+        };
+        let inst = Arc::new(Instance::new(index, &config, &Default::default()));
+        inst.set_state(InstanceState::Ready);
+        // Seen holding one model: a load there evicts it.
+        inst.set_loaded_models(vec![loaded.to_string()]);
+        inst
+    }
+
+    fn granted_on(p: &Placement, instances: &[Arc<Instance>], model: &str) -> Option<usize> {
+        let now = Instant::now();
+        match p.choose_for_model(instances, &[0, 0], 0, model, None, now, 0, now) {
+            Choice::Grant(pos, _, _) => Some(pos),
+            _ => None,
+        }
+    }
+
+    /// A cold load goes where it evicts an unpinned model, though the scan order and every
+    /// other measure prefer the instance whose only model is pinned.
+    #[test]
+    fn a_cold_load_spares_a_pinned_model() {
+        let instances = [ready(0, "pin:latest"), ready(1, "other:latest")];
+        let mut p = Placement::new(2);
+        assert_eq!(granted_on(&p, &instances, "new:latest"), Some(0));
+        let rule = ModelRuleConfig {
+            pattern: "pin:*".into(),
+            max_concurrent: None,
+            max_concurrent_per_instance: None,
+            instances: vec![],
+            pinned: true,
+        };
+        let rules = ModelRulesConfig { rules: vec![rule] };
+        p.rules = ModelRules::new(rules, &instances);
+        assert_eq!(granted_on(&p, &instances, "new:latest"), Some(1));
+        // With no other choice, the load still happens (nothing starves).
+        assert_eq!(granted_on(&p, &instances[..1], "new:latest"), Some(0));
+    }
 }

@@ -36,6 +36,8 @@ pub struct Config {
     /// Limits counted in Redis, shared by every sidecar that points at it (off without `redis`).
     pub shared_state: SharedState,
     pub instances: Vec<Instance>,
+    /// Per-model rules by glob, the first that matches a model wins (`src/config/models.rs`).
+    pub models: Vec<ModelRule>,
 }
 
 impl Default for Config {
@@ -56,6 +58,7 @@ impl Default for Config {
             cors: Cors::default(),
             shared_state: SharedState::default(),
             instances: Vec::new(),
+            models: Vec::new(),
         }
     }
 }
@@ -531,6 +534,28 @@ fn serialize_redacted_url<S: serde::Serializer>(
         Some(u) => s.serialize_str(&redact_url(u)),
         None => s.serialize_none(),
     }
+}
+
+/// One `models:` item: what the sidecar enforces for the models its pattern matches. Every
+/// key but `match` is optional; an absent limit is no limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRule {
+    /// A model-name glob (`*`, `?`), matched against the name with its tag (`llama3.2:latest`).
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// Requests for one matching model running at once across the fleet; more wait in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
+    /// The same, on each instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per_instance: Option<usize>,
+    /// The instances (by name) that may serve a matching model; empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub instances: Vec<String>,
+    /// Keep matching models loaded on every instance that may serve them and has them installed.
+    #[serde(default)]
+    pub pinned: bool,
 }
 
 #[cfg(test)]

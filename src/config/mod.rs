@@ -20,6 +20,7 @@ mod instances;
 mod limits;
 mod listen;
 mod log;
+mod models;
 mod overrides;
 mod retries;
 mod secrets;
@@ -41,6 +42,7 @@ pub use instances::{
 pub use limits::LimitsConfig;
 pub use listen::parse_listen_addr;
 pub use log::{LogConfig, LogFormat};
+pub use models::{ModelRuleConfig, ModelRulesConfig};
 pub use overrides::{Overrides, FLAG_ADMIN_LISTEN, FLAG_LISTEN};
 pub use retries::RetriesConfig;
 pub use secrets::{sha256, Secrets, MIN_KEY_LEN};
@@ -133,6 +135,8 @@ pub struct Config {
     pub instances: Vec<InstanceConfig>,
     /// API keys, model and route policy, CORS, the admin token (`src/policy/`).
     pub access: AccessConfig,
+    /// Per-model rules (`models:`), the first match wins.
+    pub models: ModelRulesConfig,
     /// The file as read, overrides applied: only for `check` to print ([`effective_yaml`]).
     effective: file::Config,
 }
@@ -231,6 +235,7 @@ fn validate(
     let limits = limits::validate(&file.limits, source)?;
     let instances = instances::validate(&file.instances, source, &listeners)?;
     let access = access::validate(&file, source, secrets)?;
+    let models = models::validate(&file.models, &file.instances, source)?;
     let threads = match file.threads {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -249,6 +254,7 @@ fn validate(
         retries,
         instances,
         access,
+        models,
         effective: file,
     })
 }

@@ -531,6 +531,11 @@ impl Instance {
     pub fn process_info(&self) -> ProcessInfo {
         self.process.lock().map(|p| p.clone()).unwrap_or_default()
     }
+
+    /// The installed models (from `/api/tags`, `model_key` form); `None` until listed.
+    pub fn installed_models(&self) -> Option<Vec<String>> {
+        self.installed_models.read().ok().and_then(|m| m.clone())
+    }
 }
 
 /// Decrements the instance's in-flight count when dropped.

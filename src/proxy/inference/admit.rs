@@ -82,5 +82,8 @@ fn refused(refusal: &Refusal, app: &App, model: Option<&str>) -> Reject {
         Refusal::ModelUnavailable => Reject::ModelUnavailable {
             model: model.unwrap_or_default().to_string(),
         },
+        Refusal::ModelRestricted => Reject::ModelRestricted {
+            model: model.unwrap_or_default().to_string(),
+        },
     }
 }
