@@ -139,6 +139,13 @@ pub enum Reject {
     /// A status Pingora raised as an error.
     HttpStatus(u16),
     Internal,
+    /// No instance can become ready within the request's wait: the earliest is `wait` away
+    /// (`cause`: a restart backoff, a crash loop, failing health checks).
+    NotReadySoon {
+        wait: Duration,
+        cause: &'static str,
+        max_wait: Duration,
+    },
 }
 
 /// The labels of refusals (`rejections_total{reason}`, the access log's `rejection`), so that
@@ -202,7 +209,8 @@ impl Reject {
             | ShuttingDown
             | ManagementBusy
             | NoInstance
-            | ModelUnavailable { .. } => 503,
+            | ModelUnavailable { .. }
+            | NotReadySoon { .. } => 503,
             ConnectTimeout { .. } | ResponseTimeout { .. } | IdleTimeout { .. } => 504,
         }
     }
@@ -220,6 +228,7 @@ impl Reject {
             | QueueBytesFull
             | ShuttingDown => Some(1),
             WaitExpired { .. } | ManagementBusy | ModelUnavailable { .. } => Some(5),
+            NotReadySoon { wait, .. } => Some(retry_after_secs(*wait)),
             _ => None,
         }
     }
@@ -258,6 +267,7 @@ impl Reject {
             BadRequest => "bad_request",
             HttpStatus(_) => "http_status",
             Internal => "internal",
+            NotReadySoon { .. } => "not_ready_soon",
         }
     }
 
@@ -391,6 +401,15 @@ impl Reject {
             BadRequest => format!("{p}: bad request"),
             HttpStatus(code) => format!("{p}: request failed with status {code}"),
             Internal => format!("{p}: internal error"),
+            NotReadySoon {
+                wait,
+                cause,
+                max_wait,
+            } => format!(
+                "{p}: no Ollama instance can be ready within admission.max_wait ({}): the earliest is {} away ({cause})",
+                human(*max_wait),
+                human(Duration::from_secs(wait.as_secs().max(1)))
+            ),
         }
     }
 }
@@ -443,6 +462,16 @@ mod tests {
             ),
             (Reject::QueueFull, 503, "queue_full", Some(1)),
             (Reject::NoInstance, 503, "no_instance", None),
+            (
+                Reject::NotReadySoon {
+                    wait: Duration::from_millis(29_200),
+                    cause: "restart backoff",
+                    max_wait: Duration::from_secs(5),
+                },
+                503,
+                "not_ready_soon",
+                Some(30),
+            ),
             (
                 Reject::ModelUnavailable {
                     model: "qwen2.5:0.5b".into(),

@@ -100,6 +100,9 @@ pub enum Refusal {
     Closed,
     /// Instances are ready, but none of those that may have the model.
     ModelUnavailable,
+    /// No instance is ready, and none can be before the request's wait ends: the earliest is
+    /// `wait` away (`cause`: what it waits for).
+    NotReadySoon { wait: Duration, cause: &'static str },
 }
 
 impl Refusal {
@@ -111,6 +114,7 @@ impl Refusal {
             Refusal::WaitExpired { .. } => "wait_expired",
             Refusal::Closed => "closed",
             Refusal::ModelUnavailable => "model_unavailable",
+            Refusal::NotReadySoon { .. } => "not_ready_soon",
         }
     }
 }
@@ -131,6 +135,11 @@ impl fmt::Display for Refusal {
             }
             Refusal::Closed => f.write_str("shutting down"),
             Refusal::ModelUnavailable => f.write_str("no ready instance has the model installed"),
+            Refusal::NotReadySoon { wait, cause } => write!(
+                f,
+                "no instance can be ready within the wait: the earliest in {:.1} s ({cause})",
+                wait.as_secs_f64()
+            ),
         }
     }
 }
@@ -156,6 +165,8 @@ pub struct AdmissionCounters {
     /// Grants that lost a race with their waiter's cancellation: counted in `admitted`,
     /// `released` and `cancelled`.
     pub undelivered: u64,
+    /// Requests refused because no instance could be ready before their wait ended.
+    pub refused_unready: u64,
 }
 
 /// Slot use of one instance.
@@ -422,6 +433,10 @@ impl Shared {
             st.counters.refused_model += 1;
             return Err(refusal);
         }
+        if let Some(refusal) = not_ready_soon(&self.instances, now, self.config.max_wait) {
+            st.counters.refused_unready += 1;
+            return Err(refusal);
+        }
         if !st.queue.is_empty() {
             // Waiters and a free slot can only coexist after a readiness change nobody
             // poked about: serve them first, they are ahead of this request.
@@ -500,10 +515,13 @@ impl Shared {
             st.placement
                 .granted(pos, &instance, model, reason, !waited.is_zero());
         }
+        // While half-open the instance admits one request: this grant is its trial.
+        let trial = instance.gate() == crate::upstream::Gate::HalfOpen;
         Permit {
             shared: self.clone(),
             instance,
             pos,
+            trial,
             waited,
             model: model.map(str::to_string),
             reason,
@@ -569,37 +587,41 @@ impl Shared {
         });
     }
 
-    /// Hands free slots to waiters, in fairness order, while both exist (under the lock). A
-    /// client whose next waiter cannot be placed, or waits for a warm slot, lets the next
-    /// client's waiter take the slot.
+    /// Hands free slots to waiters while both exist (under the lock). First the waiters past
+    /// the starvation bound, oldest first (so no priority gap outlasts it); then each client's
+    /// next waiter in fairness order. A client whose next waiter waits for a warm slot, or
+    /// cannot be placed, lets the next client's waiter take the slot; one kept out only by the
+    /// instance it avoids (a retry) also lets its own client's later waiters try.
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
         loop {
-            let mut pick = None;
-            let mut wake: Option<Instant> = None;
-            let mut waiting_for: Vec<&str> = Vec::new();
-            for head in st.queue.heads().take(DISPATCH_SCAN) {
-                let model = head.item.model.as_deref();
-                let ahead = model.map_or(0, |m| waiting_for.iter().filter(|w| **w == m).count());
-                match self.choose(st, model, head.item.avoid, head.enqueued, ahead, now) {
-                    Choice::Grant(pos, instance, reason) => {
-                        pick = Some((head.client.clone(), pos, instance, reason));
+            let mut scan = Scan::default();
+            if let Some(cutoff) = now.checked_sub(self.starvation_bound()) {
+                for (seq, entry) in st.queue.queued_before(cutoff).take(DISPATCH_SCAN) {
+                    if scan.consider(self, st, seq, entry, now) == Considered::Placed {
                         break;
                     }
-                    Choice::Wait(until) => {
-                        wake = Some(wake.map_or(until, |w| w.min(until)));
-                        waiting_for.extend(model);
-                    }
-                    Choice::NoSlot => {}
                 }
             }
+            if scan.pick.is_none() {
+                'clients: for client in st.queue.clients_in_turn().take(DISPATCH_SCAN) {
+                    for (seq, entry) in st.queue.client_entries(client).take(DISPATCH_SCAN) {
+                        match scan.consider(self, st, seq, entry, now) {
+                            Considered::Placed => break 'clients,
+                            Considered::Avoiding => continue,
+                            Considered::Waits => continue 'clients,
+                        }
+                    }
+                }
+            }
+            let Scan { pick, wake, .. } = scan;
             if let Some(until) = wake {
                 self.wake(st, until);
             }
-            let Some((client, pos, instance, reason)) = pick else {
+            let Some((seq, pos, instance, reason)) = pick else {
                 break;
             };
             let epoch = self.epoch(now);
-            let Some((_, entry)) = st.queue.pop_client(&client, epoch) else {
+            let Some(entry) = st.queue.take(seq, epoch) else {
                 break;
             };
             let waited = now.saturating_duration_since(entry.enqueued);
@@ -619,6 +641,13 @@ impl Shared {
                 reason,
             });
         }
+    }
+
+    /// How long a waiter may be passed over by higher priorities: after it, waiters are served
+    /// in arrival order ahead of everyone else. A quarter of `max_wait`, so a request of any
+    /// priority reaches a slot well before it would expire (README, "Priorities and aging").
+    fn starvation_bound(&self) -> Duration {
+        self.config.max_wait / 4
     }
 
     /// Sends permits to their waiters (outside the lock). A waiter that left meanwhile gets
@@ -707,8 +736,82 @@ fn unservable(instances: &[Arc<Instance>], model: &str) -> Option<Refusal> {
     None
 }
 
+/// Why a request can be refused at once rather than wait `max_wait`: no instance is ready and
+/// every one is known not to be before the wait ends (a supervised instance waiting out its
+/// restart backoff, an external one whose health checks fail: `Instance::ready_not_before`).
+/// An instance whose next readiness is unknown (starting, stopped) may be ready any moment.
+fn not_ready_soon(
+    instances: &[Arc<Instance>],
+    now: Instant,
+    max_wait: Duration,
+) -> Option<Refusal> {
+    if instances.is_empty() || instances.iter().any(|i| i.is_ready()) {
+        return None;
+    }
+    let mut earliest: Option<(Instant, &'static str)> = None;
+    for inst in instances {
+        let (at, cause) = inst.ready_not_before()?;
+        let at = Instant::from_std(at);
+        if earliest.is_none_or(|(e, _)| at < e) {
+            earliest = Some((at, cause));
+        }
+    }
+    let (at, cause) = earliest?;
+    let wait = at.saturating_duration_since(now);
+    (wait > max_wait).then_some(Refusal::NotReadySoon { wait, cause })
+}
+
 /// How many clients' next waiters one dispatch round considers (bounds the work under the lock).
 const DISPATCH_SCAN: usize = 64;
+
+/// What one dispatch round found: the waiter to serve, and when a waiter stops waiting for a
+/// warm slot.
+#[derive(Default)]
+struct Scan<'a> {
+    pick: Option<(u64, usize, Arc<Instance>, Reason)>,
+    wake: Option<Instant>,
+    /// Models of waiters that wait for a warm slot this round (placement's waiters ahead).
+    waiting_for: Vec<&'a str>,
+}
+
+/// What became of one waiter in a scan.
+#[derive(Debug, PartialEq, Eq)]
+enum Considered {
+    /// It gets a slot.
+    Placed,
+    /// No slot for it only because it avoids the instance with one (a retry): a waiter
+    /// behind it may take that slot.
+    Avoiding,
+    /// It waits (for a warm slot, or for any slot).
+    Waits,
+}
+
+impl<'a> Scan<'a> {
+    fn consider(
+        &mut self,
+        shared: &Shared,
+        st: &State,
+        seq: u64,
+        entry: &'a Entry<Waiter>,
+        now: Instant,
+    ) -> Considered {
+        let model = entry.item.model.as_deref();
+        let ahead = model.map_or(0, |m| self.waiting_for.iter().filter(|w| **w == m).count());
+        match shared.choose(st, model, entry.item.avoid, entry.enqueued, ahead, now) {
+            Choice::Grant(pos, instance, reason) => {
+                self.pick = Some((seq, pos, instance, reason));
+                Considered::Placed
+            }
+            Choice::Wait(until) => {
+                self.wake = Some(self.wake.map_or(until, |w| w.min(until)));
+                self.waiting_for.extend(model);
+                Considered::Waits
+            }
+            Choice::NoSlot if entry.item.avoid.is_some() => Considered::Avoiding,
+            Choice::NoSlot => Considered::Waits,
+        }
+    }
+}
 
 /// The instance for the next grant of a request that names no model: ready, with a free slot;
 /// by preference one with no model loaded, then the most free slots. Ties rotate. `avoid` (the
@@ -856,6 +959,8 @@ pub struct Permit {
     granted_at: Instant,
     /// Whether dropping releases the slot (false once the slot was released another way).
     armed: bool,
+    /// Granted while the instance was half-open: the trial whose outcome decides it.
+    trial: bool,
 }
 
 impl Permit {
@@ -871,6 +976,11 @@ impl Permit {
     /// Why this instance was chosen.
     pub fn reason(&self) -> Reason {
         self.reason
+    }
+
+    /// Whether this is the half-open trial of its instance (passive health).
+    pub fn is_trial(&self) -> bool {
+        self.trial
     }
 }
 

@@ -142,14 +142,6 @@ impl<T> FairQueue<T> {
         self.entries.get(seq)
     }
 
-    /// Each client's next entry, in the order `pop` would serve the clients.
-    pub fn heads(&self) -> impl Iterator<Item = &Entry<T>> + '_ {
-        self.ring.values().filter_map(|client| {
-            let (_, seq) = self.clients.get(client)?.waiters.first()?;
-            self.entries.get(seq)
-        })
-    }
-
     /// Takes the next entry by fairness; the served client starts a new turn at the back.
     #[cfg(test)]
     pub fn pop(&mut self, epoch: i64) -> Option<(u64, Entry<T>)> {
@@ -158,31 +150,63 @@ impl<T> FairQueue<T> {
         self.pop_client(&client, epoch)
     }
 
-    /// Takes `client`'s next entry (one whose turn came while those before it chose to wait);
+    /// Takes `client`'s next entry;
     /// the client starts a new turn at the back, as with `pop`.
+    #[cfg(test)]
     pub fn pop_client(&mut self, client: &Arc<str>, epoch: i64) -> Option<(u64, Entry<T>)> {
-        let cq = self.clients.get_mut(client)?;
-        self.ring.remove(&(Reverse(cq.key), cq.turn));
-        let client = client.clone();
-        let Some((_, seq)) = cq.waiters.pop_first() else {
-            self.clients.remove(&client);
-            return None;
-        };
-        match cq.head_priority() {
-            None => {
-                self.clients.remove(&client);
-            }
-            Some(p) => {
-                cq.since = epoch;
-                cq.turn = self.next_turn;
-                self.next_turn += 1;
-                cq.key = ring_key(p, epoch);
-                self.ring.insert((Reverse(cq.key), cq.turn), client);
-            }
-        }
+        let (_, seq) = *self.clients.get(client)?.waiters.first()?;
+        self.take(seq, epoch).map(|e| (seq, e))
+    }
+
+    /// Takes one queued entry to serve it, wherever it is in its client's queue (a waiter
+    /// behind one that cannot use the free slot, or one past the starvation bound). Serving
+    /// ends the client's turn: if it still has waiters, it starts a new turn at the back.
+    pub fn take(&mut self, seq: u64, epoch: i64) -> Option<Entry<T>> {
         let entry = self.entries.remove(&seq)?;
         self.bytes = self.bytes.saturating_sub(entry.bytes);
-        Some((seq, entry))
+        let client = entry.client.clone();
+        if let Some(cq) = self.clients.get_mut(&client) {
+            self.ring.remove(&(Reverse(cq.key), cq.turn));
+            cq.waiters.remove(&(Reverse(entry.priority), seq));
+            match cq.head_priority() {
+                None => {
+                    self.clients.remove(&client);
+                }
+                Some(p) => {
+                    cq.since = epoch;
+                    cq.turn = self.next_turn;
+                    self.next_turn += 1;
+                    cq.key = ring_key(p, epoch);
+                    self.ring.insert((Reverse(cq.key), cq.turn), client);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Clients with waiters, in the order `pop` would serve them.
+    pub fn clients_in_turn(&self) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.ring.values()
+    }
+
+    /// One client's waiters in the order it would be served (priority, then arrival).
+    pub fn client_entries<'a>(
+        &'a self,
+        client: &Arc<str>,
+    ) -> impl Iterator<Item = (u64, &'a Entry<T>)> + 'a {
+        self.clients
+            .get(client)
+            .into_iter()
+            .flat_map(|cq| cq.waiters.iter())
+            .filter_map(|(_, seq)| self.entries.get(seq).map(|e| (*seq, e)))
+    }
+
+    /// Waiters queued at or before `cutoff` (past the starvation bound), oldest first.
+    pub fn queued_before(&self, cutoff: Instant) -> impl Iterator<Item = (u64, &Entry<T>)> + '_ {
+        self.entries
+            .iter()
+            .take_while(move |(_, e)| e.enqueued <= cutoff)
+            .map(|(seq, e)| (*seq, e))
     }
 
     /// Removes a queued entry (cancelled, expired); `None` if it is no longer queued.

@@ -522,7 +522,11 @@ impl ProxyHttp for SidecarProxy {
                         | ErrorType::ConnectTimedout
                 )
             });
-            let ok = !upstream_fault && status.is_some_and(|s| s < 500);
+            // A 500 is the request's own failure (Ollama's scheduling errors), not the instance's.
+            let ok = !upstream_fault
+                && status.is_some_and(|s| {
+                    crate::upstream::Verdict::of_status(s) != crate::upstream::Verdict::Fault
+                });
             if !connect_failure && (ok || upstream_fault || status.is_some()) {
                 self.app.registry.report(guard.instance(), ok);
             }
