@@ -320,3 +320,30 @@ fn a_request_nothing_can_serve_in_time_is_refused_at_once() {
         "{status}"
     );
 }
+
+/// Finding 7, for requests already queued: the only instance crashes while they wait, and its
+/// restart backoff ends after their `max_wait`; they are refused then, not at `max_wait`.
+#[test]
+fn waiters_are_refused_when_the_instance_crashes_into_a_long_backoff() {
+    let sidecar = SidecarCmd::config(|ports| {
+        let port = ports.port("bad");
+        format!(
+            "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\nadmission:\n  max_wait: 10s\ninstances:\n  - name: bad\n    command: {MOCK}\n    port: {}\n    env:\n      MOCK_EXIT_AFTER_MS: \"1500\"\n      MOCK_START_DELAY_MS: \"5000\"\n    restart:\n      initial_backoff: 30s\n      max_backoff: 60s\n",
+            ports.proxy,
+            ports.admin,
+            port
+        )
+    })
+    .start();
+    assert_eq!(sidecar.status()["instances"][0]["state"], "starting");
+    let started = Instant::now();
+    let (status, body, retry_after) = generate(&sidecar.url(""), "llama3.2", &[]);
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        took < Duration::from_secs(5),
+        "refused after {took:?}: the waiter sat out max_wait (10 s)"
+    );
+    assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 15)));
+    assert_eq!(sidecar.status()["queue"]["counters"]["refused_unready"], 1);
+}

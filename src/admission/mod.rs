@@ -5,7 +5,9 @@
 //!   holds one slot until dropped. Only ready instances get new permits; with none ready, requests
 //!   wait (up to `max_wait`) and are dispatched by [`Admission::poke`].
 //! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
-//!   aging so nothing starves (`queue.rs` has the exact order). All decisions are O(log n) in the
+//!   aging (`queue.rs` has the exact order); past the starvation bound (`max_wait / 4`) waiters
+//!   go first in arrival order, so no priority gap outlasts it. A retry kept out only by the
+//!   instance it avoids lets its client's later waiters take that instance's slot. All decisions are O(log n) in the
 //!   number of waiters and clients, O(instances) in the instance choice.
 //! - **Instance choice** for the waiter picked by fairness (`placement.rs`): an instance with its
 //!   model loaded; if it is warm only on busy instances, wait for a warm slot while one is expected
@@ -16,7 +18,10 @@
 //! - **Accounting.** One mutex guards the queue, the slot counts and the counters, so at every
 //!   moment `admitted == released + held` (held = sum of busy slots). Every `acquire` ends in exactly
 //!   one outcome: the sum `admitted - undelivered + refused_full + refused_bytes + refused_model +
-//!   expired + cancelled + closed` equals the number of requests.
+//!   refused_unready + expired + cancelled + closed` equals the number of requests.
+//! - **Hopeless waits.** With no instance ready and each on a known schedule (restart backoff,
+//!   failing health checks), a request whose `max_wait` ends before the first can be ready is
+//!   refused at once, queued or not ([`Refusal::NotReadySoon`]).
 //!
 //! The engine knows no Pingora types: the proxy calls [`Admission::acquire`] (or
 //! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
@@ -205,15 +210,18 @@ impl AdmissionSnapshot {
     }
 }
 
+/// What a queued request receives: its permit, or a refusal decided while it waited.
+type Outcome = Result<Permit, Refusal>;
+
 struct Waiter {
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Outcome>,
     model: Option<String>,
     avoid: Option<usize>,
 }
 
 /// A permit on its way to a queued waiter (sent after the lock is released).
 struct Grant {
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Outcome>,
     permit: Permit,
     client: Arc<str>,
     model: Option<String>,
@@ -355,7 +363,7 @@ impl Admission {
 /// What [`Shared::decide`] did with a request it did not refuse.
 enum Decision {
     Now(Permit, Reason),
-    Queued(u64, oneshot::Receiver<Permit>),
+    Queued(u64, oneshot::Receiver<Outcome>),
 }
 
 impl Shared {
@@ -593,6 +601,7 @@ impl Shared {
     /// cannot be placed, lets the next client's waiter take the slot; one kept out only by the
     /// instance it avoids (a retry) also lets its own client's later waiters try.
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
+        self.refuse_unready(st, now);
         loop {
             let mut scan = Scan::default();
             if let Some(cutoff) = now.checked_sub(self.starvation_bound()) {
@@ -643,6 +652,30 @@ impl Shared {
         }
     }
 
+    /// Refuses the waiters whose wait ends before any instance can be ready (the instances'
+    /// schedules changed while they waited: a crash, a longer backoff); the rest wait on.
+    fn refuse_unready(&self, st: &mut State, now: Instant) {
+        let Some((ready_at, cause)) = earliest_ready(&self.instances) else {
+            return;
+        };
+        // Queued before this, a waiter's `max_wait` ends before `ready_at`.
+        let Some(cutoff) = ready_at.checked_sub(self.config.max_wait) else {
+            return;
+        };
+        let hopeless: Vec<u64> = st.queue.queued_before(cutoff).map(|(seq, _)| seq).collect();
+        for seq in hopeless {
+            if let Some(entry) = st.queue.remove(seq) {
+                st.counters.refused_unready += 1;
+                let wait = ready_at.saturating_duration_since(now);
+                // A waiter that left meanwhile gets nothing, and holds nothing.
+                let _ = entry
+                    .item
+                    .tx
+                    .send(Err(Refusal::NotReadySoon { wait, cause }));
+            }
+        }
+    }
+
     /// How long a waiter may be passed over by higher priorities: after it, waiters are served
     /// in arrival order ahead of everyone else. A quarter of `max_wait`, so a request of any
     /// priority reaches a slot well before it would expire (README, "Priorities and aging").
@@ -658,7 +691,7 @@ impl Shared {
                 tracing::debug!(client = %g.client, model = g.model.as_deref().unwrap_or("-"),
                     instance = %g.permit.instance.name, reason = g.reason.as_str(),
                     waited_ms = g.permit.waited.as_millis() as u64, "admission: granted");
-                if let Err(mut permit) = g.tx.send(g.permit) {
+                if let Err(Ok(mut permit)) = g.tx.send(Ok(g.permit)) {
                     permit.armed = false;
                     let used = permit.model.as_deref().map(|m| (m, false, None));
                     // Never used: the model's in-flight count goes back, nothing is learned.
@@ -736,15 +769,11 @@ fn unservable(instances: &[Arc<Instance>], model: &str) -> Option<Refusal> {
     None
 }
 
-/// Why a request can be refused at once rather than wait `max_wait`: no instance is ready and
-/// every one is known not to be before the wait ends (a supervised instance waiting out its
-/// restart backoff, an external one whose health checks fail: `Instance::ready_not_before`).
-/// An instance whose next readiness is unknown (starting, stopped) may be ready any moment.
-fn not_ready_soon(
-    instances: &[Arc<Instance>],
-    now: Instant,
-    max_wait: Duration,
-) -> Option<Refusal> {
+/// When the first instance can be ready, and why not sooner, while none is ready and every one
+/// is known not to be before then (a supervised instance waiting out its restart backoff, an
+/// external one whose health checks fail: `Instance::ready_not_before`). `None` when one is
+/// ready, or may be at any moment (starting, stopped: no schedule known).
+fn earliest_ready(instances: &[Arc<Instance>]) -> Option<(Instant, &'static str)> {
     if instances.is_empty() || instances.iter().any(|i| i.is_ready()) {
         return None;
     }
@@ -756,7 +785,17 @@ fn not_ready_soon(
             earliest = Some((at, cause));
         }
     }
-    let (at, cause) = earliest?;
+    earliest
+}
+
+/// Why a new request can be refused at once rather than wait `max_wait` for nothing: no
+/// instance can be ready before its wait would end.
+fn not_ready_soon(
+    instances: &[Arc<Instance>],
+    now: Instant,
+    max_wait: Duration,
+) -> Option<Refusal> {
+    let (at, cause) = earliest_ready(instances)?;
     let wait = at.saturating_duration_since(now);
     (wait > max_wait).then_some(Refusal::NotReadySoon { wait, cause })
 }
@@ -870,7 +909,7 @@ fn choose(
 pub struct Waiting {
     shared: Arc<Shared>,
     seq: u64,
-    rx: oneshot::Receiver<Permit>,
+    rx: oneshot::Receiver<Outcome>,
     enqueued: Instant,
     deadline: Instant,
     /// The outcome has been handed out (or the waiter removed): nothing left to cancel.
@@ -889,7 +928,7 @@ impl Waiting {
             return Err(Refusal::Closed);
         }
         let outcome = match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(Refusal::Closed),
             Err(_) => {
                 if self.shared.remove(self.seq, true) {
@@ -899,7 +938,7 @@ impl Waiting {
                 } else {
                     // Granted (or closed) while the timer fired: the outcome is on its way,
                     // sent right after the granting side releases the lock.
-                    (&mut self.rx).await.map_err(|_| Refusal::Closed)
+                    (&mut self.rx).await.unwrap_or(Err(Refusal::Closed))
                 }
             }
         };
@@ -914,7 +953,7 @@ impl Waiting {
             return None;
         }
         let outcome = match self.rx.try_recv() {
-            Ok(permit) => Ok(permit),
+            Ok(outcome) => outcome,
             Err(oneshot::error::TryRecvError::Closed) => Err(Refusal::Closed),
             Err(oneshot::error::TryRecvError::Empty) => {
                 if Instant::now() >= self.deadline && self.shared.remove(self.seq, true) {
@@ -939,7 +978,7 @@ impl Drop for Waiting {
         // No longer queued: granted or closed. Stop any send still to come (the granting side
         // then takes the slot back itself), and give back a permit already sent.
         self.rx.close();
-        if let Ok(mut permit) = self.rx.try_recv() {
+        if let Ok(Ok(mut permit)) = self.rx.try_recv() {
             permit.armed = false;
             let used = permit.model.as_deref().map(|m| (m, false, None));
             self.shared.release(permit.pos, true, used);

@@ -782,3 +782,36 @@ async fn a_request_no_instance_can_serve_in_time_is_refused_at_once() {
     let fleet = Admission::new(cfg(5), vec![inst, other]);
     drop(now(&fleet, req("a")));
 }
+
+#[tokio::test]
+async fn waiters_are_refused_when_a_crash_puts_readiness_past_their_wait() {
+    let inst = instance(0, 1);
+    inst.set_state(InstanceState::Starting);
+    let cfg = QueueConfig {
+        max_wait: Duration::from_secs(20),
+        ..config(10)
+    };
+    let adm = Admission::new(cfg, vec![inst.clone()]);
+    let mut waiting = queued(&adm, req("a"));
+    // The instance crashes: its restart is 30 s away, after this waiter's 20 s.
+    inst.set_ready_not_before(Some((
+        std::time::Instant::now() + Duration::from_secs(30),
+        "restart backoff",
+    )));
+    inst.set_state(InstanceState::Backoff);
+    adm.poke();
+    match waiting.try_take() {
+        Some(Err(Refusal::NotReadySoon { cause, .. })) => assert_eq!(cause, "restart backoff"),
+        _ => panic!("expected the waiter to be refused"),
+    }
+    let s = adm.snapshot();
+    assert_eq!((s.queued, s.counters.refused_unready), (0, 1));
+    // A backoff that ends within the wait leaves the waiter queued.
+    inst.set_ready_not_before(Some((
+        std::time::Instant::now() + Duration::from_secs(5),
+        "restart backoff",
+    )));
+    let mut patient = queued(&adm, req("b"));
+    adm.poke();
+    assert!(patient.try_take().is_none());
+}
