@@ -5,8 +5,8 @@
 //!   holds one slot until dropped. Only ready instances get new permits; with none ready, requests
 //!   wait (up to `max_wait`) and are dispatched by [`Admission::poke`].
 //! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
-//!   aging (`queue.rs` has the exact order); past the starvation bound (`max_wait / 4`) waiters
-//!   go first in arrival order, so no priority gap outlasts it. A retry kept out only by the
+//!   aging (`queue.rs` has the exact order); a client whose turn has waited past the starvation
+//!   bound (`max_wait / 4`) goes first, longest first, so no priority gap outlasts it. A retry kept out only by the
 //!   instance it avoids lets its client's later waiters take that instance's slot. All decisions are O(log n) in the
 //!   number of waiters and clients, O(instances) in the instance choice.
 //! - **Instance choice** for the waiter picked by fairness (`placement.rs`): an instance with its
@@ -595,30 +595,32 @@ impl Shared {
         });
     }
 
-    /// Hands free slots to waiters while both exist (under the lock). First the waiters past
-    /// the starvation bound, oldest first (so no priority gap outlasts it); then each client's
-    /// next waiter in fairness order. A client whose next waiter waits for a warm slot, or
+    /// Hands free slots to waiters while both exist (under the lock). First the clients whose
+    /// turn has waited past the starvation bound, longest first (so no priority gap outlasts
+    /// it, while a client being served keeps starting new turns and cannot crowd others out);
+    /// then each client's next waiter in fairness order. A client whose next waiter waits for a warm slot, or
     /// cannot be placed, lets the next client's waiter take the slot; one kept out only by the
     /// instance it avoids (a retry) also lets its own client's later waiters try.
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
         self.refuse_unready(st, now);
         loop {
             let mut scan = Scan::default();
-            if let Some(cutoff) = now.checked_sub(self.starvation_bound()) {
-                for (seq, entry) in st.queue.queued_before(cutoff).take(DISPATCH_SCAN) {
-                    if scan.consider(self, st, seq, entry, now) == Considered::Placed {
-                        break;
-                    }
-                }
-            }
-            if scan.pick.is_none() {
-                'clients: for client in st.queue.clients_in_turn().take(DISPATCH_SCAN) {
-                    for (seq, entry) in st.queue.client_entries(client).take(DISPATCH_SCAN) {
-                        match scan.consider(self, st, seq, entry, now) {
-                            Considered::Placed => break 'clients,
-                            Considered::Avoiding => continue,
-                            Considered::Waits => continue 'clients,
-                        }
+            // Clients whose turn has waited past the starvation bound first, longest first;
+            // then every client in fairness order.
+            let overdue = now
+                .checked_sub(self.starvation_bound())
+                .map(|cutoff| st.queue.turns_begun_before(cutoff));
+            let clients = overdue
+                .into_iter()
+                .flatten()
+                .take(DISPATCH_SCAN)
+                .chain(st.queue.clients_in_turn().take(DISPATCH_SCAN));
+            'clients: for client in clients {
+                for (seq, entry) in st.queue.client_entries(client).take(DISPATCH_SCAN) {
+                    match scan.consider(self, st, seq, entry, now) {
+                        Considered::Placed => break 'clients,
+                        Considered::Avoiding => continue,
+                        Considered::Waits => continue 'clients,
                     }
                 }
             }
@@ -630,7 +632,7 @@ impl Shared {
                 break;
             };
             let epoch = self.epoch(now);
-            let Some(entry) = st.queue.take(seq, epoch) else {
+            let Some(entry) = st.queue.take(seq, epoch, now) else {
                 break;
             };
             let waited = now.saturating_duration_since(entry.enqueued);
@@ -676,8 +678,8 @@ impl Shared {
         }
     }
 
-    /// How long a waiter may be passed over by higher priorities: after it, waiters are served
-    /// in arrival order ahead of everyone else. A quarter of `max_wait`, so a request of any
+    /// How long a client's turn may be passed over by higher priorities: after it, the client
+    /// goes ahead of every client whose turn began later. A quarter of `max_wait`, so a request of any
     /// priority reaches a slot well before it would expire (README, "Priorities and aging").
     fn starvation_bound(&self) -> Duration {
         self.config.max_wait / 4

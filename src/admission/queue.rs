@@ -36,6 +36,8 @@ struct ClientQueue {
     turn: u64,
     /// The ring key currently stored for this client.
     key: i64,
+    /// When the current turn began (queued, or last served): how long the client has waited.
+    turn_began: Instant,
 }
 
 impl ClientQueue {
@@ -54,6 +56,8 @@ pub(crate) struct FairQueue<T> {
     clients: HashMap<Arc<str>, ClientQueue>,
     /// (key, high first; turn, first come first) -> client.
     ring: BTreeMap<(Reverse<i64>, u64), Arc<str>>,
+    /// (turn began, turn) -> client: whose turn has waited longest, for the starvation bound.
+    by_turn_start: BTreeMap<(Instant, u64), Arc<str>>,
     next_seq: u64,
     next_turn: u64,
     bytes: u64,
@@ -65,6 +69,7 @@ impl<T> Default for FairQueue<T> {
             entries: BTreeMap::new(),
             clients: HashMap::new(),
             ring: BTreeMap::new(),
+            by_turn_start: BTreeMap::new(),
             next_seq: 0,
             next_turn: 0,
             bytes: 0,
@@ -119,6 +124,8 @@ impl<T> FairQueue<T> {
                 let mut waiters = BTreeSet::new();
                 waiters.insert((Reverse(priority), seq));
                 self.ring.insert((Reverse(key), turn), entry.client.clone());
+                self.by_turn_start
+                    .insert((entry.enqueued, turn), entry.client.clone());
                 self.clients.insert(
                     entry.client.clone(),
                     ClientQueue {
@@ -126,6 +133,7 @@ impl<T> FairQueue<T> {
                         since: epoch,
                         turn,
                         key,
+                        turn_began: entry.enqueued,
                     },
                 );
             }
@@ -155,18 +163,19 @@ impl<T> FairQueue<T> {
     #[cfg(test)]
     pub fn pop_client(&mut self, client: &Arc<str>, epoch: i64) -> Option<(u64, Entry<T>)> {
         let (_, seq) = *self.clients.get(client)?.waiters.first()?;
-        self.take(seq, epoch).map(|e| (seq, e))
+        self.take(seq, epoch, Instant::now()).map(|e| (seq, e))
     }
 
-    /// Takes one queued entry to serve it, wherever it is in its client's queue (a waiter
-    /// behind one that cannot use the free slot, or one past the starvation bound). Serving
-    /// ends the client's turn: if it still has waiters, it starts a new turn at the back.
-    pub fn take(&mut self, seq: u64, epoch: i64) -> Option<Entry<T>> {
+    /// Takes one queued entry to serve it (`now`), wherever it is in its client's queue (a
+    /// waiter behind a retry that cannot use the free slot). Serving ends the client's turn: if
+    /// it still has waiters, it starts a new turn at the back.
+    pub fn take(&mut self, seq: u64, epoch: i64, now: Instant) -> Option<Entry<T>> {
         let entry = self.entries.remove(&seq)?;
         self.bytes = self.bytes.saturating_sub(entry.bytes);
         let client = entry.client.clone();
         if let Some(cq) = self.clients.get_mut(&client) {
             self.ring.remove(&(Reverse(cq.key), cq.turn));
+            self.by_turn_start.remove(&(cq.turn_began, cq.turn));
             cq.waiters.remove(&(Reverse(entry.priority), seq));
             match cq.head_priority() {
                 None => {
@@ -177,7 +186,9 @@ impl<T> FairQueue<T> {
                     cq.turn = self.next_turn;
                     self.next_turn += 1;
                     cq.key = ring_key(p, epoch);
-                    self.ring.insert((Reverse(cq.key), cq.turn), client);
+                    cq.turn_began = now;
+                    self.ring.insert((Reverse(cq.key), cq.turn), client.clone());
+                    self.by_turn_start.insert((now, cq.turn), client);
                 }
             }
         }
@@ -201,7 +212,16 @@ impl<T> FairQueue<T> {
             .filter_map(|(_, seq)| self.entries.get(seq).map(|e| (*seq, e)))
     }
 
-    /// Waiters queued at or before `cutoff` (past the starvation bound), oldest first.
+    /// Clients whose current turn began at or before `cutoff` (past the starvation bound),
+    /// the longest-waiting turn first.
+    pub fn turns_begun_before(&self, cutoff: Instant) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.by_turn_start
+            .iter()
+            .take_while(move |((began, _), _)| *began <= cutoff)
+            .map(|(_, client)| client)
+    }
+
+    /// Waiters queued at or before `cutoff`, oldest first.
     pub fn queued_before(&self, cutoff: Instant) -> impl Iterator<Item = (u64, &Entry<T>)> + '_ {
         self.entries
             .iter()
@@ -221,6 +241,7 @@ impl<T> FairQueue<T> {
                 self.ring.remove(&(Reverse(cq.key), cq.turn));
                 match after {
                     None => {
+                        self.by_turn_start.remove(&(cq.turn_began, cq.turn));
                         self.clients.remove(&entry.client);
                     }
                     Some(p) => {
@@ -269,6 +290,7 @@ impl<T> FairQueue<T> {
     /// Empties the queue, returning every entry in arrival order.
     pub fn drain(&mut self) -> Vec<Entry<T>> {
         self.ring.clear();
+        self.by_turn_start.clear();
         self.clients.clear();
         self.bytes = 0;
         std::mem::take(&mut self.entries).into_values().collect()

@@ -97,6 +97,30 @@ async fn until_queued(adm: &Arc<Admission>, n: usize) {
     panic!("never saw {n} queued: {:?}", adm.snapshot());
 }
 
+/// On paused time: one instance with one slot, held by the returned permit.
+fn one_held_slot(max_wait: Duration, aging: Duration) -> (Arc<Admission>, Permit) {
+    tokio::time::pause();
+    let cfg = QueueConfig {
+        max_wait,
+        aging,
+        ..config(100)
+    };
+    let adm = Admission::new(cfg, vec![instance(0, 1)]);
+    let held = now(&adm, req("h"));
+    (adm, held)
+}
+
+/// Holds the slot for `service`, gives it back, and returns who got it next.
+async fn serve_next<L: Copy>(
+    held: Permit,
+    waiting: &mut Vec<(L, Waiting)>,
+    service: Duration,
+) -> (L, Permit) {
+    tokio::time::advance(service).await;
+    drop(held);
+    take_granted(waiting)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_never_exceed_num_parallel() {
     let instances = vec![instance(0, 2), instance(1, 3)];
@@ -232,13 +256,7 @@ async fn fifo_within_a_client() {
 
 #[tokio::test]
 async fn priority_first_and_aging_prevents_starvation() {
-    tokio::time::pause();
-    let cfg = QueueConfig {
-        aging: Duration::from_secs(30),
-        ..config(100)
-    };
-    let adm = Admission::new(cfg, vec![instance(0, 1)]);
-    let mut held = now(&adm, req("h"));
+    let (adm, mut held) = one_held_slot(Duration::from_secs(600), Duration::from_secs(30));
     let mut waiting = vec![("low", queued(&adm, req("low")))];
     let mut low_at = None;
     let mut requests = 2;
@@ -248,9 +266,7 @@ async fn priority_first_and_aging_prevents_starvation() {
             waiting.push(("high", queued(&adm, req("high").priority(3))));
             requests += 1;
         }
-        tokio::time::advance(Duration::from_secs(10)).await;
-        drop(held);
-        let (who, p) = take_granted(&mut waiting);
+        let (who, p) = serve_next(held, &mut waiting, Duration::from_secs(10)).await;
         held = p;
         if who == "low" {
             low_at = Some(round);
@@ -706,14 +722,7 @@ async fn a_client_without_a_retry_ahead_stays_fifo() {
 
 #[tokio::test]
 async fn past_the_starvation_bound_no_priority_gap_holds_a_waiter_back() {
-    tokio::time::pause();
-    let cfg = QueueConfig {
-        aging: Duration::from_secs(30),
-        max_wait: Duration::from_secs(80),
-        ..config(100)
-    };
-    let adm = Admission::new(cfg, vec![instance(0, 1)]);
-    let mut held = now(&adm, req("h"));
+    let (adm, mut held) = one_held_slot(Duration::from_secs(80), Duration::from_secs(30));
     let mut waiting = vec![("low", queued(&adm, req("low").priority(-100)))];
     let mut low_at = None;
     let mut requests = 2;
@@ -726,9 +735,7 @@ async fn past_the_starvation_bound_no_priority_gap_holds_a_waiter_back() {
                 requests += 1;
             }
         }
-        tokio::time::advance(Duration::from_secs(10)).await;
-        drop(held);
-        let (who, p) = take_granted(&mut waiting);
+        let (who, p) = serve_next(held, &mut waiting, Duration::from_secs(10)).await;
         held = p;
         if who == "low" {
             low_at = Some(round);
@@ -814,4 +821,24 @@ async fn waiters_are_refused_when_a_crash_puts_readiness_past_their_wait() {
     let mut patient = queued(&adm, req("b"));
     adm.poke();
     assert!(patient.try_take().is_none());
+}
+
+#[tokio::test]
+async fn past_the_starvation_bound_a_flooding_client_still_takes_turns() {
+    let (adm, mut held) = one_held_slot(Duration::from_secs(40), Duration::from_secs(30));
+    let mut waiting: Vec<(&str, Waiting)> = (0..10)
+        .map(|_| ("flood", queued(&adm, req("flood"))))
+        .collect();
+    // Every flood request is past the bound (10 s) when the newcomer arrives.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    waiting.push(("new", queued(&adm, req("new"))));
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (who, p) = serve_next(held, &mut waiting, Duration::ZERO).await;
+        order.push(who);
+        held = p;
+    }
+    // The flood's long-waiting turn goes first; its next turn starts at the back.
+    assert_eq!(order, ["flood", "new", "flood"]);
+    drop(held);
 }

@@ -236,9 +236,12 @@ fn log_access(
     let stream_error = tap.error.as_deref().filter(|_| success);
     // A request no instance could serve: why they are not ready, for the operator only.
     let instances = match own {
-        Some(Reject::NoInstance | Reject::WaitExpired { .. } | Reject::ModelUnavailable { .. }) => {
-            crate::admin::unready_instances(app)
-        }
+        Some(
+            Reject::NoInstance
+            | Reject::WaitExpired { .. }
+            | Reject::ModelUnavailable { .. }
+            | Reject::NotReadySoon { .. },
+        ) => crate::admin::unready_instances(app),
         _ => None,
     };
     // Milliseconds, to the microsecond.
