@@ -347,3 +347,35 @@ fn waiters_are_refused_when_the_instance_crashes_into_a_long_backoff() {
     assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 15)));
     assert_eq!(sidecar.status()["queue"]["counters"]["refused_unready"], 1);
 }
+
+/// Finding 7, for external instances: one that is down cannot be ready before its next health
+/// check (`rise` of them once it had been up; one for an instance never seen up), one per
+/// `interval`; a request that cannot wait that long is refused at once with that schedule as
+/// its `Retry-After`.
+#[test]
+fn an_external_instance_down_refuses_what_cannot_wait_for_its_checks() {
+    let port = free_port();
+    let sidecar = Sidecar::start(&format!(
+        "health:\n  interval: 30s\n  rise: 2\nadmission:\n  max_wait: 5s\ninstances:\n  - name: down\n    url: http://127.0.0.1:{port}\n"
+    ));
+    let started = Instant::now();
+    let (status, body, retry_after) = generate(&sidecar.url(""), "llama3.2", &[]);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    let secs: u64 = retry_after.expect("Retry-After").parse().expect("seconds");
+    assert!(
+        (25..=30).contains(&secs),
+        "Retry-After {secs}: the next check is 30 s away"
+    );
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("health checks"),
+        "{body}"
+    );
+}
