@@ -255,9 +255,10 @@ impl<T> FairQueue<T> {
         Some(entry)
     }
 
-    /// Every queued entry's id in the order `pop` would serve them if nothing changed meanwhile
-    /// (read-only: replays the ring on a copy of the turn keys).
-    pub fn serving_order(&self, epoch: i64) -> Vec<u64> {
+    /// Every queued entry's id in the order dispatch would serve them if nothing changed
+    /// meanwhile (read-only: replays the ring on a copy of the turn keys); `overdue_before`: the
+    /// starvation bound's cutoff.
+    pub fn serving_order(&self, epoch: i64, overdue_before: Option<Instant>) -> Vec<u64> {
         let mut ring = self.ring.clone();
         let mut waiters: HashMap<&Arc<str>, Vec<(Reverse<i32>, u64)>> = self
             .clients
@@ -266,6 +267,28 @@ impl<T> FairQueue<T> {
             .collect();
         let mut next_turn = self.next_turn;
         let mut order = Vec::with_capacity(self.entries.len());
+        // Clients whose turn is past the starvation bound are served first, longest first; each
+        // then starts a fresh turn at the back of the ring.
+        let overdue = overdue_before
+            .map(|cutoff| self.turns_begun_before(cutoff).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for client in overdue {
+            let Some(cq) = self.clients.get(client) else {
+                continue;
+            };
+            ring.remove(&(Reverse(cq.key), cq.turn));
+            let Some(queue) = waiters.get_mut(client) else {
+                continue;
+            };
+            let Some((_, seq)) = queue.pop() else {
+                continue;
+            };
+            order.push(seq);
+            if let Some((Reverse(p), _)) = queue.last() {
+                ring.insert((Reverse(ring_key(*p, epoch)), next_turn), client.clone());
+                next_turn += 1;
+            }
+        }
         while let Some((_, client)) = ring.pop_first() {
             let Some(queue) = waiters.get_mut(&client) else {
                 continue;
