@@ -153,6 +153,13 @@ pub enum Reject {
     ModelRestricted {
         model: String,
     },
+    /// No instance can become ready within the request's wait: the earliest is `wait` away
+    /// (`cause`: a restart backoff, a crash loop, failing health checks).
+    NotReadySoon {
+        wait: Duration,
+        cause: &'static str,
+        max_wait: Duration,
+    },
 }
 
 /// The labels of refusals (`rejections_total{reason}`, the access log's `rejection`), so that
@@ -220,7 +227,8 @@ impl Reject {
             | NoInstance
             | ModelUnavailable { .. }
             | PendingBodiesFull { .. }
-            | ModelRestricted { .. } => 503,
+            | ModelRestricted { .. }
+            | NotReadySoon { .. } => 503,
             ConnectTimeout { .. } | ResponseTimeout { .. } | IdleTimeout { .. } => 504,
         }
     }
@@ -242,6 +250,7 @@ impl Reject {
             | ManagementBusy
             | ModelUnavailable { .. }
             | ModelRestricted { .. } => Some(5),
+            NotReadySoon { wait, .. } => Some(retry_after_secs(*wait)),
             _ => None,
         }
     }
@@ -282,6 +291,7 @@ impl Reject {
             Internal => "internal",
             PendingBodiesFull { .. } => "pending_bodies_full",
             BodyDeadline { .. } => "body_deadline",
+            NotReadySoon { .. } => "not_ready_soon",
         }
     }
 
@@ -428,6 +438,15 @@ impl Reject {
                 "{p}: none of the instances the `models` rule for {} allows is ready with it installed",
                 serde_json::to_string(&shown(model)).unwrap_or_default()
             ),
+            NotReadySoon {
+                wait,
+                cause,
+                max_wait,
+            } => format!(
+                "{p}: no Ollama instance can be ready within admission.max_wait ({}): the earliest is {} away ({cause})",
+                human(*max_wait),
+                human(Duration::from_secs(wait.as_secs().max(1)))
+            ),
         }
     }
 }
@@ -480,6 +499,16 @@ mod tests {
             ),
             (Reject::QueueFull, 503, "queue_full", Some(1)),
             (Reject::NoInstance, 503, "no_instance", None),
+            (
+                Reject::NotReadySoon {
+                    wait: Duration::from_millis(29_200),
+                    cause: "restart backoff",
+                    max_wait: Duration::from_secs(5),
+                },
+                503,
+                "not_ready_soon",
+                Some(30),
+            ),
             (
                 Reject::ModelUnavailable {
                     model: "qwen2.5:0.5b".into(),

@@ -294,6 +294,9 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         model.unload();
         return load_answer(kind, &model_json, "unload");
     }
+    if let Some(refusal) = state.too_large(&model) {
+        return http::error(flavor, StatusCode::INTERNAL_SERVER_ERROR, &refusal);
+    }
     let slot = match state.schedule(&model, ka).await {
         Ok(s) => s,
         Err(_) => return busy(flavor),
@@ -525,6 +528,9 @@ pub async fn embed(ctx: &mut Ctx, body: &[u8], api: EmbedApi) -> Response<Body> 
         Ok(k) => k,
         Err(r) => return r,
     };
+    if let Some(refusal) = state.too_large(&model) {
+        return http::error(flavor, StatusCode::INTERNAL_SERVER_ERROR, &refusal);
+    }
     let slot = match state.schedule(&model, ka).await {
         Ok(s) => s,
         Err(_) => return busy(flavor),

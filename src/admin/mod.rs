@@ -391,6 +391,8 @@ fn instance_status(
             "seconds_ago": h.at.elapsed().as_secs_f64(),
         })
     });
+    // While it cannot be ready before then, inference requests that cannot wait are refused.
+    let ready_not_before = inst.ready_not_before();
     let mut v = json!({
         "name": inst.name,
         "url": inst.upstream.to_string(),
@@ -412,6 +414,9 @@ fn instance_status(
         "busy_slots": slot.map(|s| s.busy),
         "placement": snap.placement.get(inst.index).map(|p| p.to_json()),
         "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
+        "request_errors": inst.request_errors(),
+        "ready_in_seconds": ready_not_before.map(|(at, _)| at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()),
+        "not_ready_because": ready_not_before.map(|(_, cause)| cause),
     });
     if inst.supervised {
         if let Value::Object(map) = &mut v {
@@ -464,6 +469,7 @@ fn queue_status(app: &App, snap: &AdmissionSnapshot, waiters: &[WaiterView]) -> 
             "cancelled": c.cancelled,
             "closed": c.closed,
             "undelivered": c.undelivered,
+            "refused_unready": c.refused_unready,
         },
     })
 }

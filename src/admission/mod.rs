@@ -5,7 +5,9 @@
 //!   holds one slot until dropped. Only ready instances get new permits; with none ready, requests
 //!   wait (up to `max_wait`) and are dispatched by [`Admission::poke`].
 //! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
-//!   aging so nothing starves (`queue.rs` has the exact order). All decisions are O(log n) in the
+//!   aging (`queue.rs` has the exact order); a client whose turn has waited past the starvation
+//!   bound (`max_wait / 4`) goes first, longest first, so no priority gap outlasts it. A retry kept out only by the
+//!   instance it avoids lets its client's later waiters take that instance's slot. All decisions are O(log n) in the
 //!   number of waiters and clients, O(instances) in the instance choice.
 //! - **Instance choice** for the waiter picked by fairness (`placement.rs`): an instance with its
 //!   model loaded; if it is warm only on busy instances, wait for a warm slot while one is expected
@@ -16,7 +18,10 @@
 //! - **Accounting.** One mutex guards the queue, the slot counts and the counters, so at every
 //!   moment `admitted == released + held` (held = sum of busy slots). Every `acquire` ends in exactly
 //!   one outcome: the sum `admitted - undelivered + refused_full + refused_bytes + refused_model +
-//!   expired + cancelled + closed` equals the number of requests.
+//!   refused_unready + expired + cancelled + closed` equals the number of requests.
+//! - **Hopeless waits.** With no instance ready and each on a known schedule (restart backoff,
+//!   failing health checks), a request whose `max_wait` ends before the first can be ready is
+//!   refused at once, queued or not ([`Refusal::NotReadySoon`]).
 //!
 //! The engine knows no Pingora types: the proxy calls [`Admission::acquire`] (or
 //! [`Admission::admit`] and then races [`Waiting::wait`] against the client leaving).
@@ -105,6 +110,9 @@ pub enum Refusal {
     /// Instances are ready, but none of those the model's `models:` rule allows and that may
     /// have it.
     ModelRestricted,
+    /// No instance is ready, and none can be before the request's wait ends: the earliest is
+    /// `wait` away (`cause`: what it waits for).
+    NotReadySoon { wait: Duration, cause: &'static str },
 }
 
 impl Refusal {
@@ -117,6 +125,7 @@ impl Refusal {
             Refusal::Closed => "closed",
             Refusal::ModelUnavailable => "model_unavailable",
             Refusal::ModelRestricted => "model_restricted",
+            Refusal::NotReadySoon { .. } => "not_ready_soon",
         }
     }
 }
@@ -140,6 +149,11 @@ impl fmt::Display for Refusal {
             Refusal::ModelRestricted => {
                 f.write_str("no ready instance that the model's rule allows has it installed")
             }
+            Refusal::NotReadySoon { wait, cause } => write!(
+                f,
+                "no instance can be ready within the wait: the earliest in {:.1} s ({cause})",
+                wait.as_secs_f64()
+            ),
         }
     }
 }
@@ -165,6 +179,8 @@ pub struct AdmissionCounters {
     /// Grants that lost a race with their waiter's cancellation: counted in `admitted`,
     /// `released` and `cancelled`.
     pub undelivered: u64,
+    /// Requests refused because no instance could be ready before their wait ended.
+    pub refused_unready: u64,
 }
 
 /// Slot use of one instance.
@@ -203,15 +219,18 @@ impl AdmissionSnapshot {
     }
 }
 
+/// What a queued request receives: its permit, or a refusal decided while it waited.
+type Outcome = Result<Permit, Refusal>;
+
 struct Waiter {
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Outcome>,
     model: Option<String>,
     avoid: Option<usize>,
 }
 
 /// A permit on its way to a queued waiter (sent after the lock is released).
 struct Grant {
-    tx: oneshot::Sender<Permit>,
+    tx: oneshot::Sender<Outcome>,
     permit: Permit,
     client: Arc<str>,
     model: Option<String>,
@@ -374,7 +393,7 @@ impl Admission {
 /// What [`Shared::decide`] did with a request it did not refuse.
 enum Decision {
     Now(Permit, Reason),
-    Queued(u64, oneshot::Receiver<Permit>),
+    Queued(u64, oneshot::Receiver<Outcome>),
 }
 
 impl Shared {
@@ -450,6 +469,10 @@ impl Shared {
             .and_then(|m| st.placement.unservable(&self.instances, m))
         {
             st.counters.refused_model += 1;
+            return Err(refusal);
+        }
+        if let Some(refusal) = not_ready_soon(&self.instances, now, self.config.max_wait) {
+            st.counters.refused_unready += 1;
             return Err(refusal);
         }
         if !st.queue.is_empty() {
@@ -529,10 +552,13 @@ impl Shared {
         if let Some(model) = model {
             st.placement.granted(pos, &instance, model, reason, waited);
         }
+        // While half-open the instance admits one request: this grant is its trial.
+        let trial = instance.gate() == crate::upstream::Gate::HalfOpen;
         Permit {
             shared: self.clone(),
             instance,
             pos,
+            trial,
             waited,
             model: model.map(str::to_string),
             reason,
@@ -598,37 +624,44 @@ impl Shared {
         });
     }
 
-    /// Hands free slots to waiters, in fairness order, while both exist (under the lock). A
-    /// client whose next waiter cannot be placed, or waits for a warm slot, lets the next
-    /// client's waiter take the slot.
+    /// Hands free slots to waiters while both exist (under the lock). First the clients whose
+    /// turn has waited past the starvation bound, longest first (so no priority gap outlasts
+    /// it, while a client being served keeps starting new turns and cannot crowd others out);
+    /// then each client's next waiter in fairness order. A client whose next waiter waits for a warm slot, or
+    /// cannot be placed, lets the next client's waiter take the slot; one kept out only by the
+    /// instance it avoids (a retry) also lets its own client's later waiters try.
     fn dispatch(self: &Arc<Self>, st: &mut State, now: Instant, grants: &mut Vec<Grant>) {
+        self.refuse_unready(st, now);
         loop {
-            let mut pick = None;
-            let mut wake: Option<Instant> = None;
-            let mut waiting_for: Vec<&str> = Vec::new();
-            for head in st.queue.heads().take(DISPATCH_SCAN) {
-                let model = head.item.model.as_deref();
-                let ahead = model.map_or(0, |m| waiting_for.iter().filter(|w| **w == m).count());
-                match self.choose(st, model, head.item.avoid, head.enqueued, ahead, now) {
-                    Choice::Grant(pos, instance, reason) => {
-                        pick = Some((head.client.clone(), pos, instance, reason));
-                        break;
+            let mut scan = Scan::default();
+            // Clients whose turn has waited past the starvation bound first, longest first;
+            // then every client in fairness order.
+            let overdue = now
+                .checked_sub(self.starvation_bound())
+                .map(|cutoff| st.queue.turns_begun_before(cutoff));
+            let clients = overdue
+                .into_iter()
+                .flatten()
+                .take(DISPATCH_SCAN)
+                .chain(st.queue.clients_in_turn().take(DISPATCH_SCAN));
+            'clients: for client in clients {
+                for (seq, entry) in st.queue.client_entries(client).take(DISPATCH_SCAN) {
+                    match scan.consider(self, st, seq, entry, now) {
+                        Considered::Placed => break 'clients,
+                        Considered::Avoiding => continue,
+                        Considered::Waits => continue 'clients,
                     }
-                    Choice::Wait(until) => {
-                        wake = Some(wake.map_or(until, |w| w.min(until)));
-                        waiting_for.extend(model);
-                    }
-                    Choice::NoSlot => {}
                 }
             }
+            let Scan { pick, wake, .. } = scan;
             if let Some(until) = wake {
                 self.wake(st, until);
             }
-            let Some((client, pos, instance, reason)) = pick else {
+            let Some((seq, pos, instance, reason)) = pick else {
                 break;
             };
             let epoch = self.epoch(now);
-            let Some((_, entry)) = st.queue.pop_client(&client, epoch) else {
+            let Some(entry) = st.queue.take(seq, epoch, now) else {
                 break;
             };
             let waited = now.saturating_duration_since(entry.enqueued);
@@ -650,6 +683,37 @@ impl Shared {
         }
     }
 
+    /// Refuses the waiters whose wait ends before any instance can be ready (the instances'
+    /// schedules changed while they waited: a crash, a longer backoff); the rest wait on.
+    fn refuse_unready(&self, st: &mut State, now: Instant) {
+        let Some((ready_at, cause)) = earliest_ready(&self.instances) else {
+            return;
+        };
+        // Queued before this, a waiter's `max_wait` ends before `ready_at`.
+        let Some(cutoff) = ready_at.checked_sub(self.config.max_wait) else {
+            return;
+        };
+        let hopeless: Vec<u64> = st.queue.queued_before(cutoff).map(|(seq, _)| seq).collect();
+        for seq in hopeless {
+            if let Some(entry) = st.queue.remove(seq) {
+                st.counters.refused_unready += 1;
+                let wait = ready_at.saturating_duration_since(now);
+                // A waiter that left meanwhile gets nothing, and holds nothing.
+                let _ = entry
+                    .item
+                    .tx
+                    .send(Err(Refusal::NotReadySoon { wait, cause }));
+            }
+        }
+    }
+
+    /// How long a client's turn may be passed over by higher priorities: after it, the client
+    /// goes ahead of every client whose turn began later. A quarter of `max_wait`, so a request of any
+    /// priority reaches a slot well before it would expire (README, "Priorities and aging").
+    fn starvation_bound(&self) -> Duration {
+        self.config.max_wait / 4
+    }
+
     /// Sends permits to their waiters (outside the lock). A waiter that left meanwhile gets
     /// nothing: its slot goes straight back and on to the next waiter, iteratively.
     fn deliver(self: &Arc<Self>, mut grants: Vec<Grant>) {
@@ -658,7 +722,7 @@ impl Shared {
                 tracing::debug!(client = %g.client, model = g.model.as_deref().unwrap_or("-"),
                     instance = %g.permit.instance.name, reason = g.reason.as_str(),
                     waited_ms = g.permit.waited.as_millis() as u64, "admission: granted");
-                if let Err(mut permit) = g.tx.send(g.permit) {
+                if let Err(Ok(mut permit)) = g.tx.send(Ok(g.permit)) {
                     permit.armed = false;
                     let used = permit.model.as_deref().map(|m| (m, false, None));
                     // Never used: the model's in-flight count goes back, nothing is learned.
@@ -722,8 +786,88 @@ impl Shared {
     }
 }
 
+/// When the first instance can be ready, and why not sooner, while none is ready and every one
+/// is known not to be before then (a supervised instance waiting out its restart backoff, an
+/// external one whose health checks fail: `Instance::ready_not_before`). `None` when one is
+/// ready, or may be at any moment (starting, stopped: no schedule known).
+fn earliest_ready(instances: &[Arc<Instance>]) -> Option<(Instant, &'static str)> {
+    if instances.is_empty() || instances.iter().any(|i| i.is_ready()) {
+        return None;
+    }
+    let mut earliest: Option<(Instant, &'static str)> = None;
+    for inst in instances {
+        let (at, cause) = inst.ready_not_before()?;
+        let at = Instant::from_std(at);
+        if earliest.is_none_or(|(e, _)| at < e) {
+            earliest = Some((at, cause));
+        }
+    }
+    earliest
+}
+
+/// Why a new request can be refused at once rather than wait `max_wait` for nothing: no
+/// instance can be ready before its wait would end.
+fn not_ready_soon(
+    instances: &[Arc<Instance>],
+    now: Instant,
+    max_wait: Duration,
+) -> Option<Refusal> {
+    let (at, cause) = earliest_ready(instances)?;
+    let wait = at.saturating_duration_since(now);
+    (wait > max_wait).then_some(Refusal::NotReadySoon { wait, cause })
+}
+
 /// How many clients' next waiters one dispatch round considers (bounds the work under the lock).
 const DISPATCH_SCAN: usize = 64;
+
+/// What one dispatch round found: the waiter to serve, and when a waiter stops waiting for a
+/// warm slot.
+#[derive(Default)]
+struct Scan<'a> {
+    pick: Option<(u64, usize, Arc<Instance>, Reason)>,
+    wake: Option<Instant>,
+    /// Models of waiters that wait for a warm slot this round (placement's waiters ahead).
+    waiting_for: Vec<&'a str>,
+}
+
+/// What became of one waiter in a scan.
+#[derive(Debug, PartialEq, Eq)]
+enum Considered {
+    /// It gets a slot.
+    Placed,
+    /// No slot for it only because it avoids the instance with one (a retry): a waiter
+    /// behind it may take that slot.
+    Avoiding,
+    /// It waits (for a warm slot, or for any slot).
+    Waits,
+}
+
+impl<'a> Scan<'a> {
+    fn consider(
+        &mut self,
+        shared: &Shared,
+        st: &State,
+        seq: u64,
+        entry: &'a Entry<Waiter>,
+        now: Instant,
+    ) -> Considered {
+        let model = entry.item.model.as_deref();
+        let ahead = model.map_or(0, |m| self.waiting_for.iter().filter(|w| **w == m).count());
+        match shared.choose(st, model, entry.item.avoid, entry.enqueued, ahead, now) {
+            Choice::Grant(pos, instance, reason) => {
+                self.pick = Some((seq, pos, instance, reason));
+                Considered::Placed
+            }
+            Choice::Wait(until) => {
+                self.wake = Some(self.wake.map_or(until, |w| w.min(until)));
+                self.waiting_for.extend(model);
+                Considered::Waits
+            }
+            Choice::NoSlot if entry.item.avoid.is_some() => Considered::Avoiding,
+            Choice::NoSlot => Considered::Waits,
+        }
+    }
+}
 
 /// The instance for the next grant of a request that names no model: ready, with a free slot;
 /// by preference one with no model loaded, then the most free slots. Ties rotate. `avoid` (the
@@ -782,7 +926,7 @@ fn choose(
 pub struct Waiting {
     shared: Arc<Shared>,
     seq: u64,
-    rx: oneshot::Receiver<Permit>,
+    rx: oneshot::Receiver<Outcome>,
     enqueued: Instant,
     deadline: Instant,
     /// The outcome has been handed out (or the waiter removed): nothing left to cancel.
@@ -801,7 +945,7 @@ impl Waiting {
             return Err(Refusal::Closed);
         }
         let outcome = match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(outcome)) => outcome,
             Ok(Err(_)) => Err(Refusal::Closed),
             Err(_) => {
                 if self.shared.remove(self.seq, true) {
@@ -811,7 +955,7 @@ impl Waiting {
                 } else {
                     // Granted (or closed) while the timer fired: the outcome is on its way,
                     // sent right after the granting side releases the lock.
-                    (&mut self.rx).await.map_err(|_| Refusal::Closed)
+                    (&mut self.rx).await.unwrap_or(Err(Refusal::Closed))
                 }
             }
         };
@@ -826,7 +970,7 @@ impl Waiting {
             return None;
         }
         let outcome = match self.rx.try_recv() {
-            Ok(permit) => Ok(permit),
+            Ok(outcome) => outcome,
             Err(oneshot::error::TryRecvError::Closed) => Err(Refusal::Closed),
             Err(oneshot::error::TryRecvError::Empty) => {
                 if Instant::now() >= self.deadline && self.shared.remove(self.seq, true) {
@@ -851,7 +995,7 @@ impl Drop for Waiting {
         // No longer queued: granted or closed. Stop any send still to come (the granting side
         // then takes the slot back itself), and give back a permit already sent.
         self.rx.close();
-        if let Ok(mut permit) = self.rx.try_recv() {
+        if let Ok(Ok(mut permit)) = self.rx.try_recv() {
             permit.armed = false;
             let used = permit.model.as_deref().map(|m| (m, false, None));
             self.shared.release(permit.pos, true, used);
@@ -871,6 +1015,8 @@ pub struct Permit {
     granted_at: Instant,
     /// Whether dropping releases the slot (false once the slot was released another way).
     armed: bool,
+    /// Granted while the instance was half-open: the trial whose outcome decides it.
+    trial: bool,
 }
 
 impl Permit {
@@ -886,6 +1032,11 @@ impl Permit {
     /// Why this instance was chosen.
     pub fn reason(&self) -> Reason {
         self.reason
+    }
+
+    /// Whether this is the half-open trial of its instance (passive health).
+    pub fn is_trial(&self) -> bool {
+        self.trial
     }
 }
 

@@ -36,6 +36,8 @@ struct ClientQueue {
     turn: u64,
     /// The ring key currently stored for this client.
     key: i64,
+    /// When the current turn began (queued, or last served): how long the client has waited.
+    turn_began: Instant,
 }
 
 impl ClientQueue {
@@ -54,6 +56,8 @@ pub(crate) struct FairQueue<T> {
     clients: HashMap<Arc<str>, ClientQueue>,
     /// (key, high first; turn, first come first) -> client.
     ring: BTreeMap<(Reverse<i64>, u64), Arc<str>>,
+    /// (turn began, turn) -> client: whose turn has waited longest, for the starvation bound.
+    by_turn_start: BTreeMap<(Instant, u64), Arc<str>>,
     next_seq: u64,
     next_turn: u64,
     bytes: u64,
@@ -65,6 +69,7 @@ impl<T> Default for FairQueue<T> {
             entries: BTreeMap::new(),
             clients: HashMap::new(),
             ring: BTreeMap::new(),
+            by_turn_start: BTreeMap::new(),
             next_seq: 0,
             next_turn: 0,
             bytes: 0,
@@ -119,6 +124,8 @@ impl<T> FairQueue<T> {
                 let mut waiters = BTreeSet::new();
                 waiters.insert((Reverse(priority), seq));
                 self.ring.insert((Reverse(key), turn), entry.client.clone());
+                self.by_turn_start
+                    .insert((entry.enqueued, turn), entry.client.clone());
                 self.clients.insert(
                     entry.client.clone(),
                     ClientQueue {
@@ -126,6 +133,7 @@ impl<T> FairQueue<T> {
                         since: epoch,
                         turn,
                         key,
+                        turn_began: entry.enqueued,
                     },
                 );
             }
@@ -142,14 +150,6 @@ impl<T> FairQueue<T> {
         self.entries.get(seq)
     }
 
-    /// Each client's next entry, in the order `pop` would serve the clients.
-    pub fn heads(&self) -> impl Iterator<Item = &Entry<T>> + '_ {
-        self.ring.values().filter_map(|client| {
-            let (_, seq) = self.clients.get(client)?.waiters.first()?;
-            self.entries.get(seq)
-        })
-    }
-
     /// Takes the next entry by fairness; the served client starts a new turn at the back.
     #[cfg(test)]
     pub fn pop(&mut self, epoch: i64) -> Option<(u64, Entry<T>)> {
@@ -158,31 +158,75 @@ impl<T> FairQueue<T> {
         self.pop_client(&client, epoch)
     }
 
-    /// Takes `client`'s next entry (one whose turn came while those before it chose to wait);
+    /// Takes `client`'s next entry;
     /// the client starts a new turn at the back, as with `pop`.
+    #[cfg(test)]
     pub fn pop_client(&mut self, client: &Arc<str>, epoch: i64) -> Option<(u64, Entry<T>)> {
-        let cq = self.clients.get_mut(client)?;
-        self.ring.remove(&(Reverse(cq.key), cq.turn));
-        let client = client.clone();
-        let Some((_, seq)) = cq.waiters.pop_first() else {
-            self.clients.remove(&client);
-            return None;
-        };
-        match cq.head_priority() {
-            None => {
-                self.clients.remove(&client);
-            }
-            Some(p) => {
-                cq.since = epoch;
-                cq.turn = self.next_turn;
-                self.next_turn += 1;
-                cq.key = ring_key(p, epoch);
-                self.ring.insert((Reverse(cq.key), cq.turn), client);
-            }
-        }
+        let (_, seq) = *self.clients.get(client)?.waiters.first()?;
+        self.take(seq, epoch, Instant::now()).map(|e| (seq, e))
+    }
+
+    /// Takes one queued entry to serve it (`now`), wherever it is in its client's queue (a
+    /// waiter behind a retry that cannot use the free slot). Serving ends the client's turn: if
+    /// it still has waiters, it starts a new turn at the back.
+    pub fn take(&mut self, seq: u64, epoch: i64, now: Instant) -> Option<Entry<T>> {
         let entry = self.entries.remove(&seq)?;
         self.bytes = self.bytes.saturating_sub(entry.bytes);
-        Some((seq, entry))
+        let client = entry.client.clone();
+        if let Some(cq) = self.clients.get_mut(&client) {
+            self.ring.remove(&(Reverse(cq.key), cq.turn));
+            self.by_turn_start.remove(&(cq.turn_began, cq.turn));
+            cq.waiters.remove(&(Reverse(entry.priority), seq));
+            match cq.head_priority() {
+                None => {
+                    self.clients.remove(&client);
+                }
+                Some(p) => {
+                    cq.since = epoch;
+                    cq.turn = self.next_turn;
+                    self.next_turn += 1;
+                    cq.key = ring_key(p, epoch);
+                    cq.turn_began = now;
+                    self.ring.insert((Reverse(cq.key), cq.turn), client.clone());
+                    self.by_turn_start.insert((now, cq.turn), client);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Clients with waiters, in the order `pop` would serve them.
+    pub fn clients_in_turn(&self) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.ring.values()
+    }
+
+    /// One client's waiters in the order it would be served (priority, then arrival).
+    pub fn client_entries<'a>(
+        &'a self,
+        client: &Arc<str>,
+    ) -> impl Iterator<Item = (u64, &'a Entry<T>)> + 'a {
+        self.clients
+            .get(client)
+            .into_iter()
+            .flat_map(|cq| cq.waiters.iter())
+            .filter_map(|(_, seq)| self.entries.get(seq).map(|e| (*seq, e)))
+    }
+
+    /// Clients whose current turn began at or before `cutoff` (past the starvation bound),
+    /// the longest-waiting turn first.
+    pub fn turns_begun_before(&self, cutoff: Instant) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.by_turn_start
+            .iter()
+            .take_while(move |((began, _), _)| *began <= cutoff)
+            .map(|(_, client)| client)
+    }
+
+    /// Waiters queued at or before `cutoff`, oldest first.
+    pub fn queued_before(&self, cutoff: Instant) -> impl Iterator<Item = (u64, &Entry<T>)> + '_ {
+        self.entries
+            .iter()
+            .take_while(move |(_, e)| e.enqueued <= cutoff)
+            .map(|(seq, e)| (*seq, e))
     }
 
     /// Removes a queued entry (cancelled, expired); `None` if it is no longer queued.
@@ -197,6 +241,7 @@ impl<T> FairQueue<T> {
                 self.ring.remove(&(Reverse(cq.key), cq.turn));
                 match after {
                     None => {
+                        self.by_turn_start.remove(&(cq.turn_began, cq.turn));
                         self.clients.remove(&entry.client);
                     }
                     Some(p) => {
@@ -210,9 +255,10 @@ impl<T> FairQueue<T> {
         Some(entry)
     }
 
-    /// Every queued entry's id in the order `pop` would serve them if nothing changed meanwhile
-    /// (read-only: replays the ring on a copy of the turn keys).
-    pub fn serving_order(&self, epoch: i64) -> Vec<u64> {
+    /// Every queued entry's id in the order dispatch would serve them if nothing changed
+    /// meanwhile (read-only: replays the ring on a copy of the turn keys); `overdue_before`: the
+    /// starvation bound's cutoff.
+    pub fn serving_order(&self, epoch: i64, overdue_before: Option<Instant>) -> Vec<u64> {
         let mut ring = self.ring.clone();
         let mut waiters: HashMap<&Arc<str>, Vec<(Reverse<i32>, u64)>> = self
             .clients
@@ -221,6 +267,28 @@ impl<T> FairQueue<T> {
             .collect();
         let mut next_turn = self.next_turn;
         let mut order = Vec::with_capacity(self.entries.len());
+        // Clients whose turn is past the starvation bound are served first, longest first; each
+        // then starts a fresh turn at the back of the ring.
+        let overdue = overdue_before
+            .map(|cutoff| self.turns_begun_before(cutoff).collect::<Vec<_>>())
+            .unwrap_or_default();
+        for client in overdue {
+            let Some(cq) = self.clients.get(client) else {
+                continue;
+            };
+            ring.remove(&(Reverse(cq.key), cq.turn));
+            let Some(queue) = waiters.get_mut(client) else {
+                continue;
+            };
+            let Some((_, seq)) = queue.pop() else {
+                continue;
+            };
+            order.push(seq);
+            if let Some((Reverse(p), _)) = queue.last() {
+                ring.insert((Reverse(ring_key(*p, epoch)), next_turn), client.clone());
+                next_turn += 1;
+            }
+        }
         while let Some((_, client)) = ring.pop_first() {
             let Some(queue) = waiters.get_mut(&client) else {
                 continue;
@@ -245,6 +313,7 @@ impl<T> FairQueue<T> {
     /// Empties the queue, returning every entry in arrival order.
     pub fn drain(&mut self) -> Vec<Entry<T>> {
         self.ring.clear();
+        self.by_turn_start.clear();
         self.clients.clear();
         self.bytes = 0;
         std::mem::take(&mut self.entries).into_values().collect()

@@ -28,8 +28,9 @@ impl Admission {
         let now = Instant::now();
         let st = self.shared.lock();
         let epoch = self.shared.epoch(now);
+        let overdue_before = now.checked_sub(self.shared.starvation_bound());
         st.queue
-            .serving_order(epoch)
+            .serving_order(epoch, overdue_before)
             .into_iter()
             .filter_map(|seq| st.queue.get(seq))
             .enumerate()
@@ -94,5 +95,32 @@ mod tests {
         assert_eq!(admission.snapshot().queued, 4);
         drop(held);
         assert!(admission.waiters().is_empty());
+    }
+
+    /// A client whose turn has waited past the starvation bound is listed first, as dispatch
+    /// would serve it, whatever the priorities behind it.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_past_the_starvation_bound_is_listed_first() {
+        let config = QueueConfig {
+            max_wait: Duration::from_secs(40),
+            ..QueueConfig::default()
+        };
+        let admission = Admission::new(config, Vec::new());
+        let mut held = Vec::new();
+        let mut admit = |client: &str, priority: i32| match admission
+            .admit(AdmitRequest::new(client).priority(priority))
+        {
+            Ok(Admitted::Queued(w)) => held.push(w),
+            _ => panic!("expected to queue"),
+        };
+        admit("low", -100);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        admit("high", 100);
+        let clients: Vec<String> = admission
+            .waiters()
+            .iter()
+            .map(|w| w.client.to_string())
+            .collect();
+        assert_eq!(clients, ["low", "high"]);
     }
 }

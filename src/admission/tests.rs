@@ -97,6 +97,30 @@ async fn until_queued(adm: &Arc<Admission>, n: usize) {
     panic!("never saw {n} queued: {:?}", adm.snapshot());
 }
 
+/// On paused time: one instance with one slot, held by the returned permit.
+fn one_held_slot(max_wait: Duration, aging: Duration) -> (Arc<Admission>, Permit) {
+    tokio::time::pause();
+    let cfg = QueueConfig {
+        max_wait,
+        aging,
+        ..config(100)
+    };
+    let adm = Admission::new(cfg, vec![instance(0, 1)]);
+    let held = now(&adm, req("h"));
+    (adm, held)
+}
+
+/// Holds the slot for `service`, gives it back, and returns who got it next.
+async fn serve_next<L: Copy>(
+    held: Permit,
+    waiting: &mut Vec<(L, Waiting)>,
+    service: Duration,
+) -> (L, Permit) {
+    tokio::time::advance(service).await;
+    drop(held);
+    take_granted(waiting)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slots_never_exceed_num_parallel() {
     let instances = vec![instance(0, 2), instance(1, 3)];
@@ -232,13 +256,7 @@ async fn fifo_within_a_client() {
 
 #[tokio::test]
 async fn priority_first_and_aging_prevents_starvation() {
-    tokio::time::pause();
-    let cfg = QueueConfig {
-        aging: Duration::from_secs(30),
-        ..config(100)
-    };
-    let adm = Admission::new(cfg, vec![instance(0, 1)]);
-    let mut held = now(&adm, req("h"));
+    let (adm, mut held) = one_held_slot(Duration::from_secs(600), Duration::from_secs(30));
     let mut waiting = vec![("low", queued(&adm, req("low")))];
     let mut low_at = None;
     let mut requests = 2;
@@ -248,9 +266,7 @@ async fn priority_first_and_aging_prevents_starvation() {
             waiting.push(("high", queued(&adm, req("high").priority(3))));
             requests += 1;
         }
-        tokio::time::advance(Duration::from_secs(10)).await;
-        drop(held);
-        let (who, p) = take_granted(&mut waiting);
+        let (who, p) = serve_next(held, &mut waiting, Duration::from_secs(10)).await;
         held = p;
         if who == "low" {
             low_at = Some(round);
@@ -665,4 +681,164 @@ async fn a_retry_for_a_model_goes_back_to_the_only_instance() {
     let adm = Admission::new(config(10), vec![inst]);
     let p = now(&adm, req("a").model("m:latest").avoid(0));
     assert_eq!(p.instance().index, 0);
+}
+
+#[tokio::test]
+async fn a_waiter_kept_out_only_by_what_it_avoids_lets_its_clients_next_waiter_pass() {
+    let adm = Admission::new(config(10), vec![instance(0, 1), instance(1, 1)]);
+    let busy = now(&adm, req("other"));
+    let free = 1 - busy.instance().index;
+    // A retry that avoids the free instance waits for the busy one ...
+    let mut retry = queued(&adm, req("c").avoid(free));
+    assert!(retry.try_take().is_none());
+    // ... and the same client's next request takes the free slot at once.
+    let mut next = queued(&adm, req("c"));
+    let p = next
+        .try_take()
+        .expect("granted behind the retry")
+        .expect("a permit");
+    assert_eq!(p.instance().index, free);
+    assert!(retry.try_take().is_none(), "the retry still waits");
+    drop(busy);
+    let r = retry.try_take().expect("granted").expect("a permit");
+    assert_eq!(r.instance().index, 1 - free);
+    drop((p, r));
+    assert_accounted(&adm.snapshot(), 3);
+}
+
+#[tokio::test]
+async fn a_client_without_a_retry_ahead_stays_fifo() {
+    let inst = instance(0, 1);
+    let adm = Admission::new(config(10), vec![inst]);
+    let held = now(&adm, req("x"));
+    let mut first = queued(&adm, req("c"));
+    let mut second = queued(&adm, req("c"));
+    drop(held);
+    let permit = first.try_take().expect("granted").expect("a permit");
+    assert!(second.try_take().is_none(), "FIFO within the client");
+    drop(permit);
+    assert!(second.try_take().is_some_and(|r| r.is_ok()));
+}
+
+#[tokio::test]
+async fn past_the_starvation_bound_no_priority_gap_holds_a_waiter_back() {
+    let (adm, mut held) = one_held_slot(Duration::from_secs(80), Duration::from_secs(30));
+    let mut waiting = vec![("low", queued(&adm, req("low").priority(-100)))];
+    let mut low_at = None;
+    let mut requests = 2;
+    // A steady flood of the highest priority from two clients, 10 s of service each. By aging
+    // alone the gap of 200 levels would take 200 x 30 s; the bound is max_wait / 4 = 20 s.
+    for round in 0..20 {
+        for client in ["high-a", "high-b"] {
+            if !waiting.iter().any(|(w, _)| *w == client) {
+                waiting.push((client, queued(&adm, req(client).priority(100))));
+                requests += 1;
+            }
+        }
+        let (who, p) = serve_next(held, &mut waiting, Duration::from_secs(10)).await;
+        held = p;
+        if who == "low" {
+            low_at = Some(round);
+            break;
+        }
+    }
+    let low_at = low_at.expect("the low-priority waiter starved");
+    assert!(
+        low_at <= 2,
+        "served in round {low_at}, after {:?}",
+        held.waited()
+    );
+    assert!(
+        held.waited() < Duration::from_secs(40),
+        "{:?}",
+        held.waited()
+    );
+    drop(held);
+    drop(waiting);
+    assert_accounted(&adm.snapshot(), requests);
+}
+
+#[tokio::test]
+async fn a_request_no_instance_can_serve_in_time_is_refused_at_once() {
+    let inst = instance(0, 1);
+    inst.set_state(InstanceState::Backoff);
+    let cfg = |secs| QueueConfig {
+        max_wait: Duration::from_secs(secs),
+        ..config(10)
+    };
+    // Unknown readiness (no schedule): it may be ready any moment, so the request waits.
+    let adm = Admission::new(cfg(5), vec![inst.clone()]);
+    drop(queued(&adm, req("a")));
+    inst.set_ready_not_before(Some((
+        std::time::Instant::now() + Duration::from_secs(30),
+        "restart backoff",
+    )));
+    match adm.admit(req("a")) {
+        Err(Refusal::NotReadySoon { wait, cause }) => {
+            assert!(wait > Duration::from_secs(25), "{wait:?}");
+            assert_eq!(cause, "restart backoff");
+        }
+        _ => panic!("expected a refusal at once"),
+    }
+    assert_eq!(adm.snapshot().counters.refused_unready, 1);
+    // A wait longer than the backoff is worth waiting.
+    let patient = Admission::new(cfg(60), vec![inst.clone()]);
+    drop(queued(&patient, req("a")));
+    // A ready instance is never refused for another's schedule.
+    let other = instance(1, 1);
+    let fleet = Admission::new(cfg(5), vec![inst, other]);
+    drop(now(&fleet, req("a")));
+}
+
+#[tokio::test]
+async fn waiters_are_refused_when_a_crash_puts_readiness_past_their_wait() {
+    let inst = instance(0, 1);
+    inst.set_state(InstanceState::Starting);
+    let cfg = QueueConfig {
+        max_wait: Duration::from_secs(20),
+        ..config(10)
+    };
+    let adm = Admission::new(cfg, vec![inst.clone()]);
+    let mut waiting = queued(&adm, req("a"));
+    // The instance crashes: its restart is 30 s away, after this waiter's 20 s.
+    inst.set_ready_not_before(Some((
+        std::time::Instant::now() + Duration::from_secs(30),
+        "restart backoff",
+    )));
+    inst.set_state(InstanceState::Backoff);
+    adm.poke();
+    match waiting.try_take() {
+        Some(Err(Refusal::NotReadySoon { cause, .. })) => assert_eq!(cause, "restart backoff"),
+        _ => panic!("expected the waiter to be refused"),
+    }
+    let s = adm.snapshot();
+    assert_eq!((s.queued, s.counters.refused_unready), (0, 1));
+    // A backoff that ends within the wait leaves the waiter queued.
+    inst.set_ready_not_before(Some((
+        std::time::Instant::now() + Duration::from_secs(5),
+        "restart backoff",
+    )));
+    let mut patient = queued(&adm, req("b"));
+    adm.poke();
+    assert!(patient.try_take().is_none());
+}
+
+#[tokio::test]
+async fn past_the_starvation_bound_a_flooding_client_still_takes_turns() {
+    let (adm, mut held) = one_held_slot(Duration::from_secs(40), Duration::from_secs(30));
+    let mut waiting: Vec<(&str, Waiting)> = (0..10)
+        .map(|_| ("flood", queued(&adm, req("flood"))))
+        .collect();
+    // Every flood request is past the bound (10 s) when the newcomer arrives.
+    tokio::time::advance(Duration::from_secs(20)).await;
+    waiting.push(("new", queued(&adm, req("new"))));
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (who, p) = serve_next(held, &mut waiting, Duration::ZERO).await;
+        order.push(who);
+        held = p;
+    }
+    // The flood's long-waiting turn goes first; its next turn starts at the back.
+    assert_eq!(order, ["flood", "new", "flood"]);
+    drop(held);
 }

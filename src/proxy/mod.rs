@@ -233,9 +233,12 @@ fn log_access(
     let stream_error = tap.error.as_deref().filter(|_| success);
     // A request no instance could serve: why they are not ready, for the operator only.
     let instances = match own {
-        Some(Reject::NoInstance | Reject::WaitExpired { .. } | Reject::ModelUnavailable { .. }) => {
-            crate::admin::unready_instances(app)
-        }
+        Some(
+            Reject::NoInstance
+            | Reject::WaitExpired { .. }
+            | Reject::ModelUnavailable { .. }
+            | Reject::NotReadySoon { .. },
+        ) => crate::admin::unready_instances(app),
         _ => None,
     };
     // Milliseconds, to the microsecond.
@@ -552,7 +555,11 @@ impl ProxyHttp for SidecarProxy {
                         | ErrorType::ConnectTimedout
                 )
             });
-            let ok = !upstream_fault && status.is_some_and(|s| s < 500);
+            // A 500 is the request's own failure (Ollama's scheduling errors), not the instance's.
+            let ok = !upstream_fault
+                && status.is_some_and(|s| {
+                    crate::upstream::Verdict::of_status(s) != crate::upstream::Verdict::Fault
+                });
             if !connect_failure && (ok || upstream_fault || status.is_some()) {
                 self.app.registry.report(guard.instance(), ok);
             }

@@ -157,6 +157,14 @@ impl InstanceTask {
             backoff.record_exit(ready_for);
             let delay = backoff.delay(rand::random::<f64>());
             let crashloop = backoff.crashlooping();
+            // Admission refuses at once a request that could not wait this long.
+            let cause = if crashloop {
+                "crash loop: next restart"
+            } else {
+                "restart backoff"
+            };
+            self.instance
+                .set_ready_not_before(Some((std::time::Instant::now() + delay, cause)));
             self.set_state(if crashloop {
                 InstanceState::Crashloop
             } else {

@@ -25,6 +25,8 @@ struct Checker {
     check: HttpHealthCheck,
     resolver: Resolver,
     timeout: Duration,
+    /// Time between checks: with `rise`, when a failing instance can be ready at the earliest.
+    interval: Duration,
     /// Positive: successes in a row; negative: failures in a row.
     streak: i64,
 }
@@ -52,6 +54,7 @@ impl Checker {
             instance,
             check,
             timeout: config.timeout,
+            interval: config.interval,
             streak: 0,
         })
     }
@@ -126,6 +129,18 @@ impl Checker {
         };
         let state = self.instance.state();
         let threshold = |success: bool| self.check.health_threshold(success) as i64;
+        // The earliest it can be ready: after the passes it still needs, one per interval.
+        let passes = if state == InstanceState::Starting {
+            1
+        } else {
+            threshold(true).max(1)
+        };
+        self.instance.set_ready_not_before((!ok).then(|| {
+            let wait = self
+                .interval
+                .saturating_mul(u32::try_from(passes).unwrap_or(u32::MAX));
+            (std::time::Instant::now() + wait, "failing health checks")
+        }));
         match state {
             InstanceState::Ready if self.streak <= -threshold(false) => {
                 let error = self.instance.problem().unwrap_or_default();

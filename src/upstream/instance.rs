@@ -121,6 +121,10 @@ pub struct Instance {
     /// they were last sent or used: dropped by the next `/api/ps` that does not list them, or
     /// after [`NOTED_MODEL_TTL`] while `/api/ps` does not answer.
     noted_models: Mutex<std::collections::HashMap<String, Instant>>,
+    /// Per-request 5xx answers (not instance faults), for `/status`.
+    request_errors: std::sync::atomic::AtomicU64,
+    /// While not ready: the earliest it can be, and why (see `ready_not_before`).
+    ready_not_before: Mutex<Option<(Instant, &'static str)>>,
 }
 
 /// How long a model the sidecar sent to an instance counts as loaded there without `/api/ps`
@@ -203,6 +207,8 @@ impl Instance {
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
             noted_models: Mutex::new(std::collections::HashMap::new()),
+            request_errors: std::sync::atomic::AtomicU64::new(0),
+            ready_not_before: Mutex::new(None),
         }
     }
 
@@ -264,40 +270,84 @@ impl Instance {
         self.passive.lock().map(|p| p.ejections).unwrap_or(0)
     }
 
-    /// A request served without an instance fault; true when this ends an ejection.
-    pub fn record_success(&self) -> bool {
+    /// A request the instance answered (no instance fault); true when this ends an ejection.
+    /// Only the half-open trial (`trial`: the admitted request granted while half-open) ends
+    /// one: any other success, a `GET /api/tags` say, says nothing about the inference that
+    /// failed.
+    pub fn record_success(&self, trial: bool) -> bool {
         let Ok(mut p) = self.passive.lock() else {
             return false;
         };
-        p.consecutive_failures = 0;
-        if p.ejected_until.take().is_some() {
-            p.cooldown = Duration::ZERO;
-            return true;
+        match p.ejected_until {
+            None => {
+                p.consecutive_failures = 0;
+                false
+            }
+            Some(until) if trial && Instant::now() >= until => {
+                p.ejected_until = None;
+                p.consecutive_failures = 0;
+                p.cooldown = Duration::ZERO;
+                true
+            }
+            Some(_) => false,
         }
-        false
     }
 
-    /// A connect failure, reset, timeout or 5xx; returns the cool-down when this ejects the
-    /// instance (the threshold was reached, or a half-open trial failed).
-    pub fn record_failure(&self) -> Option<Duration> {
+    /// An instance fault (connect refused or reset, a timeout, 502/503/504 from the instance);
+    /// returns the cool-down when this ejects the instance: the threshold was reached, or the
+    /// half-open trial (`trial`) failed, which doubles the last cool-down up to `max_cooldown`.
+    pub fn record_failure(&self, trial: bool) -> Option<Duration> {
         let cfg = &self.passive_config;
         let Ok(mut p) = self.passive.lock() else {
             return None;
         };
-        p.consecutive_failures = p.consecutive_failures.saturating_add(1);
         let now = Instant::now();
         let cooldown = match p.ejected_until {
-            // Still ejected (a request that started before the ejection): nothing new.
-            Some(until) if now < until => return None,
-            // The half-open trial failed: a longer cool-down.
+            // Still ejected (a request that started before the ejection), or half-open and
+            // not the trial: the trial decides.
+            Some(until) if now < until || !trial => return None,
             Some(_) => (p.cooldown * 2).clamp(cfg.cooldown, cfg.max_cooldown),
-            None if p.consecutive_failures >= cfg.failures => cfg.cooldown,
-            None => return None,
+            None => {
+                p.consecutive_failures = p.consecutive_failures.saturating_add(1);
+                if p.consecutive_failures < cfg.failures {
+                    return None;
+                }
+                cfg.cooldown
+            }
         };
         p.cooldown = cooldown;
         p.ejected_until = Some(now + cooldown);
         p.ejections += 1;
         Some(cooldown)
+    }
+
+    /// A request the instance answered with a 5xx of its own (500 for a model that needs more
+    /// memory than is free, say): a fault of that request, counted but never ejected on.
+    pub fn record_request_error(&self) {
+        self.request_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Per-request 5xx answers seen (see [`record_request_error`](Self::record_request_error)).
+    pub fn request_errors(&self) -> u64 {
+        self.request_errors.load(Ordering::Relaxed)
+    }
+
+    /// Records the earliest moment the instance can take traffic again, from its schedule: the
+    /// supervisor's restart backoff, or the health checks still needed. `None`: unknown.
+    pub fn set_ready_not_before(&self, at: Option<(Instant, &'static str)>) {
+        if let Ok(mut r) = self.ready_not_before.lock() {
+            *r = at;
+        }
+    }
+
+    /// The earliest the instance can take traffic, and why not before, while that is still
+    /// ahead and it is not ready; `None` when it is ready or may be at any moment.
+    pub fn ready_not_before(&self) -> Option<(Instant, &'static str)> {
+        if self.state() == InstanceState::Ready {
+            return None;
+        }
+        let at = self.ready_not_before.lock().ok().and_then(|r| *r)?;
+        (at.0 > Instant::now()).then_some(at)
     }
 
     /// The address requests go to now; `None` while the name has not resolved.
@@ -596,22 +646,26 @@ mod tests {
         assert_eq!(i.slot_limit(), 0, "not ready before its first health check");
         i.set_state(InstanceState::Ready);
         assert_eq!(i.slot_limit(), 4);
-        assert_eq!(i.record_failure(), None);
-        assert_eq!(i.record_failure(), Some(Duration::from_millis(50)));
+        assert_eq!(i.record_failure(false), None);
+        assert_eq!(i.record_failure(false), Some(Duration::from_millis(50)));
         assert_eq!(i.gate(), Gate::Ejected);
         assert_eq!(i.slot_limit(), 0);
         assert!(!i.is_ready());
         // A straggler's failure during the cool-down changes nothing.
-        assert_eq!(i.record_failure(), None);
+        assert_eq!(i.record_failure(false), None);
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(i.gate(), Gate::HalfOpen);
         assert_eq!(i.slot_limit(), 1, "one trial request");
+        // Requests that are not the trial decide nothing, either way.
+        assert!(!i.record_success(false), "a metadata success is no trial");
+        assert_eq!(i.record_failure(false), None);
+        assert_eq!(i.gate(), Gate::HalfOpen);
         // The trial fails: twice the cool-down, capped.
-        assert_eq!(i.record_failure(), Some(Duration::from_millis(100)));
+        assert_eq!(i.record_failure(true), Some(Duration::from_millis(100)));
         std::thread::sleep(Duration::from_millis(110));
-        assert_eq!(i.record_failure(), Some(Duration::from_millis(120)));
+        assert_eq!(i.record_failure(true), Some(Duration::from_millis(120)));
         std::thread::sleep(Duration::from_millis(130));
-        assert!(i.record_success(), "the trial succeeded: back");
+        assert!(i.record_success(true), "the trial succeeded: back");
         assert_eq!(i.gate(), Gate::Open);
         assert_eq!(i.slot_limit(), 4);
         assert_eq!(i.ejections(), 3);

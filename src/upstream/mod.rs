@@ -61,27 +61,51 @@ impl Registry {
         self.changed.notify_one();
     }
 
-    /// Records what a request saw of an instance (`ok`: no instance fault). An ejection or a
-    /// recovery changes where traffic goes, so dispatch runs again then, and again when the
-    /// cool-down ends.
+    /// Records what a request outside admission (the ordinary proxy path) saw of an instance
+    /// (`ok`: no instance fault). It counts toward an ejection but never decides a half-open
+    /// trial: only the admitted trial request does ([`report_admitted`](Self::report_admitted)).
     pub fn report(self: &Arc<Self>, instance: &Arc<Instance>, ok: bool) {
-        if ok {
-            if instance.record_success() {
-                tracing::info!(instance = %instance.name, "instance passed its trial request: back in rotation");
-                self.notify_changed();
+        let verdict = if ok {
+            Verdict::Answered
+        } else {
+            Verdict::Fault
+        };
+        self.report_admitted(instance, verdict, false);
+    }
+
+    /// Records how an instance answered a request; `trial`: the request was the half-open
+    /// trial (granted while the instance was half-open), whose verdict ends or renews the
+    /// ejection. An ejection or a recovery changes where traffic goes, so dispatch runs again
+    /// then, and again when the cool-down ends.
+    pub fn report_admitted(
+        self: &Arc<Self>,
+        instance: &Arc<Instance>,
+        verdict: Verdict,
+        trial: bool,
+    ) {
+        match verdict {
+            Verdict::Answered | Verdict::RequestError => {
+                if verdict == Verdict::RequestError {
+                    instance.record_request_error();
+                }
+                if instance.record_success(trial) {
+                    tracing::info!(instance = %instance.name, "instance passed its trial request: back in rotation");
+                    self.notify_changed();
+                }
             }
-            return;
-        }
-        if let Some(cooldown) = instance.record_failure() {
-            tracing::warn!(instance = %instance.name, cooldown = %humantime::format_duration(cooldown),
-                "instance ejected after failures in real traffic");
-            self.notify_changed();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let registry = self.clone();
-                rt.spawn(async move {
-                    tokio::time::sleep(cooldown).await;
-                    registry.notify_changed();
-                });
+            Verdict::Fault => {
+                if let Some(cooldown) = instance.record_failure(trial) {
+                    tracing::warn!(instance = %instance.name, cooldown = %humantime::format_duration(cooldown),
+                        "instance ejected after failures in real traffic");
+                    self.notify_changed();
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        let registry = self.clone();
+                        rt.spawn(async move {
+                            tokio::time::sleep(cooldown).await;
+                            registry.notify_changed();
+                        });
+                    }
+                }
             }
         }
     }
@@ -116,5 +140,29 @@ impl Registry {
 
     pub fn models_stale(&self) -> &Notify {
         &self.models_stale
+    }
+}
+
+/// What one request says about its instance, for passive health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The instance answered (any status that is not an instance fault).
+    Answered,
+    /// The instance answered a 5xx of the request's own (Ollama's 500 for a model that needs
+    /// more memory than is free, server/routes.go `handleScheduleError`): counted, never an
+    /// ejection.
+    RequestError,
+    /// Connect refused or reset, a timeout, or 502/503/504 from the instance.
+    Fault,
+}
+
+impl Verdict {
+    /// The verdict of a complete answer with this status.
+    pub fn of_status(status: u16) -> Verdict {
+        match status {
+            502..=504 => Verdict::Fault,
+            500..=599 => Verdict::RequestError,
+            _ => Verdict::Answered,
+        }
     }
 }

@@ -85,5 +85,10 @@ fn refused(refusal: &Refusal, app: &App, model: Option<&str>) -> Reject {
         Refusal::ModelRestricted => Reject::ModelRestricted {
             model: model.unwrap_or_default().to_string(),
         },
+        Refusal::NotReadySoon { wait, cause } => Reject::NotReadySoon {
+            wait: *wait,
+            cause,
+            max_wait: app.config.admission.max_wait,
+        },
     }
 }

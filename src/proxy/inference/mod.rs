@@ -18,7 +18,7 @@ use super::ctx::RequestCtx;
 use super::{respond, retry};
 use crate::app::App;
 use crate::metrics::Outcome;
-use crate::upstream::Instance;
+use crate::upstream::{Instance, Verdict};
 use admit::{Admission, ClientWatch};
 use pingora_error::Result;
 use pingora_proxy::Session;
@@ -74,17 +74,30 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
         let body = body.clone();
         let result =
             relay::attempt(app, session, ctx, &mut watch, &instance, body, may_retry).await;
+        let trial = permit.is_trial();
         // The slot is held until the response is complete or the client is gone.
         drop(permit);
         let retry = match result? {
             Attempt::Finished { instance_ok } => {
-                app.registry.report(&instance, instance_ok);
+                let verdict = if ctx.outcome == Outcome::Served {
+                    // A complete answer: its status says whose fault a 5xx is.
+                    Verdict::of_status(ctx.status)
+                } else if instance_ok {
+                    Verdict::Answered
+                } else {
+                    Verdict::Fault
+                };
+                app.registry.report_admitted(&instance, verdict, trial);
                 return Ok(true);
             }
             Attempt::ClientGone => return Ok(true),
             Attempt::Retry(retry) => retry,
         };
-        let pause = Pause { attempt, retry };
+        let pause = Pause {
+            attempt,
+            retry,
+            trial,
+        };
         if !pause_before_retry(app, session, ctx, &mut watch, &instance, pause).await {
             return Ok(true);
         }
@@ -97,6 +110,8 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
 struct Pause {
     attempt: u32,
     retry: Retry,
+    /// The failed attempt was its instance's half-open trial.
+    trial: bool,
 }
 
 /// Counts a retry and waits before it (no wait when another ready instance can take it);
@@ -109,8 +124,13 @@ async fn pause_before_retry(
     instance: &Arc<Instance>,
     pause: Pause,
 ) -> bool {
-    let Pause { attempt, retry } = pause;
-    app.registry.report(instance, false);
+    let Pause {
+        attempt,
+        retry,
+        trial,
+    } = pause;
+    app.registry
+        .report_admitted(instance, Verdict::Fault, trial);
     crate::metrics::global().retry(retry.reason.as_str());
     ctx.retries += 1;
     ctx.retry_reasons.push(retry.reason);
