@@ -147,6 +147,8 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before anything can replace the file (a SIGUSR2 upgrade starts what is then at this path).
+    upgrade::remember_executable();
     let cli = Cli::parse();
     let (command, opts, secrets, upgrade) = match cli.command {
         Some(Command::Run(o)) => ("run", o.config.clone(), config::Secrets::Read, o.upgrade()),

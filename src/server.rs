@@ -72,6 +72,7 @@ pub fn run(config: Config, upgrade: UpgradeOpts) -> Result<(), String> {
     server.bootstrap();
     if upgrade.take_over {
         tracing::info!("listening sockets taken over");
+        crate::upgrade::notify_systemd_main_pid();
     }
     let listen_table = ListenTable::default();
     server.add_service(listen_table.clone());
@@ -191,12 +192,13 @@ struct DrainingShutdown {
 impl ShutdownSignalWatch for DrainingShutdown {
     async fn recv(&self) -> ShutdownSignal {
         use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int, mut quit) = match (
+        let (mut term, mut int, mut quit, mut usr2) = match (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::quit()),
+            signal(SignalKind::user_defined2()),
         ) {
-            (Ok(t), Ok(i), Ok(q)) => (t, i, q),
+            (Ok(t), Ok(i), Ok(q), Ok(u)) => (t, i, q, u),
             _ => {
                 tracing::error!("cannot install signal handlers; shutting down");
                 self.supervisor.stop().await;
@@ -211,6 +213,13 @@ impl ShutdownSignalWatch for DrainingShutdown {
                     if self.hand_over().await {
                         // Pingora now stops accepting (and closes idle keep-alive connections);
                         // the drain runs after that, in its grace period.
+                        return ShutdownSignal::GracefulTerminate;
+                    }
+                }
+                // SIGUSR2: start the successor ourselves (the executable now at our path), so
+                // that it runs where we run (a systemd unit's cgroup), then hand over to it.
+                _ = usr2.recv() => {
+                    if crate::upgrade::spawn_successor().is_ok() && self.hand_over().await {
                         return ShutdownSignal::GracefulTerminate;
                     }
                 }

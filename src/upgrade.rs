@@ -280,6 +280,70 @@ pub async fn drain_then_exit(
     std::process::exit(0);
 }
 
+/// The executable this process was started from, by path: after `install` replaced the file,
+/// that path is the new binary.
+static EXECUTABLE: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// Records the executable's path; call at startup, before the file can be replaced.
+pub fn remember_executable() {
+    EXECUTABLE.get_or_init(|| std::env::current_exe().ok());
+}
+
+/// Starts the executable at our path with our own arguments plus `--upgrade` (SIGUSR2). It
+/// inherits our environment, output and cgroup; it waits for the sockets, which the caller
+/// then hands over.
+pub fn spawn_successor() -> Result<(), String> {
+    let result = EXECUTABLE
+        .get()
+        .cloned()
+        .flatten()
+        .ok_or_else(|| "the executable's path is unknown".to_string())
+        .and_then(|exe| {
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.args(std::env::args_os().skip(1));
+            if !std::env::args_os().any(|a| a == "--upgrade") {
+                cmd.arg("--upgrade");
+            }
+            cmd.spawn()
+                .map(|child| tracing::info!(pid = child.id(), executable = %exe.display(), "SIGUSR2: started the new process"))
+                .map_err(|e| format!("cannot start {}: {e}", exe.display()))
+        });
+    if let Err(e) = &result {
+        tracing::error!(error = %e, "upgrade failed; this process keeps serving");
+    }
+    result
+}
+
+/// Under systemd (`NOTIFY_SOCKET`, with `NotifyAccess=all` in the unit), tells it that this
+/// process is now the service's main process, so that the old one's exit ends nothing.
+pub fn notify_systemd_main_pid() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let message = format!("MAINPID={}\nREADY=1\n", std::process::id());
+    let sent = match path.to_str() {
+        // An abstract socket (`@name`): its name starts with a NUL byte.
+        Some(name) if name.starts_with('@') => {
+            use std::os::linux::net::SocketAddrExt;
+            std::os::unix::net::SocketAddr::from_abstract_name(&name.as_bytes()[1..]).and_then(
+                |addr| {
+                    std::os::unix::net::UnixDatagram::unbound()
+                        .and_then(|s| s.send_to_addr(message.as_bytes(), &addr))
+                },
+            )
+        }
+        _ => std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.send_to(message.as_bytes(), &path)),
+    };
+    match sent {
+        Ok(_) => tracing::info!(
+            pid = std::process::id(),
+            "told systemd this is the main process now"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot notify systemd of the new main process"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -229,17 +229,18 @@ fn upgrade_under_load_drops_nothing_and_restarts_the_instance_in_the_new_process
         "the old process stopped its instance {old_mock}"
     );
     // The new process starts its own instance on the freed port, and serves through it.
+    let mut new_mock = None;
     assert!(
-        wait_until(Duration::from_secs(15), || processes_with_env(
-            MOCK,
-            &host_entry
-        )
-        .iter()
-        .any(|&p| parent_pid(p) == Some(new.pid()))),
+        wait_until(Duration::from_secs(15), || {
+            new_mock = processes_with_env(MOCK, &host_entry)
+                .into_iter()
+                .find(|&p| parent_pid(p) == Some(new.pid()));
+            new_mock.is_some()
+        }),
         "the new process did not start its instance: {}",
         new.log_text()
     );
-    let new_mock = mock_pid_on(mock_port);
+    let new_mock = new_mock.unwrap_or_default();
     new.pids.push(new_mock);
     let before = load.completed_after_quit.load(Ordering::Acquire);
     assert!(
@@ -329,4 +330,67 @@ fn sigquit_without_a_new_process_keeps_the_old_one_serving() {
         .expect("still serving");
     assert_eq!(r.status(), 200);
     assert!(listens_on(sidecar.pid(), sidecar.port));
+}
+
+/// Kills a process found by pid on drop (the successor a SIGUSR2 starts is no child of ours).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[test]
+fn sigusr2_starts_the_new_binary_itself_and_hands_over_to_it() {
+    let mock = Mock::start(&[]);
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("upgrade.sock");
+    let mut old = SidecarCmd::new(&external_instances(&[&mock], 4))
+        .args(&["--upgrade-sock", sock.to_str().unwrap()])
+        .start();
+    let config = old.config.path().to_str().unwrap().to_string();
+    let old_pid = old.pid();
+    old.signal(libc::SIGUSR2);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(20))
+            .and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        old.log_text()
+    );
+    let successors: Vec<u32> = processes_with_arg(SIDECAR, &config)
+        .into_iter()
+        .filter(|&p| p != old_pid)
+        .collect();
+    let _guard = KillOnDrop(successors.clone());
+    assert_eq!(successors.len(), 1, "{}", old.log_text());
+    let new = successors[0];
+    assert!(listens_on(new, old.port) && listens_on(new, old.admin_port));
+    let r = client()
+        .post(old.url("/api/chat"))
+        .body(CHAT_BODY)
+        .send()
+        .expect("the new process serves");
+    assert_eq!(r.status(), 200);
+    unsafe {
+        libc::kill(new as i32, libc::SIGTERM);
+    }
+    // Gone, or a zombie waiting for whoever adopted it to reap it.
+    let ended = || {
+        std::fs::read_to_string(format!("/proc/{new}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), ended),
+        "the new process stops on SIGTERM"
+    );
 }

@@ -624,9 +624,9 @@ impl Sidecar {
     }
 }
 
-/// Processes running `exe` whose environment holds `entry` (e.g. `OLLAMA_HOST=127.0.0.1:PORT`
-/// for the supervised mock of one test), from /proc.
-pub fn processes_with_env(exe: &str, entry: &str) -> Vec<u32> {
+/// Processes running `exe` whose /proc/PID/`file` (`environ`, `cmdline`: NUL-separated) holds
+/// the entry `entry`.
+fn processes_with(exe: &str, file: &str, entry: &str) -> Vec<u32> {
     let exe = std::fs::canonicalize(exe).ok();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -634,11 +634,22 @@ pub fn processes_with_env(exe: &str, entry: &str) -> Vec<u32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok() == exe)
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
+            std::fs::read(format!("/proc/{pid}/{file}"))
+                .map(|v| v.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
                 .unwrap_or(false)
         })
         .collect()
+}
+
+/// Processes running `exe` whose environment holds `entry` (e.g. `OLLAMA_HOST=127.0.0.1:PORT`
+/// for the supervised mock of one test).
+pub fn processes_with_env(exe: &str, entry: &str) -> Vec<u32> {
+    processes_with(exe, "environ", entry)
+}
+
+/// Processes running `exe` with `arg` among their arguments.
+pub fn processes_with_arg(exe: &str, arg: &str) -> Vec<u32> {
+    processes_with(exe, "cmdline", arg)
 }
 
 /// The parent pid of `pid`, from /proc (None when it is gone).
