@@ -20,6 +20,7 @@ use pingora_core::server::{
 };
 use pingora_core::services::background::{background_service, BackgroundService};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Checks the listening addresses can be bound, so a port in use is one clear line, not a panic
 /// deep inside a worker thread.
@@ -210,7 +211,7 @@ impl ShutdownSignalWatch for DrainingShutdown {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = quit.recv() => {
-                    if self.hand_over().await {
+                    if self.hand_over(&mut term, &mut int).await {
                         // Pingora now stops accepting (and closes idle keep-alive connections);
                         // the drain runs after that, in its grace period.
                         return ShutdownSignal::GracefulTerminate;
@@ -219,7 +220,9 @@ impl ShutdownSignalWatch for DrainingShutdown {
                 // SIGUSR2: start the successor ourselves (the executable now at our path), so
                 // that it runs where we run (a systemd unit's cgroup), then hand over to it.
                 _ = usr2.recv() => {
-                    if crate::upgrade::spawn_successor().is_ok() && self.hand_over().await {
+                    if crate::upgrade::spawn_successor().is_ok()
+                        && self.hand_over(&mut term, &mut int).await
+                    {
                         return ShutdownSignal::GracefulTerminate;
                     }
                 }
@@ -251,7 +254,11 @@ impl ShutdownSignalWatch for DrainingShutdown {
 impl DrainingShutdown {
     /// Sends the listening sockets to the new process and starts the drain that ends this one;
     /// false (and this process keeps serving) when the hand-over failed.
-    async fn hand_over(&self) -> bool {
+    async fn hand_over(
+        &self,
+        term: &mut tokio::signal::unix::Signal,
+        int: &mut tokio::signal::unix::Signal,
+    ) -> bool {
         let in_flight = self.app.lifecycle.active();
         tracing::info!(
             upgrade_sock = %self.upgrade_sock.display(),
@@ -266,14 +273,23 @@ impl DrainingShutdown {
             }
         }
         // Both processes accept for a moment; ours answer with `Connection: close` meanwhile,
-        // until no client may still reuse a connection to us.
-        tokio::time::sleep(crate::upgrade::OVERLAP).await;
-        crate::upgrade::await_keepalive_promises(self.app.config.drain_timeout).await;
+        // until no client may still reuse a connection to us. SIGTERM/SIGINT cut all waiting
+        // short, as in a plain shutdown.
+        let wind_down = async {
+            tokio::time::sleep(crate::upgrade::OVERLAP).await;
+            crate::upgrade::await_keepalive_promises(self.app.config.drain_timeout).await;
+        };
+        let drain_timeout = tokio::select! {
+            _ = wind_down => self.app.config.drain_timeout,
+            _ = term.recv() => Duration::ZERO,
+            _ = int.recv() => Duration::ZERO,
+        };
         let phases = self.phases.lock().ok().and_then(|mut p| p.take());
         tokio::spawn(crate::upgrade::drain_then_exit(
             self.app.clone(),
             self.supervisor.clone(),
             phases,
+            drain_timeout,
         ));
         true
     }

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast;
 
 /// The environment variable that names the upgrade socket (the flag `--upgrade-sock` wins).
@@ -249,11 +250,13 @@ pub async fn await_old_instances(app: &App) {
 }
 
 /// In the old process after the hand-over: once Pingora has stopped accepting, waits for the
-/// requests in flight (up to `shutdown.drain_timeout`), stops the supervised instances, exits 0.
+/// requests in flight (up to `timeout`: `shutdown.drain_timeout`, zero after a SIGTERM), stops
+/// the supervised instances, exits 0.
 pub async fn drain_then_exit(
     app: Arc<App>,
     supervisor: Arc<Supervisor>,
     phases: Option<broadcast::Receiver<ExecutionPhase>>,
+    timeout: Duration,
 ) {
     if let Some(mut phases) = phases {
         // Pingora sends this phase once its listeners stop accepting; a closed channel (or a
@@ -267,9 +270,21 @@ pub async fn drain_then_exit(
         }
     }
     let lifecycle = &app.lifecycle;
-    let timeout = app.config.drain_timeout;
     tracing::info!(in_flight = lifecycle.active(), drain_timeout = %humantime::format_duration(timeout), "no longer accepting; draining before the exit");
-    if !lifecycle.drained(timeout).await {
+    // Tokio keeps our handler installed, so SIGTERM/SIGINT would otherwise be ignored: either
+    // skips the rest of the drain, as in a plain shutdown.
+    let drained = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            d = lifecycle.drained(timeout) => d,
+            _ = term.recv() => false,
+            _ = int.recv() => false,
+        },
+        _ => lifecycle.drained(timeout).await,
+    };
+    if !drained {
         tracing::warn!(
             in_flight = lifecycle.active(),
             "drain ended with requests still in flight; they are cut"

@@ -394,3 +394,47 @@ fn sigusr2_starts_the_new_binary_itself_and_hands_over_to_it() {
         "the new process stops on SIGTERM"
     );
 }
+
+#[test]
+fn sigterm_after_the_hand_over_cuts_the_old_process_drain_short() {
+    let mock = Mock::start(&[("MOCK_TOKENS", "400"), ("MOCK_TOKEN_DELAY_MS", "50")]);
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock = sock_dir.path().join("upgrade.sock");
+    let sock_arg = sock.to_str().unwrap().to_string();
+    let mut old = SidecarCmd::new(&format!(
+        "shutdown:\n  drain_timeout: 60s\n{}",
+        external_instances(&[&mock], 4)
+    ))
+    .args(&["--upgrade-sock", &sock_arg])
+    .start();
+    // A 20 s stream keeps the old process draining.
+    let mut stream = post_raw(old.port, "/api/generate", STREAM_BODY, "");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stream, &mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let new = old.spawn_successor(&["--upgrade", "--upgrade-sock", &sock_arg], &[]);
+    assert!(wait_until(Duration::from_secs(10), || sock.exists()));
+    old.signal(libc::SIGQUIT);
+    assert!(
+        wait_until(Duration::from_secs(15), || old
+            .log_text()
+            .contains("draining before the exit")),
+        "{}",
+        old.log_text()
+    );
+    let term = Instant::now();
+    old.signal(libc::SIGTERM);
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(10))
+            .and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        old.log_text()
+    );
+    assert!(
+        term.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        term.elapsed()
+    );
+    assert!(listens_on(new.pid(), old.port), "{}", new.log_text());
+}

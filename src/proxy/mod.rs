@@ -557,6 +557,11 @@ impl ProxyHttp for SidecarProxy {
 /// `Connection: close` so that the client reconnects, to the new process; before, the response
 /// is counted until it ends (see `upgrade::await_keepalive_promises`).
 pub(crate) fn keep_alive_or_close(session: &mut Session, ctx: &mut RequestCtx) {
+    // A connection that closes after this response anyway (the client asked, or HTTP/1.0)
+    // promises nothing.
+    if session.get_keepalive().is_none() {
+        return;
+    }
     match crate::upgrade::keepalive_promise() {
         Some(promise) => ctx.keepalive_promise = Some(promise),
         None => session.set_keepalive(None),
