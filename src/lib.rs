@@ -16,4 +16,5 @@ pub mod route_class;
 pub mod server;
 pub mod shared_state;
 pub mod supervisor;
+pub mod upgrade;
 pub mod upstream;

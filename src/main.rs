@@ -1,4 +1,5 @@
-//! The command line: `ollama-sidecar [run]`, `ollama-sidecar check`, `ollama-sidecar health`.
+//! The command line: `ollama-sidecar [run] [--upgrade]`, `ollama-sidecar check`,
+//! `ollama-sidecar health`.
 
 #[cfg(feature = "jemalloc")]
 #[global_allocator]
@@ -7,6 +8,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use clap::{Args, Parser, Subcommand};
 use ollama_sidecar::config::{self, ConfigArgs, LogFormat};
 use ollama_sidecar::health_cmd;
+use ollama_sidecar::upgrade;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,13 +24,40 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
-    run: ConfigArgs,
+    run: RunOpts,
+}
+
+#[derive(Args, Clone)]
+struct RunOpts {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Take the listening sockets over from the running sidecar (binary upgrade): wait on
+    /// --upgrade-sock for them (up to 5 s; send the old process SIGQUIT), then serve.
+    #[arg(long)]
+    upgrade: bool,
+    /// The Unix socket of the hand-over, for this process as the new one (--upgrade) and later
+    /// as the old one (on SIGQUIT) [default: $RUNTIME_DIRECTORY/ollama-sidecar-upgrade.sock
+    /// under systemd, else $TMPDIR or /tmp].
+    #[arg(long, env = upgrade::ENV_UPGRADE_SOCK)]
+    upgrade_sock: Option<PathBuf>,
+}
+
+impl RunOpts {
+    fn upgrade(&self) -> upgrade::UpgradeOpts {
+        upgrade::UpgradeOpts {
+            take_over: self.upgrade,
+            sock: self
+                .upgrade_sock
+                .clone()
+                .unwrap_or_else(upgrade::default_sock),
+        }
+    }
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (the default).
-    Run(ConfigArgs),
+    Run(RunOpts),
     /// Validate a configuration and print the effective configuration.
     Check(CheckOpts),
     /// Ask a running sidecar whether it can serve (GET /readyz on its admin listener): exit 0
@@ -118,13 +147,22 @@ fn init_logging(level: &str, format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // Before anything can replace the file (a SIGUSR2 upgrade starts what is then at this path).
+    upgrade::remember_executable();
     let cli = Cli::parse();
-    let (command, opts, secrets) = match cli.command {
-        Some(Command::Run(o)) => ("run", o, config::Secrets::Read),
-        Some(Command::Check(o)) if o.no_secrets => ("check", o.run, config::Secrets::Skip),
-        Some(Command::Check(o)) => ("check", o.run, config::Secrets::Read),
+    let (command, opts, secrets, upgrade) = match cli.command {
+        Some(Command::Run(o)) => ("run", o.config.clone(), config::Secrets::Read, o.upgrade()),
+        Some(Command::Check(o)) if o.no_secrets => {
+            ("check", o.run, config::Secrets::Skip, cli.run.upgrade())
+        }
+        Some(Command::Check(o)) => ("check", o.run, config::Secrets::Read, cli.run.upgrade()),
         Some(Command::Health(o)) => return health(o),
-        None => ("run", cli.run, config::Secrets::Read),
+        None => (
+            "run",
+            cli.run.config.clone(),
+            config::Secrets::Read,
+            cli.run.upgrade(),
+        ),
     };
     let config = match opts.load(secrets) {
         Ok(c) => c,
@@ -146,7 +184,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config.log.level, config.log.format);
-    match ollama_sidecar::server::run(config) {
+    match ollama_sidecar::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ollama-sidecar: {e}");

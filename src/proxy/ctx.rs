@@ -71,6 +71,8 @@ pub struct RequestCtx {
     pub(super) retry_reasons: Vec<retry::RetryReason>,
     /// What access control learned (the API key, its in-flight count).
     pub(super) policy: crate::policy::RequestPolicy,
+    /// The response offered keep-alive (counted for a binary upgrade's hand-over).
+    pub(super) keepalive_promise: Option<crate::upgrade::KeepAlivePromise>,
 }
 
 impl RequestCtx {
@@ -103,6 +105,7 @@ impl RequestCtx {
             retries: 0,
             retry_reasons: Vec::new(),
             policy: Default::default(),
+            keepalive_promise: None,
         }
     }
 

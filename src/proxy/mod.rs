@@ -417,6 +417,7 @@ impl ProxyHttp for SidecarProxy {
             return Ok(());
         }
         ctx.first_byte.get_or_insert_with(|| ctx.started.elapsed());
+        keep_alive_or_close(session, ctx);
         headers::strip_response_hop_by_hop(upstream_response);
         upstream_response.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
         policy::on_response(&self.app, session, upstream_response)?;
@@ -587,5 +588,20 @@ impl ProxyHttp for SidecarProxy {
         ctx.upstream = None;
         ctx.management_permit = None;
         ctx.active = None;
+    }
+}
+
+/// Binary upgrade: once this process has handed its sockets over, a response says
+/// `Connection: close` so that the client reconnects, to the new process; before, the response
+/// is counted until it ends (see `upgrade::await_keepalive_promises`).
+pub(crate) fn keep_alive_or_close(session: &mut Session, ctx: &mut RequestCtx) {
+    // A connection that closes after this response anyway (the client asked, or HTTP/1.0)
+    // promises nothing.
+    if session.get_keepalive().is_none() {
+        return;
+    }
+    match crate::upgrade::keepalive_promise() {
+        Some(promise) => ctx.keepalive_promise = Some(promise),
+        None => session.set_keepalive(None),
     }
 }

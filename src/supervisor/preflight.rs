@@ -93,6 +93,23 @@ pub fn check_instance(
     spec: &SupervisedSpec,
     search: &SearchPath,
 ) -> Result<(), String> {
+    check_instance_setup(index, name, spec, search)?;
+    if !port_is_free(spec.port) {
+        return Err(format!(
+            "instance `{name}`: port {} is already in use by another process; the sidecar never kills processes it did not start",
+            spec.port
+        ));
+    }
+    Ok(())
+}
+
+/// Every check but the free port (during a binary upgrade the old process still holds it).
+pub fn check_instance_setup(
+    index: usize,
+    name: &str,
+    spec: &SupervisedSpec,
+    search: &SearchPath,
+) -> Result<(), String> {
     let key = |k: &str| format!("instances[{index}].{k}");
     resolve_command(&spec.command, search).map_err(|e| {
         let hint = if spec.command.contains('/') {
@@ -128,12 +145,6 @@ pub fn check_instance(
                 key(what)
             ));
         }
-    }
-    if !port_is_free(spec.port) {
-        return Err(format!(
-            "instance `{name}`: port {} is already in use by another process; the sidecar never kills processes it did not start",
-            spec.port
-        ));
     }
     if let Some(path) = &spec.log_file {
         open_log_file(path).map_err(|e| {

@@ -372,6 +372,7 @@ pub struct SidecarCmd {
     config: ConfigFn,
     env: Vec<(String, String)>,
     wrap: Option<WrapFn>,
+    args: Vec<String>,
 }
 
 impl SidecarCmd {
@@ -393,7 +394,14 @@ impl SidecarCmd {
             config: Box::new(config),
             env: vec![("RUST_LOG".to_string(), "info".to_string())],
             wrap: None,
+            args: Vec::new(),
         }
+    }
+
+    /// Command-line arguments after `--config FILE` (not passed to a wrapper).
+    pub fn args(mut self, args: &[&str]) -> SidecarCmd {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
     }
 
     pub fn env(mut self, name: &str, value: &str) -> SidecarCmd {
@@ -432,7 +440,7 @@ impl SidecarCmd {
             Some(wrap) => wrap(config),
             None => {
                 let mut cmd = Command::new(SIDECAR);
-                cmd.arg("--config").arg(config);
+                cmd.arg("--config").arg(config).args(&self.args);
                 cmd
             }
         };
@@ -448,31 +456,7 @@ impl SidecarCmd {
     fn try_start(&mut self) -> Result<Sidecar, String> {
         let mut ports = Ports::fresh();
         let text = (self.config)(&mut ports);
-        let mut config = tempfile::Builder::new()
-            .suffix(".yaml")
-            .tempfile()
-            .expect("temp config");
-        config.write_all(text.as_bytes()).expect("write config");
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = dir.path().join("sidecar.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
-        let mut cmd = self.command(config.path());
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        let started = Instant::now();
-        let child = cmd.spawn().expect("spawn ollama-sidecar");
-        let mut sidecar = Sidecar {
-            port: ports.proxy,
-            admin_port: ports.admin,
-            ports,
-            started,
-            pids: Vec::new(),
-            proc: Proc { child },
-            config,
-            log,
-            _dir: dir,
-        };
+        let mut sidecar = spawn_sidecar(ports, &text, |config| self.command(config));
         let pid = sidecar.proc.pid();
         let (port, admin_port) = (sidecar.port, sidecar.admin_port);
         let owns_ports = || listens_on(pid, port) && listens_on(pid, admin_port);
@@ -484,6 +468,40 @@ impl SidecarCmd {
         } else {
             Err(sidecar.log_text())
         }
+    }
+}
+
+/// Writes `text` to a configuration file, spawns the command `command` makes from its path
+/// (output to a log file of its own), and returns it as a [`Sidecar`] on `ports`, at once.
+fn spawn_sidecar(
+    ports: Ports,
+    text: &str,
+    command: impl FnOnce(&std::path::Path) -> Command,
+) -> Sidecar {
+    let mut config = tempfile::Builder::new()
+        .suffix(".yaml")
+        .tempfile()
+        .expect("temp config");
+    config.write_all(text.as_bytes()).expect("write config");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("sidecar.log");
+    let log_file = std::fs::File::create(&log).expect("log file");
+    let mut cmd = command(config.path());
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file);
+    let started = Instant::now();
+    let child = cmd.spawn().expect("spawn ollama-sidecar");
+    Sidecar {
+        port: ports.proxy,
+        admin_port: ports.admin,
+        ports,
+        started,
+        pids: Vec::new(),
+        proc: Proc { child },
+        config,
+        log,
+        _dir: dir,
     }
 }
 
@@ -588,6 +606,62 @@ impl Sidecar {
     pub fn port_of(&self, name: &str) -> u16 {
         self.ports.of(name)
     }
+
+    /// Starts a second sidecar on a copy of this one's configuration (same ports), with `args`
+    /// after `--config FILE` and `env` (e.g. a binary upgrade: `--upgrade`), without waiting
+    /// for it to listen.
+    pub fn spawn_successor(&self, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        let text = std::fs::read_to_string(self.config.path()).expect("read config");
+        spawn_sidecar(self.ports.clone(), &text, |config| {
+            let mut cmd = Command::new(SIDECAR);
+            cmd.arg("--config").arg(config).args(args);
+            for var in OVERRIDE_VARS {
+                cmd.env_remove(var);
+            }
+            cmd.env("RUST_LOG", "info").envs(env.iter().copied());
+            cmd
+        })
+    }
+}
+
+/// Processes running `exe` whose /proc/PID/`file` (`environ`, `cmdline`: NUL-separated) holds
+/// the entry `entry`.
+fn processes_with(exe: &str, file: &str, entry: &str) -> Vec<u32> {
+    let exe = std::fs::canonicalize(exe).ok();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok() == exe)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/{file}"))
+                .map(|v| v.split(|&b| b == 0).any(|e| e == entry.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Processes running `exe` whose environment holds `entry` (e.g. `OLLAMA_HOST=127.0.0.1:PORT`
+/// for the supervised mock of one test).
+pub fn processes_with_env(exe: &str, entry: &str) -> Vec<u32> {
+    processes_with(exe, "environ", entry)
+}
+
+/// Processes running `exe` with `arg` among their arguments.
+pub fn processes_with_arg(exe: &str, arg: &str) -> Vec<u32> {
+    processes_with(exe, "cmdline", arg)
+}
+
+/// The parent pid of `pid`, from /proc (None when it is gone).
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (in parentheses) may hold spaces: the fields after it are plain.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 /// A configuration body with one external instance per mock.

@@ -67,6 +67,8 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
             }
         };
         *ctx.queue_wait.get_or_insert(Duration::ZERO) += queued_at.elapsed();
+        // The response headers follow the slot (binary upgrade: keep-alive or close).
+        super::keep_alive_or_close(session, ctx);
         let instance = permit.instance().clone();
         ctx.instance = Some(instance.name.clone());
         ctx.placement = Some(permit.reason().as_str());
