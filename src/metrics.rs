@@ -223,6 +223,8 @@ pub struct Metrics {
     known_models: RwLock<KnownModels>,
     last_health: Mutex<BTreeMap<String, HealthRecord>>,
     started: Instant,
+    /// Configuration reloads (`src/reload.rs`).
+    reload: ReloadMetrics,
 }
 
 /// The model allow-list, per instance (an instance that stops answering keeps its entries).
@@ -438,6 +440,7 @@ impl Metrics {
                 &["phase"]
             ),
             shared: SharedStateMetrics::new(&r),
+            reload: ReloadMetrics::new(&r),
             health_checks: metric!(
                 r,
                 IntCounterVec,
@@ -1080,6 +1083,72 @@ pub async fn poll_known_models(registry: Arc<Registry>, metrics: &'static Metric
             MODELS_RETRY
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+// ---- Reload (src/reload.rs): the configuration's generation and the reloads tried. ----
+
+/// Which configuration runs, since when, and how reloads went.
+struct ReloadMetrics {
+    generation: IntGauge,
+    loaded: Gauge,
+    reloads: IntCounterVec,
+}
+
+/// The `result` label of `config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 3] = ["ok", "invalid", "refused"];
+
+impl ReloadMetrics {
+    fn new(r: &prometheus::Registry) -> ReloadMetrics {
+        let metrics = ReloadMetrics {
+            generation: metric!(
+                r,
+                IntGauge,
+                opts(
+                    "config_generation",
+                    "The running configuration's generation: 1 at startup, one more per accepted reload."
+                )
+            ),
+            loaded: metric!(
+                r,
+                Gauge,
+                opts(
+                    "config_loaded_timestamp_seconds",
+                    "When the running configuration was loaded (Unix time)."
+                )
+            ),
+            reloads: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "config_reloads_total",
+                    "Configuration reloads tried, by result: ok, invalid (the file has an error), refused (a change needs a restart)."
+                ),
+                &["result"]
+            ),
+        };
+        for result in RELOAD_RESULTS {
+            metrics.reloads.with_label_values(&[result]);
+        }
+        metrics
+    }
+}
+
+impl Metrics {
+    /// The configuration now running: its generation and when it was loaded.
+    pub fn config_loaded(&self, generation: u64, loaded_at: std::time::SystemTime) {
+        self.reload
+            .generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let unix = loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.reload.loaded.set(unix);
+    }
+
+    /// A reload ended with `result` (one of [`RELOAD_RESULTS`]).
+    pub fn config_reload(&self, result: &'static str) {
+        self.reload.reloads.with_label_values(&[result]).inc();
     }
 }
 

@@ -66,6 +66,10 @@ pub fn run(config: Config) -> Result<(), String> {
         "instance watch",
         InstanceWatch(app.clone()),
     ));
+    server.add_service(background_service(
+        "reload",
+        crate::reload::ReloadService(app.clone()),
+    ));
 
     tracing::info!(
         listen = %app.config.listen,

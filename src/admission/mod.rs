@@ -223,7 +223,8 @@ struct State {
 }
 
 struct Shared {
-    config: QueueConfig,
+    /// Swapped whole on reload ([`Admission::set_config`]).
+    config: arc_swap::ArcSwap<QueueConfig>,
     instances: Vec<Arc<Instance>>,
     /// Origin of the aging epochs.
     base: Instant,
@@ -249,7 +250,7 @@ impl Admission {
         let placement = Placement::new(instances.len());
         Arc::new(Admission {
             shared: Arc::new(Shared {
-                config,
+                config: arc_swap::ArcSwap::from_pointee(config),
                 instances,
                 base: Instant::now(),
                 state: Mutex::new(State {
@@ -265,8 +266,8 @@ impl Admission {
         })
     }
 
-    pub fn config(&self) -> &QueueConfig {
-        &self.shared.config
+    pub fn config(&self) -> Arc<QueueConfig> {
+        self.shared.config.load_full()
     }
 
     /// Waits for a slot. Cancellation-safe: dropping the future while queued removes the waiter
@@ -356,7 +357,7 @@ impl Shared {
 
     /// Whole `aging` periods since start.
     fn epoch(&self, now: Instant) -> i64 {
-        let aging = self.config.aging.as_nanos();
+        let aging = self.config.load().aging.as_nanos();
         if aging == 0 {
             return 0;
         }
@@ -393,7 +394,7 @@ impl Shared {
                     rx,
                     enqueued: now,
                     deadline: now
-                        .checked_add(self.config.max_wait)
+                        .checked_add(self.config.load().max_wait)
                         .or_else(|| now.checked_add(Duration::from_secs(10 * 365 * 86_400)))
                         .unwrap_or(now),
                     done: false,
@@ -452,11 +453,11 @@ impl Shared {
         now: Instant,
         grants: &mut Vec<Grant>,
     ) -> Result<Decision, Refusal> {
-        if st.queue.len() >= self.config.max_queued {
+        if st.queue.len() >= self.config.load().max_queued {
             st.counters.refused_full += 1;
             return Err(Refusal::QueueFull);
         }
-        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.max_queued_bytes.0 {
+        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.load().max_queued_bytes.0 {
             st.counters.refused_bytes += 1;
             return Err(Refusal::QueueBytesFull);
         }
@@ -894,5 +895,15 @@ impl Drop for Permit {
                 .map(|m| (m, self.reason.is_cold(), Some(held)));
             self.shared.release(self.pos, false, used);
         }
+    }
+}
+
+// ---- Reload (src/reload.rs): the queue's limits follow a new configuration. ----
+impl Admission {
+    /// New limits for requests admitted from now on; waiters keep their place (a smaller
+    /// `max_queued` refuses newcomers until the queue is below it, it evicts nobody).
+    pub fn set_config(&self, config: QueueConfig) {
+        self.shared.config.store(Arc::new(config));
+        self.poke();
     }
 }

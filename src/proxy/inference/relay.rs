@@ -97,6 +97,7 @@ impl Subrequest {
         };
         let dispatch = Dispatch {
             instance: instance.clone(),
+            app: ctx.app.clone(),
             request_id: ctx.request_id.clone(),
         };
         let sub_ctx = SubrequestCtx::builder()

@@ -1,0 +1,387 @@
+//! Configuration reload: its three triggers (SIGHUP, a change of the file with `--watch`, and
+//! `POST /reload` on the admin listener) and the one procedure they share.
+//!
+//! The file is read again with the overrides of startup (`--listen`, `OLLAMA_SIDECAR_LISTEN`,
+//! ...) and validated by the same code as at startup. An invalid file, or a change that needs a
+//! restart ([`needs_restart`]), changes nothing: the reload is all or none of it. Otherwise the
+//! next generation of the shared state ([`App::next`]) is published: requests that arrive from
+//! now on use it, requests in flight finish under the generation they took when they arrived.
+
+use crate::app::App;
+use crate::config::{self, Config};
+use crate::metrics;
+use crate::policy::Policy;
+use async_trait::async_trait;
+use http::StatusCode;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde_json::{json, Value};
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// The admin listener's path that reloads (POST, behind the admin token).
+pub const PATH: &str = "/reload";
+
+/// How often `--watch` reads the file. A change is taken once the file has read the same on two
+/// polls in a row (an editor that writes in steps is not caught half-way).
+pub const WATCH_EVERY: Duration = Duration::from_secs(1);
+
+/// How a reload ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The new configuration runs: its generation and the sections that changed.
+    Applied {
+        generation: u64,
+        changed: Vec<&'static str>,
+    },
+    /// The file did not validate (the message is the one startup would print).
+    Invalid(String),
+    /// The file is valid but changes what only a restart can.
+    Refused(String),
+}
+
+impl Outcome {
+    /// The `result` label of `config_reloads_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Applied { .. } => "ok",
+            Outcome::Invalid(_) => "invalid",
+            Outcome::Refused(_) => "refused",
+        }
+    }
+}
+
+/// `/reload`'s answer: 200 with the generation now running, or 422 with why nothing changed.
+pub fn answer(outcome: Outcome) -> (StatusCode, Value) {
+    let result = outcome.label();
+    match outcome {
+        Outcome::Applied {
+            generation,
+            changed,
+        } => (
+            StatusCode::OK,
+            json!({"result": result, "generation": generation, "changed": changed}),
+        ),
+        Outcome::Invalid(error) | Outcome::Refused(error) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"result": result, "error": error}),
+        ),
+    }
+}
+
+/// The running configuration in `/status`.
+pub fn status(app: &App) -> Value {
+    json!({
+        "generation": app.generation,
+        "loaded_at_unix": unix_seconds(app.loaded_at),
+        "source": app.config.source,
+        "watch": app.config.watch,
+    })
+}
+
+fn unix_seconds(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One reload at a time: two triggers at once would otherwise build two generations from the
+/// same predecessor.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Reads, validates and applies the configuration file again; `trigger` names the cause in the
+/// log (`SIGHUP`, `watch`, `http`).
+pub async fn reload(app: &Arc<App>, trigger: &'static str) -> Outcome {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let current = app.current();
+    let outcome = match read_again(&current.config).await {
+        Err(error) => Outcome::Invalid(error),
+        Ok(next) => match needs_restart(&current.config, &next) {
+            Some(refused) => Outcome::Refused(refused),
+            None => apply(&current, next),
+        },
+    };
+    metrics::global().config_reload(outcome.label());
+    match &outcome {
+        // The same one line as startup's, with the reload's cause.
+        Outcome::Invalid(error) => tracing::error!(
+            trigger,
+            "reload: invalid configuration: {error}; nothing changed"
+        ),
+        Outcome::Refused(error) => {
+            tracing::error!(trigger, "reload refused: {error}; nothing changed")
+        }
+        Outcome::Applied {
+            generation,
+            changed,
+        } => tracing::info!(
+            trigger,
+            generation,
+            changed = %changed.join(","),
+            "configuration reloaded"
+        ),
+    }
+    outcome
+}
+
+/// The file read and validated as at startup (same overrides), off the async workers: secrets
+/// may be files, and validation reads them.
+async fn read_again(current: &Config) -> Result<Config, String> {
+    let path = PathBuf::from(&current.source);
+    let overrides = current.overrides.clone();
+    let watch = current.watch;
+    let loaded = tokio::task::spawn_blocking(move || config::load(&path, &overrides)).await;
+    match loaded {
+        Ok(Ok(mut next)) => {
+            next.watch = watch;
+            Ok(next)
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(format!("cannot read the configuration: {e}")),
+    }
+}
+
+/// What a running sidecar cannot change, as the message refusing it; `None`: all of it can.
+/// The listeners and worker threads are bound and spawned once; the Redis connection of
+/// `shared_state` and the log's format live as long as the process; the instance set, health
+/// checks, log level and drain timeout are read once by services that started with the process.
+pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let checks: [(&str, bool); 8] = [
+        ("listen", current.listen != next.listen),
+        ("threads", current.threads != next.threads),
+        ("admin.listen", current.admin_listen != next.admin_listen),
+        (
+            "shared_state",
+            differs(&current.access.shared_state, &next.access.shared_state),
+        ),
+        (
+            "log.level, log.format",
+            current.log.level != next.log.level || current.log.format != next.log.format,
+        ),
+        ("instances", differs(&current.instances, &next.instances)),
+        ("health", differs(&current.health, &next.health)),
+        (
+            "shutdown.drain_timeout",
+            current.drain_timeout != next.drain_timeout,
+        ),
+    ];
+    let keys: Vec<&str> = checks
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| *key)
+        .collect();
+    (!keys.is_empty()).then(|| format!("{} changed: that needs a restart", keys.join(", ")))
+}
+
+/// The sections that differ, for the log and `/reload`'s answer.
+fn changed_sections(current: &Config, next: &Config) -> Vec<&'static str> {
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let keys = |c: &Config| {
+        c.access
+            .keys
+            .iter()
+            .map(|k| {
+                (
+                    k.name.clone(),
+                    k.sha256,
+                    k.priority,
+                    k.max_concurrent,
+                    k.requests_per_minute,
+                    k.tokens_per_minute,
+                    k.models.clone(),
+                    k.routes.clone(),
+                    k.admin,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let access = |c: &Config| {
+        (
+            c.access.allow_anonymous_metadata,
+            format!("{:?}", c.access.policy),
+            format!("{:?}", c.access.cors),
+            c.access.admin_token,
+        )
+    };
+    [
+        ("auth.keys", keys(current) != keys(next)),
+        ("access", access(current) != access(next)),
+        ("log", differs(&current.log, &next.log)),
+        ("timeouts", differs(&current.timeouts, &next.timeouts)),
+        ("admission", differs(&current.admission, &next.admission)),
+        ("limits", differs(&current.limits, &next.limits)),
+        ("retries", differs(&current.retries, &next.retries)),
+    ]
+    .into_iter()
+    .filter(|(_, changed)| *changed)
+    .map(|(name, _)| name)
+    .collect()
+}
+
+/// Builds and publishes the next generation for `next` (valid, nothing restart-only changed).
+fn apply(current: &Arc<App>, next: Config) -> Outcome {
+    let changed = changed_sections(&current.config, &next);
+    let next = current.next(next);
+    let policy = Policy::global(current).next(&next.config.access);
+    // Just built: the cell is empty.
+    let _ = next.policy.set(Arc::new(policy));
+    next.admission.set_config(next.config.admission.clone());
+    let next = current.publish(next);
+    metrics::global().config_loaded(next.generation, next.loaded_at);
+    Outcome::Applied {
+        generation: next.generation,
+        changed,
+    }
+}
+
+/// The reload triggers other than `/reload`: SIGHUP, and with `--watch` a change of the file.
+/// A Pingora background service.
+pub struct ReloadService(pub Arc<App>);
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let app = &self.0;
+        metrics::global().config_loaded(app.generation, app.loaded_at);
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP, reload only by /reload: {e}");
+                None
+            }
+        };
+        let mut watch = app
+            .config
+            .watch
+            .then(|| FileWatch::new(Path::new(&app.config.source)));
+        tracing::info!(
+            watch = watch.is_some(),
+            "reload triggers ready: SIGHUP, POST {PATH} on the admin listener{}",
+            if watch.is_some() {
+                ", a change of the file"
+            } else {
+                ""
+            }
+        );
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hup => {
+                    reload(app, "SIGHUP").await;
+                }
+                _ = tick.tick(), if watch.is_some() => {
+                    if watch.as_mut().is_some_and(FileWatch::changed) {
+                        reload(app, "watch").await;
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// `--watch`: the file's content as last taken, and a newer content seen once.
+struct FileWatch {
+    path: PathBuf,
+    taken: Option<u64>,
+    pending: Option<u64>,
+}
+
+impl FileWatch {
+    fn new(path: &Path) -> FileWatch {
+        let path = path.to_path_buf();
+        let taken = content_hash(&path);
+        FileWatch {
+            path,
+            taken,
+            pending: None,
+        }
+    }
+
+    /// True once a new content has read the same twice in a row. Reading the whole file (a few
+    /// KiB, once a second) sees every way of replacing it: in place, by rename, through a
+    /// Kubernetes ConfigMap's symlink swap, on a network file system; a file that cannot be
+    /// read is waited out.
+    fn changed(&mut self) -> bool {
+        let now = content_hash(&self.path);
+        if now.is_none() || now == self.taken {
+            self.pending = None;
+            return false;
+        }
+        if self.pending != now {
+            self.pending = now;
+            return false;
+        }
+        self.taken = now;
+        self.pending = None;
+        true
+    }
+}
+
+fn content_hash(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    Some(hasher.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{parse, Overrides};
+
+    fn parsed(text: &str) -> Config {
+        parse(text, "test.yaml", &Overrides::default()).unwrap()
+    }
+
+    const BASE: &str = "instances:\n  - name: a\n    url: http://127.0.0.1:11500\n";
+
+    #[test]
+    fn restart_only_changes_are_named() {
+        let a = parsed(BASE);
+        let b = parsed(&format!("listen: 127.0.0.1:1999\n{BASE}"));
+        let refused = needs_restart(&a, &b).unwrap();
+        assert!(refused.starts_with("listen changed"), "{refused}");
+        assert!(needs_restart(&a, &parsed(BASE)).is_none());
+    }
+
+    #[test]
+    fn a_new_key_is_a_change_of_keys_alone() {
+        let a = parsed(BASE);
+        let b = parsed(&format!(
+            "{BASE}auth:\n  keys:\n    - name: k\n      sha256: {}\n",
+            "ab".repeat(32)
+        ));
+        assert!(needs_restart(&a, &b).is_none());
+        assert_eq!(changed_sections(&a, &b), vec!["auth.keys"]);
+    }
+
+    #[test]
+    fn the_watch_takes_a_content_once_it_reads_the_same_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "a").unwrap();
+        let mut watch = FileWatch::new(&path);
+        assert!(!watch.changed());
+        std::fs::write(&path, "b").unwrap();
+        assert!(!watch.changed(), "first sight of the new content");
+        assert!(watch.changed(), "the same content again");
+        assert!(!watch.changed(), "taken once");
+        std::fs::remove_file(&path).unwrap();
+        assert!(!watch.changed(), "a missing file is waited out");
+    }
+}

@@ -1,0 +1,271 @@
+//! Configuration reload through the real binary: `POST /reload`, SIGHUP and `--watch` read the
+//! file again; a valid file takes effect for new requests at once while requests in flight
+//! finish as they started; an invalid one, or one that changes what needs a restart, changes
+//! nothing and says why.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::process::Command;
+use std::time::Duration;
+
+const ALICE: &str = "alice-secret-key-0123456789abcdef";
+const BOB: &str = "bob-secret-key-0123456789abcdef00";
+
+fn sha(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The instances, then keys for each of `keys`.
+fn body_with_keys(mock: &Mock, keys: &[(&str, &str)]) -> String {
+    let mut body = external_instances(&[mock], 4);
+    body.push_str("auth:\n  keys:\n");
+    for (name, key) in keys {
+        body.push_str(&format!("    - name: {name}\n      sha256: {}\n", sha(key)));
+    }
+    body
+}
+
+fn generate(sidecar: &Sidecar, key: &str) -> u16 {
+    client()
+        .post(sidecar.url("/api/generate"))
+        .bearer_auth(key)
+        .json(&json!({"model": "llama3.2", "prompt": "hi", "stream": false}))
+        .send()
+        .expect("generate")
+        .status()
+        .as_u16()
+}
+
+fn reloads(sidecar: &Sidecar, result: &str) -> f64 {
+    sidecar
+        .metric(&format!(
+            "ollama_sidecar_config_reloads_total{{result=\"{result}\"}}"
+        ))
+        .unwrap_or(-1.0)
+}
+
+/// Reads a streamed generate to its end: every line, as received.
+fn read_stream(port: u16, key: &str) -> Vec<Value> {
+    let mut reader = post_raw(
+        port,
+        "/api/generate",
+        r#"{"model":"llama3.2","prompt":"count"}"#,
+        &format!("Authorization: Bearer {key}\r\n"),
+    );
+    let mut lines = Vec::new();
+    for_each_json_line(&mut reader, Duration::from_secs(30), |v, _| {
+        let done = v["done"] == true;
+        lines.push(v);
+        !done
+    });
+    lines
+}
+
+#[test]
+fn a_reload_adds_a_key_at_once_and_a_stream_started_before_it_runs_to_its_end() {
+    let mock = Mock::start(&[("MOCK_TOKENS", "30"), ("MOCK_TOKEN_DELAY_MS", "60")]);
+    let sidecar = Sidecar::start(&body_with_keys(&mock, &[("alice", ALICE)]));
+    assert_eq!(generate(&sidecar, BOB), 401, "bob is not configured yet");
+    assert_eq!(sidecar.config_generation(), 1);
+
+    let port = sidecar.port;
+    let stream = std::thread::spawn(move || read_stream(port, ALICE));
+    // The stream is under way (its first lines took a slot) before the reload.
+    assert!(wait_until(Duration::from_secs(10), || {
+        sidecar.status()["in_flight"].as_u64() == Some(1)
+    }));
+    sidecar.rewrite_config(&body_with_keys(&mock, &[("alice", ALICE), ("bob", BOB)]));
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["result"], "ok");
+    assert_eq!(answer["generation"], 2);
+    assert_eq!(answer["changed"], json!(["auth.keys"]));
+    assert_eq!(generate(&sidecar, BOB), 200, "the new key works at once");
+    assert_eq!(generate(&sidecar, ALICE), 200, "the old key still works");
+
+    let lines = stream.join().expect("stream reader");
+    // Every token the mock sent, in order, then its final line: nothing lost or cut.
+    let text: String = lines
+        .iter()
+        .filter_map(|v| v["response"].as_str())
+        .collect();
+    let last = lines.last().expect("lines");
+    assert_eq!(last["done"], true, "{last}");
+    assert_eq!(last["eval_count"], 30, "{last}");
+    assert_eq!(lines.len(), 31, "30 tokens and the final line");
+    assert!(lines.iter().all(|v| v.get("error").is_none()), "{lines:?}");
+    // The same text the mock gives for the prompt when asked directly.
+    let direct: Value = client()
+        .post(mock.url("/api/generate"))
+        .json(&json!({"model": "llama3.2", "prompt": "count", "stream": false}))
+        .send()
+        .and_then(|r| r.json())
+        .expect("the mock directly");
+    assert_eq!(Some(text.as_str()), direct["response"].as_str());
+    assert_eq!(sidecar.config_generation(), 2);
+    assert_eq!(reloads(&sidecar, "ok"), 1.0);
+    assert_eq!(
+        sidecar.metric("ollama_sidecar_config_generation"),
+        Some(2.0)
+    );
+    let loaded = sidecar
+        .metric("ollama_sidecar_config_loaded_timestamp_seconds")
+        .unwrap_or(0.0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - loaded).abs() < 60.0, "loaded at {loaded}, now {now}");
+}
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef0123";
+
+#[test]
+fn an_invalid_file_changes_nothing_and_reload_says_why() {
+    let mock = Mock::start(&[]);
+    let body = format!(
+        "  token_env: TEST_ADMIN_TOKEN\n{}",
+        body_with_keys(&mock, &[("alice", ALICE)])
+    );
+    let sidecar = SidecarCmd::new(&body)
+        .env("TEST_ADMIN_TOKEN", ADMIN_TOKEN)
+        .start();
+    let admin = |path: &str| {
+        client()
+            .request(
+                if path == "/reload" {
+                    reqwest::Method::POST
+                } else {
+                    reqwest::Method::GET
+                },
+                sidecar.admin_url(path),
+            )
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("admin request")
+    };
+    // Without the token, /reload is refused like /status.
+    let (status, _) = sidecar.reload();
+    assert_eq!(status, 401);
+
+    // A key with a broken digest: the same message `check` and startup give, nothing applied.
+    sidecar.rewrite_config(&format!(
+        "{body}    - name: bob\n      sha256: not-a-digest\n"
+    ));
+    let r = admin("/reload");
+    assert_eq!(r.status().as_u16(), 422);
+    let answer: Value = r.json().unwrap();
+    assert_eq!(answer["result"], "invalid", "{answer}");
+    let error = answer["error"].as_str().unwrap();
+    let path = sidecar.config.path().display().to_string();
+    assert!(
+        error.starts_with(&format!("{path}: auth.keys[1].sha256")),
+        "{error}"
+    );
+    let startup = run_to_end({
+        let mut check = Command::new(SIDECAR);
+        check
+            .arg("check")
+            .arg("--config")
+            .arg(sidecar.config.path());
+        check.env("TEST_ADMIN_TOKEN", ADMIN_TOKEN);
+        check
+    });
+    let startup = String::from_utf8_lossy(&startup.stderr);
+    assert!(
+        startup.contains(error),
+        "check says {startup}, reload said {error}"
+    );
+    assert!(sidecar.log_text().contains(error), "the log has the error");
+    assert_eq!(
+        generate(&sidecar, ALICE),
+        200,
+        "the old configuration still runs"
+    );
+
+    // A valid file that moves the proxy's listener: refused whole, the new key included.
+    let moved = format!(
+        "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\n{body}    - name: bob\n      sha256: {}\n",
+        free_port(),
+        sidecar.admin_port,
+        sha(BOB)
+    );
+    sidecar.rewrite_config_text(&moved);
+    let r = admin("/reload");
+    assert_eq!(r.status().as_u16(), 422);
+    let answer: Value = r.json().unwrap();
+    assert_eq!(answer["result"], "refused", "{answer}");
+    assert_eq!(
+        answer["error"], "listen changed: that needs a restart",
+        "{answer}"
+    );
+    assert_eq!(
+        generate(&sidecar, BOB),
+        401,
+        "none of a refused reload applies"
+    );
+
+    let status: Value = admin("/status").json().unwrap();
+    assert_eq!(status["config"]["generation"], 1);
+    let metrics = admin("/metrics").text().unwrap();
+    for line in [
+        "ollama_sidecar_config_reloads_total{result=\"invalid\"} 1",
+        "ollama_sidecar_config_reloads_total{result=\"refused\"} 1",
+        "ollama_sidecar_config_reloads_total{result=\"ok\"} 0",
+        "ollama_sidecar_config_generation 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
+    }
+}
+
+#[test]
+fn sighup_reloads() {
+    let mock = Mock::start(&[]);
+    let sidecar = Sidecar::start(&body_with_keys(&mock, &[("alice", ALICE)]));
+    // The handler is installed by a background service that starts with the server.
+    assert!(wait_until(Duration::from_secs(10), || sidecar
+        .log_text()
+        .contains("reload triggers ready")));
+    sidecar.rewrite_config(&body_with_keys(&mock, &[("alice", ALICE), ("bob", BOB)]));
+    sidecar.signal(libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(10), || {
+        sidecar.config_generation() == 2
+    }));
+    assert_eq!(generate(&sidecar, BOB), 200);
+    assert!(sidecar.log_text().contains("trigger=\"SIGHUP\""));
+}
+
+#[test]
+fn a_changed_file_is_reloaded_with_watch() {
+    let mock = Mock::start(&[]);
+    let sidecar = SidecarCmd::new(&body_with_keys(&mock, &[("alice", ALICE)]))
+        .wrapped(|config| {
+            let mut cmd = Command::new(SIDECAR);
+            cmd.arg("--config").arg(config).arg("--watch");
+            cmd
+        })
+        .start();
+    assert!(wait_until(Duration::from_secs(10), || sidecar
+        .log_text()
+        .contains("reload triggers ready")));
+    sidecar.rewrite_config(&body_with_keys(&mock, &[("alice", ALICE), ("bob", BOB)]));
+    assert!(wait_until(Duration::from_secs(10), || {
+        sidecar.config_generation() == 2
+    }));
+    assert_eq!(generate(&sidecar, BOB), 200);
+    assert_eq!(sidecar.status()["config"]["watch"], true);
+    // An invalid edit is tried once and counted; the running configuration stays.
+    sidecar.rewrite_config("instances: [");
+    assert!(wait_until(Duration::from_secs(10), || {
+        reloads(&sidecar, "invalid") == 1.0
+    }));
+    assert_eq!(sidecar.config_generation(), 2);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(reloads(&sidecar, "invalid"), 1.0, "once per content");
+}
