@@ -877,7 +877,7 @@ impl Metrics {
             set(&self.instance_busy_slots, &[&slot.name], slot.busy as i64);
             set(&self.instance_slots, &[&slot.name], slot.slots as i64);
         }
-        for inst in registry.all() {
+        for inst in registry.all().iter() {
             let name = inst.name.as_str();
             let state = inst.state();
             set(&self.instance_up, &[name], i64::from(inst.is_ready()));
@@ -1069,7 +1069,7 @@ pub async fn poll_known_models(registry: Arc<Registry>, metrics: &'static Metric
     let timeout = Duration::from_secs(5);
     loop {
         let mut answered = false;
-        for instance in registry.all() {
+        for instance in registry.all().iter() {
             if let Some(models) =
                 crate::upstream::models::model_list(instance, "/api/tags", timeout).await
             {

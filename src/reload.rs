@@ -11,6 +11,7 @@ use crate::app::App;
 use crate::config::{self, Config};
 use crate::metrics;
 use crate::policy::Policy;
+use crate::supervisor::Supervisor;
 use async_trait::async_trait;
 use http::StatusCode;
 use pingora_core::server::ShutdownWatch;
@@ -99,7 +100,10 @@ pub async fn reload(app: &Arc<App>, trigger: &'static str) -> Outcome {
         Err(error) => Outcome::Invalid(error),
         Ok(next) => match needs_restart(&current.config, &next) {
             Some(refused) => Outcome::Refused(refused),
-            None => apply(&current, next),
+            None => match InstancePlan::new(&current.config, &next).preflight() {
+                Err(error) => Outcome::Invalid(error),
+                Ok(plan) => apply(&current, next, plan),
+            },
         },
     };
     metrics::global().config_reload(outcome.label());
@@ -144,13 +148,13 @@ async fn read_again(current: &Config) -> Result<Config, String> {
 
 /// What a running sidecar cannot change, as the message refusing it; `None`: all of it can.
 /// The listeners and worker threads are bound and spawned once; the Redis connection of
-/// `shared_state` and the log's format live as long as the process; the instance set, health
-/// checks, log level and drain timeout are read once by services that started with the process.
+/// `shared_state` and the log's format live as long as the process; the health checks, log
+/// level and drain timeout are read once by services that started with the process.
 pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
     }
-    let checks: [(&str, bool); 8] = [
+    let checks: [(&str, bool); 7] = [
         ("listen", current.listen != next.listen),
         ("threads", current.threads != next.threads),
         ("admin.listen", current.admin_listen != next.admin_listen),
@@ -162,7 +166,6 @@ pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
             "log.level, log.format",
             current.log.level != next.log.level || current.log.format != next.log.format,
         ),
-        ("instances", differs(&current.instances, &next.instances)),
         ("health", differs(&current.health, &next.health)),
         (
             "shutdown.drain_timeout",
@@ -217,6 +220,7 @@ fn changed_sections(current: &Config, next: &Config) -> Vec<&'static str> {
         ("admission", differs(&current.admission, &next.admission)),
         ("limits", differs(&current.limits, &next.limits)),
         ("retries", differs(&current.retries, &next.retries)),
+        ("instances", differs(&current.instances, &next.instances)),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
@@ -224,8 +228,9 @@ fn changed_sections(current: &Config, next: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Builds and publishes the next generation for `next` (valid, nothing restart-only changed).
-fn apply(current: &Arc<App>, next: Config) -> Outcome {
+/// Builds and publishes the next generation for `next` (valid, nothing restart-only changed),
+/// then moves the instance set to it.
+fn apply(current: &Arc<App>, next: Config, plan: InstancePlan) -> Outcome {
     let changed = changed_sections(&current.config, &next);
     let next = current.next(next);
     let policy = Policy::global(current).next(&next.config.access);
@@ -233,6 +238,7 @@ fn apply(current: &Arc<App>, next: Config) -> Outcome {
     let _ = next.policy.set(Arc::new(policy));
     next.admission.set_config(next.config.admission.clone());
     let next = current.publish(next);
+    plan.carry_out(&next);
     metrics::global().config_loaded(next.generation, next.loaded_at);
     Outcome::Applied {
         generation: next.generation,
@@ -240,9 +246,147 @@ fn apply(current: &Arc<App>, next: Config) -> Outcome {
     }
 }
 
+/// How the instance set moves to a new configuration, by name: an added instance starts (or,
+/// external, joins once its first health check passes); a removed one takes no new request,
+/// drains, and (supervised) is stopped; a changed one (any of its keys: for a supervised one
+/// each is a setting of its process) is removed and then added again the same way.
+struct InstancePlan {
+    added: Vec<config::InstanceConfig>,
+    removed: Vec<String>,
+    replaced: Vec<config::InstanceConfig>,
+}
+
+impl InstancePlan {
+    fn new(current: &Config, next: &Config) -> InstancePlan {
+        let find = |list: &[config::InstanceConfig], name: &str| {
+            list.iter()
+                .find(|i| i.name == name)
+                .map(|i| format!("{i:?}"))
+        };
+        let mut plan = InstancePlan {
+            added: Vec::new(),
+            removed: Vec::new(),
+            replaced: Vec::new(),
+        };
+        for inst in &next.instances {
+            match find(&current.instances, &inst.name) {
+                None => plan.added.push(inst.clone()),
+                Some(old) if old != format!("{inst:?}") => plan.replaced.push(inst.clone()),
+                Some(_) => {}
+            }
+        }
+        for inst in &current.instances {
+            if find(&next.instances, &inst.name).is_none() {
+                plan.removed.push(inst.name.clone());
+            }
+        }
+        plan
+    }
+
+    /// The startup checks of each added supervised instance (its command, its port free...),
+    /// before anything changes.
+    fn preflight(self) -> Result<InstancePlan, String> {
+        let search = crate::supervisor::preflight::SearchPath::current();
+        for (i, inst) in self.added.iter().enumerate() {
+            if let Some(spec) = &inst.supervised {
+                crate::supervisor::preflight::check_instance(i, &inst.name, spec, &search)?;
+            }
+        }
+        Ok(self)
+    }
+
+    /// Starts the additions now, and the removals (then the re-additions of the replaced) in
+    /// the background: they wait for requests in flight.
+    fn carry_out(self, app: &Arc<App>) {
+        for inst in &self.added {
+            add_instance(app, inst);
+        }
+        let leaving: Vec<(
+            Arc<crate::upstream::Instance>,
+            Option<config::InstanceConfig>,
+        )> = self
+            .removed
+            .iter()
+            .chain(self.replaced.iter().map(|i| &i.name))
+            .filter_map(|name| app.registry.get(name))
+            .map(|old| {
+                let again = self.replaced.iter().find(|i| i.name == old.name).cloned();
+                (old, again)
+            })
+            .collect();
+        for (old, again) in leaving {
+            app.registry.retire(&old);
+            // Waiters are dispatched again without it.
+            app.admission.poke();
+            let app = app.clone();
+            tokio::spawn(async move {
+                drain(&app, &old).await;
+                if old.supervised {
+                    if let Some(supervisor) = SUPERVISOR.get() {
+                        supervisor.retire_instance(&old).await;
+                    }
+                }
+                tracing::info!(instance = %old.name, "instance removed by reload");
+                if let Some(again) = again {
+                    add_instance(&app.current(), &again);
+                }
+            });
+        }
+    }
+}
+
+/// Lists a new instance, takes it into admission and, supervised, starts its process.
+fn add_instance(app: &Arc<App>, config: &config::InstanceConfig) {
+    let instance = app.registry.add(config, &app.config.health.passive);
+    app.admission.add_instance(instance.clone());
+    tracing::info!(instance = %instance.name, "instance added by reload");
+    if let (Some(spec), Some(supervisor)) = (&config.supervised, SUPERVISOR.get()) {
+        if let Err(e) = supervisor.add_instance(instance.clone(), spec.clone(), app.clone()) {
+            tracing::error!(instance = %instance.name, "cannot start the added instance: {e}");
+        }
+    }
+}
+
+/// How often a removed instance is looked at while it drains.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// Waits until `instance` holds no admission slot and no request is in flight there, or
+/// `shutdown.drain_timeout` passes (then what still runs is cut by the stop).
+async fn drain(app: &App, instance: &crate::upstream::Instance) {
+    let deadline = tokio::time::Instant::now() + app.config.drain_timeout;
+    loop {
+        let held = app
+            .admission
+            .snapshot()
+            .slots
+            .iter()
+            .find(|s| s.index == instance.index)
+            .map_or(0, |s| s.busy);
+        if held == 0 && instance.in_flight() == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(instance = %instance.name, held, in_flight = instance.in_flight(),
+                "removed instance still busy after shutdown.drain_timeout; stopping it");
+            return;
+        }
+        tokio::time::sleep(DRAIN_POLL).await;
+    }
+}
+
+/// The supervisor, for instances a reload adds or removes (set once, by [`ReloadService::new`]).
+static SUPERVISOR: std::sync::OnceLock<Arc<Supervisor>> = std::sync::OnceLock::new();
+
 /// The reload triggers other than `/reload`: SIGHUP, and with `--watch` a change of the file.
 /// A Pingora background service.
-pub struct ReloadService(pub Arc<App>);
+pub struct ReloadService(Arc<App>);
+
+impl ReloadService {
+    pub fn new(app: Arc<App>, supervisor: Arc<Supervisor>) -> ReloadService {
+        let _ = SUPERVISOR.set(supervisor);
+        ReloadService(app)
+    }
+}
 
 #[async_trait]
 impl BackgroundService for ReloadService {

@@ -68,7 +68,7 @@ pub fn run(config: Config) -> Result<(), String> {
     ));
     server.add_service(background_service(
         "reload",
-        crate::reload::ReloadService(app.clone()),
+        crate::reload::ReloadService::new(app.clone(), supervisor.clone()),
     ));
 
     tracing::info!(

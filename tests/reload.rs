@@ -269,3 +269,144 @@ fn a_changed_file_is_reloaded_with_watch() {
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(reloads(&sidecar, "invalid"), 1.0, "once per content");
 }
+
+/// A configuration of supervised mocks, each `(name, port)`, streaming 30 tokens slowly.
+fn supervised(proxy: u16, admin: u16, instances: &[(&str, u16)]) -> String {
+    let mut y = format!(
+        "listen: 127.0.0.1:{proxy}\nadmin:\n  listen: 127.0.0.1:{admin}\nshutdown:\n  drain_timeout: 20s\ninstances:\n"
+    );
+    for (name, port) in instances {
+        y.push_str(&format!(
+            "  - name: {name}\n    command: {MOCK}\n    port: {port}\n    num_parallel: 1\n    stop_grace: 3s\n    env:\n      MOCK_TOKENS: \"30\"\n      MOCK_TOKEN_DELAY_MS: \"60\"\n"
+        ));
+    }
+    y
+}
+
+fn instance<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["instances"]
+        .as_array()?
+        .iter()
+        .find(|i| i["name"] == name)
+}
+
+fn ready(sidecar: &Sidecar, names: &[&str]) -> bool {
+    let status = sidecar.status();
+    names
+        .iter()
+        .all(|n| instance(&status, n).is_some_and(|i| i["ready"] == true))
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with(['Z', 'X']))
+        })
+        .is_some_and(|dead| !dead)
+}
+
+fn client_requests_on(port: u16) -> u64 {
+    client()
+        .get(format!("http://127.0.0.1:{port}/mock/stats"))
+        .send()
+        .and_then(|r| r.json::<Value>())
+        .ok()
+        .and_then(|v| v["client_requests"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_removed_instance_finishes_its_stream_then_its_process_is_stopped() {
+    let mut sidecar = SidecarCmd::config(|p| {
+        let (m1, m2) = (p.port("m1"), p.port("m2"));
+        supervised(p.proxy, p.admin, &[("m1", m1), ("m2", m2)])
+    })
+    .start();
+    assert!(wait_until(Duration::from_secs(20), || ready(
+        &sidecar,
+        &["m1", "m2"]
+    )));
+    let ports = [("m1", sidecar.port_of("m1")), ("m2", sidecar.port_of("m2"))];
+    let pids: Vec<u32> = ports.iter().map(|(_, p)| mock_pid_on(*p)).collect();
+    sidecar.pids.extend(&pids);
+
+    let port = sidecar.port;
+    let stream = std::thread::spawn(move || read_stream(port, "none"));
+    // Which instance serves the stream: that one is removed.
+    let mut serving = None;
+    assert!(wait_until(Duration::from_secs(10), || {
+        let status = sidecar.status();
+        serving = ports
+            .iter()
+            .position(|(name, _)| instance(&status, name).is_some_and(|i| i["in_flight"] == 1));
+        serving.is_some()
+    }));
+    let gone = serving.unwrap();
+    let (kept_name, kept_port) = ports[1 - gone];
+    let (gone_name, _) = ports[gone];
+    sidecar.rewrite_config_text(&supervised(
+        sidecar.port,
+        sidecar.admin_port,
+        &[(kept_name, kept_port)],
+    ));
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["changed"], json!(["instances"]));
+    // New requests go to the instance that stays, at once.
+    let before = client_requests_on(kept_port);
+    assert_eq!(generate(&sidecar, "none"), 200);
+    assert_eq!(client_requests_on(kept_port), before + 1);
+    assert!(alive(pids[gone]), "stopped before its stream ended");
+
+    let lines = stream.join().expect("stream reader");
+    let last = lines.last().expect("lines");
+    assert_eq!(last["done"], true, "{last}");
+    assert_eq!(lines.len(), 31, "the whole stream: {lines:?}");
+    assert!(wait_until(Duration::from_secs(10), || !alive(pids[gone])));
+    assert!(alive(pids[1 - gone]), "the other instance keeps running");
+    let status = sidecar.status();
+    assert!(instance(&status, gone_name).is_none(), "{status}");
+    assert!(sidecar.log_text().contains("instance removed by reload"));
+}
+
+#[test]
+fn an_added_instance_starts_and_receives_requests() {
+    let mut sidecar = SidecarCmd::config(|p| {
+        let m1 = p.port("m1");
+        // Reserved now for the reload to add.
+        p.port("m2");
+        supervised(p.proxy, p.admin, &[("m1", m1)])
+    })
+    .start();
+    assert!(wait_until(Duration::from_secs(20), || ready(
+        &sidecar,
+        &["m1"]
+    )));
+    let (m1, m2) = (sidecar.port_of("m1"), sidecar.port_of("m2"));
+    sidecar.rewrite_config_text(&supervised(
+        sidecar.port,
+        sidecar.admin_port,
+        &[("m1", m1), ("m2", m2)],
+    ));
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    assert!(wait_until(Duration::from_secs(20), || ready(
+        &sidecar,
+        &["m1", "m2"]
+    )));
+    sidecar.pids.push(mock_pid_on(m2));
+    // Two requests at once, one slot each: one of them goes to the new instance.
+    let port = sidecar.port;
+    let streams: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || read_stream(port, "none")))
+        .collect();
+    for s in streams {
+        let lines = s.join().expect("stream");
+        assert_eq!(lines.last().map(|l| l["done"] == true), Some(true));
+    }
+    assert_eq!(client_requests_on(m2), 1, "the added instance served one");
+    assert_eq!(client_requests_on(m1), 1);
+}

@@ -225,7 +225,9 @@ struct State {
 struct Shared {
     /// Swapped whole on reload ([`Admission::set_config`]).
     config: arc_swap::ArcSwap<QueueConfig>,
-    instances: Vec<Arc<Instance>>,
+    /// Every instance ever configured, by index (a reload appends; retired ones stay, never
+    /// ready, so positions never move: [`Admission::add_instance`]).
+    instances: arc_swap::ArcSwap<Vec<Arc<Instance>>>,
     /// Origin of the aging epochs.
     base: Instant,
     state: Mutex<State>,
@@ -251,7 +253,7 @@ impl Admission {
         Arc::new(Admission {
             shared: Arc::new(Shared {
                 config: arc_swap::ArcSwap::from_pointee(config),
-                instances,
+                instances: arc_swap::ArcSwap::from_pointee(instances),
                 base: Instant::now(),
                 state: Mutex::new(State {
                     queue: FairQueue::default(),
@@ -326,6 +328,7 @@ impl Admission {
             slots: self
                 .shared
                 .instances
+                .load()
                 .iter()
                 .zip(st.busy.iter())
                 .map(|(inst, busy)| SlotUse {
@@ -418,7 +421,7 @@ impl Shared {
         if let Some(refusal) = req
             .model
             .as_deref()
-            .and_then(|m| unservable(&self.instances, m))
+            .and_then(|m| unservable(&self.instances.load(), m))
         {
             st.counters.refused_model += 1;
             return Err(refusal);
@@ -525,7 +528,7 @@ impl Shared {
     ) -> Choice {
         match model {
             Some(model) => st.placement.choose_for_model(
-                &self.instances,
+                &self.instances.load(),
                 &st.busy,
                 st.rotation,
                 model,
@@ -534,7 +537,7 @@ impl Shared {
                 ahead,
                 now,
             ),
-            None => match choose(&self.instances, &st.busy, st.rotation, avoid) {
+            None => match choose(&self.instances.load(), &st.busy, st.rotation, avoid) {
                 Some((pos, instance, reason)) => Choice::Grant(pos, instance, reason),
                 None => Choice::NoSlot,
             },
@@ -651,7 +654,8 @@ impl Shared {
         grants: &mut Vec<Grant>,
     ) {
         let mut st = self.lock();
-        if let (Some((model, cold, held)), Some(instance)) = (used, self.instances.get(pos)) {
+        let instances = self.instances.load();
+        if let (Some((model, cold, held)), Some(instance)) = (used, instances.get(pos)) {
             st.placement.released(pos, instance, model, cold, held);
         }
         if let Some(busy) = st.busy.get_mut(pos) {
@@ -895,6 +899,27 @@ impl Drop for Permit {
                 .map(|m| (m, self.reason.is_cold(), Some(held)));
             self.shared.release(self.pos, false, used);
         }
+    }
+}
+
+// ---- Reload (src/reload.rs): the instance set and the queue's limits follow a new
+// configuration. ----
+impl Admission {
+    /// Takes `instance` (whose `index` is the next position) into dispatch. Waiters are
+    /// dispatched again at once.
+    pub fn add_instance(&self, instance: Arc<Instance>) {
+        {
+            let mut st = self.shared.lock();
+            self.shared.instances.rcu(|list| {
+                let mut list = Vec::clone(list);
+                list.push(instance.clone());
+                list
+            });
+            let n = self.shared.instances.load().len();
+            st.busy.resize(n, 0);
+            st.placement.counts.resize_with(n, Default::default);
+        }
+        self.poke();
     }
 }
 

@@ -117,6 +117,8 @@ pub struct Instance {
     models_in_use: Mutex<std::collections::HashMap<String, usize>>,
     passive_config: PassiveConfig,
     passive: Mutex<Passive>,
+    /// Removed by a reload: takes no new requests, ever (`retire`).
+    retired: AtomicBool,
 }
 
 /// Passive health: what real traffic says about the instance.
@@ -190,6 +192,7 @@ impl Instance {
             models_in_use: Mutex::new(std::collections::HashMap::new()),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -225,7 +228,7 @@ impl Instance {
     /// How many admitted requests the instance may serve at once right now: `num_parallel`,
     /// one during a half-open trial, none when it is not ready or is ejected.
     pub fn slot_limit(&self) -> usize {
-        if self.state() != InstanceState::Ready || self.addr().is_none() {
+        if self.state() != InstanceState::Ready || self.addr().is_none() || self.is_retired() {
             return 0;
         }
         match self.gate() {
@@ -470,13 +473,25 @@ impl Instance {
     /// Whether `model` (in `model_key` form) may be sent here: it is installed, or the instance
     /// has not listed its models yet.
     pub fn may_serve(&self, model: &str) -> bool {
-        self.installed_models
-            .read()
-            .map(|m| {
-                m.as_ref()
-                    .is_none_or(|list| list.iter().any(|x| x == model))
-            })
-            .unwrap_or(true)
+        !self.is_retired()
+            && self
+                .installed_models
+                .read()
+                .map(|m| {
+                    m.as_ref()
+                        .is_none_or(|list| list.iter().any(|x| x == model))
+                })
+                .unwrap_or(true)
+    }
+
+    /// Removed from the configuration by a reload: no new request is sent here; those in
+    /// flight finish.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Records that a request for `model` was just sent here: Ollama loads it on arrival.

@@ -48,7 +48,7 @@ const STALE_CHECK: Duration = Duration::from_millis(100);
 pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
     let timeout = interval.min(Duration::from_secs(5));
     loop {
-        for instance in registry.all() {
+        for instance in registry.all().iter() {
             instance.take_loaded_stale();
             refresh(&registry, instance, timeout).await;
         }
@@ -58,7 +58,7 @@ pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
                 _ = tokio::time::sleep_until(next) => break,
                 _ = registry.models_stale().notified() => break,
                 _ = tokio::time::sleep(STALE_CHECK) => {
-                    for instance in registry.all() {
+                    for instance in registry.all().iter() {
                         if instance.take_loaded_stale() {
                             refresh_loaded(&registry, instance, timeout).await;
                         }
