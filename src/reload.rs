@@ -148,8 +148,8 @@ async fn read_again(current: &Config) -> Result<Config, String> {
 
 /// What a running sidecar cannot change, as the message refusing it; `None`: all of it can.
 /// The listeners and worker threads are bound and spawned once; the Redis connection of
-/// `shared_state` and the log's format live as long as the process; the health checks, log
-/// level and drain timeout are read once by services that started with the process.
+/// `shared_state` and the log's format live as long as the process; the health checks and the
+/// drain timeout are read once by services that started with the process.
 pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
@@ -162,10 +162,7 @@ pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
             "shared_state",
             differs(&current.access.shared_state, &next.access.shared_state),
         ),
-        (
-            "log.level, log.format",
-            current.log.level != next.log.level || current.log.format != next.log.format,
-        ),
+        ("log.format", current.log.format != next.log.format),
         ("health", differs(&current.health, &next.health)),
         (
             "shutdown.drain_timeout",
@@ -237,12 +234,34 @@ fn apply(current: &Arc<App>, next: Config, plan: InstancePlan) -> Outcome {
     // Just built: the cell is empty.
     let _ = next.policy.set(Arc::new(policy));
     next.admission.set_config(next.config.admission.clone());
+    if next.config.log.level != current.config.log.level {
+        apply_log_level(&next.config.log.level);
+    }
     let next = current.publish(next);
     plan.carry_out(&next);
     metrics::global().config_loaded(next.generation, next.loaded_at);
     Outcome::Applied {
         generation: next.generation,
         changed,
+    }
+}
+
+/// Sets the log filter to a new `log.level` (`RUST_LOG`, when set, still wins).
+pub type LogLevelSetter = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// Installed once by `main` with the log subscriber.
+static LOG_LEVEL: std::sync::OnceLock<LogLevelSetter> = std::sync::OnceLock::new();
+
+/// Registers how a reload changes the log filter (called by `main` as it installs logging).
+pub fn set_log_level(setter: LogLevelSetter) {
+    let _ = LOG_LEVEL.set(setter);
+}
+
+fn apply_log_level(level: &str) {
+    match LOG_LEVEL.get().map(|set| set(level)) {
+        Some(Ok(())) => tracing::info!(level, "log level changed"),
+        Some(Err(e)) => tracing::error!(level, "cannot change the log level: {e}"),
+        None => {}
     }
 }
 

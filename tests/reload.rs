@@ -410,3 +410,25 @@ fn an_added_instance_starts_and_receives_requests() {
     assert_eq!(client_requests_on(m2), 1, "the added instance served one");
     assert_eq!(client_requests_on(m1), 1);
 }
+
+#[test]
+fn a_reload_changes_the_log_level() {
+    let mock = Mock::start(&[]);
+    let body = |level: &str| {
+        format!(
+            "log:\n  level: {level}\n{}",
+            external_instances(&[&mock], 4)
+        )
+    };
+    // RUST_LOG would win over log.level (as at startup).
+    let sidecar = SidecarCmd::new(&body("warn")).env("RUST_LOG", "").start();
+    let served = |sidecar: &Sidecar| sidecar.log_text().matches("INFO access:").count();
+    assert_eq!(generate(&sidecar, "none"), 200);
+    assert_eq!(served(&sidecar), 0, "no access line at warn");
+    sidecar.rewrite_config(&body("info"));
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["changed"], json!(["log"]));
+    assert_eq!(generate(&sidecar, "none"), 200);
+    assert!(wait_until(Duration::from_secs(5), || served(&sidecar) == 1));
+}
