@@ -234,6 +234,20 @@ struct KnownModels {
     all: BTreeSet<String>,
 }
 
+impl KnownModels {
+    /// `all` again from `by_instance`; its new size.
+    fn recount(&mut self) -> usize {
+        self.all = self
+            .by_instance
+            .values()
+            .flatten()
+            .take(MAX_KNOWN_MODELS)
+            .cloned()
+            .collect();
+        self.all.len()
+    }
+}
+
 fn name(suffix: &str) -> String {
     format!("{PREFIX}_{suffix}")
 }
@@ -686,15 +700,7 @@ impl Metrics {
             return;
         };
         k.by_instance.insert(instance.to_string(), models);
-        let all: BTreeSet<String> = k
-            .by_instance
-            .values()
-            .flatten()
-            .take(MAX_KNOWN_MODELS)
-            .cloned()
-            .collect();
-        self.known_models_count.set(all.len() as i64);
-        k.all = all;
+        self.known_models_count.set(k.recount() as i64);
     }
 
     /// The model allow-list (names in `model_key` form).
@@ -1144,6 +1150,18 @@ impl Metrics {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         self.reload.loaded.set(unix);
+    }
+
+    /// A reload removed `instance`: its models leave the model allow-list (unless another
+    /// instance lists them).
+    pub fn forget_instance_models(&self, instance: &str) {
+        let Ok(mut k) = self.known_models.write() else {
+            return;
+        };
+        if k.by_instance.remove(instance).is_none() {
+            return;
+        }
+        self.known_models_count.set(k.recount() as i64);
     }
 
     /// A reload ended with `result` (one of [`RELOAD_RESULTS`]).

@@ -148,8 +148,9 @@ async fn read_again(current: &Config) -> Result<Config, String> {
 
 /// What a running sidecar cannot change, as the message refusing it; `None`: all of it can.
 /// The listeners and worker threads are bound and spawned once; the Redis connection of
-/// `shared_state` and the log's format live as long as the process; the health checks and the
-/// drain timeout are read once by services that started with the process.
+/// `shared_state` and the log's format live as long as the process; each instance keeps the
+/// passive-health settings it was created with, and the drain timeout is read once by the
+/// shutdown watch that started with the process.
 pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
     fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
         format!("{a:?}") != format!("{b:?}")
@@ -163,7 +164,10 @@ pub fn needs_restart(current: &Config, next: &Config) -> Option<String> {
             differs(&current.access.shared_state, &next.access.shared_state),
         ),
         ("log.format", current.log.format != next.log.format),
-        ("health", differs(&current.health, &next.health)),
+        (
+            "health.passive",
+            differs(&current.health.passive, &next.health.passive),
+        ),
         (
             "shutdown.drain_timeout",
             current.drain_timeout != next.drain_timeout,
@@ -218,6 +222,7 @@ fn changed_sections(current: &Config, next: &Config) -> Vec<&'static str> {
         ("limits", differs(&current.limits, &next.limits)),
         ("retries", differs(&current.retries, &next.retries)),
         ("instances", differs(&current.instances, &next.instances)),
+        ("health", differs(&current.health, &next.health)),
     ]
     .into_iter()
     .filter(|(_, changed)| *changed)
@@ -234,6 +239,7 @@ fn apply(current: &Arc<App>, next: Config, plan: InstancePlan) -> Outcome {
     // Just built: the cell is empty.
     let _ = next.policy.set(Arc::new(policy));
     next.admission.set_config(next.config.admission.clone());
+    next.registry.set_health(next.config.health.clone());
     if next.config.log.level != current.config.log.level {
         apply_log_level(&next.config.log.level);
     }
@@ -345,6 +351,7 @@ impl InstancePlan {
                         supervisor.retire_instance(&old).await;
                     }
                 }
+                metrics::global().forget_instance_models(&old.name);
                 tracing::info!(instance = %old.name, "instance removed by reload");
                 if let Some(again) = again {
                     add_instance(&app.current(), &again);

@@ -318,6 +318,17 @@ fn client_requests_on(port: u16) -> u64 {
         .unwrap_or(0)
 }
 
+/// Two streams at once, each read to its end: with one slot per instance, one goes to each.
+fn two_streams_at_once(port: u16) {
+    let streams: Vec<_> = (0..2)
+        .map(|_| std::thread::spawn(move || read_stream(port, "none")))
+        .collect();
+    for s in streams {
+        let lines = s.join().expect("stream");
+        assert_eq!(lines.last().map(|l| l["done"] == true), Some(true));
+    }
+}
+
 #[test]
 fn a_removed_instance_finishes_its_stream_then_its_process_is_stopped() {
     let mut sidecar = SidecarCmd::config(|p| {
@@ -399,14 +410,7 @@ fn an_added_instance_starts_and_receives_requests() {
     )));
     sidecar.pids.push(mock_pid_on(m2));
     // Two requests at once, one slot each: one of them goes to the new instance.
-    let port = sidecar.port;
-    let streams: Vec<_> = (0..2)
-        .map(|_| std::thread::spawn(move || read_stream(port, "none")))
-        .collect();
-    for s in streams {
-        let lines = s.join().expect("stream");
-        assert_eq!(lines.last().map(|l| l["done"] == true), Some(true));
-    }
+    two_streams_at_once(sidecar.port);
     assert_eq!(client_requests_on(m2), 1, "the added instance served one");
     assert_eq!(client_requests_on(m1), 1);
 }
@@ -431,4 +435,26 @@ fn a_reload_changes_the_log_level() {
     assert_eq!(answer["changed"], json!(["log"]));
     assert_eq!(generate(&sidecar, "none"), 200);
     assert!(wait_until(Duration::from_secs(5), || served(&sidecar) == 1));
+}
+
+#[test]
+fn an_added_external_instance_joins_after_its_first_health_check() {
+    let slow = [("MOCK_TOKENS", "30"), ("MOCK_TOKEN_DELAY_MS", "60")];
+    let (m0, m1) = (Mock::start(&slow), Mock::start(&slow));
+    let sidecar = Sidecar::start(&external_instances(&[&m0], 1));
+    // Health checks every 200 ms from now on: `health` reloads too.
+    sidecar.rewrite_config(&format!(
+        "health:\n  interval: 200ms\n{}",
+        external_instances(&[&m0, &m1], 1)
+    ));
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["changed"], json!(["instances", "health"]));
+    assert!(wait_until(Duration::from_secs(10), || ready(
+        &sidecar,
+        &["m0", "m1"]
+    )));
+    two_streams_at_once(sidecar.port);
+    assert_eq!(client_requests(&m1), 1, "the added instance served one");
+    assert_eq!(client_requests(&m0), 1);
 }

@@ -225,6 +225,7 @@ pub async fn initial_check(registry: &Registry, config: &HealthConfig) {
 /// Checks every external instance every `interval`, forever; between checks, resolves a name
 /// again when a connection to its instance failed.
 pub async fn check_external_instances(registry: Arc<Registry>, config: HealthConfig) {
+    let mut config = Arc::new(config);
     let mut listed = registry.all();
     let mut checkers = checkers(&registry, &config);
     let mut tick = tokio::time::interval(config.interval);
@@ -233,6 +234,17 @@ pub async fn check_external_instances(registry: Arc<Registry>, config: HealthCon
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                let now = registry.health();
+                if format!("{now:?}") != format!("{config:?}") {
+                    // A reload changed the settings: new checkers (their streaks start
+                    // again; the instances keep their state) and a new period.
+                    config = now;
+                    checkers = self::checkers(&registry, &config);
+                    listed = registry.all();
+                    tick = tokio::time::interval(config.interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick.tick().await;
+                }
                 follow_reload(&registry, &config, &mut listed, &mut checkers);
                 if check_all(&mut checkers).await {
                     registry.notify_changed();

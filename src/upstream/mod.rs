@@ -21,6 +21,8 @@ pub struct Registry {
     instances: arc_swap::ArcSwap<Vec<Arc<Instance>>>,
     /// Instances ever created: the next one's `index` (indexes are never reused).
     created: std::sync::atomic::AtomicUsize,
+    /// The active checks' and model polls' settings (a reload swaps them).
+    health: arc_swap::ArcSwap<crate::config::HealthConfig>,
     /// Woken whenever an instance's state or load changes, so waiters can look again.
     changed: Notify,
     /// Woken by a connect failure, so the instance watch resolves that instance's name again.
@@ -39,6 +41,7 @@ impl Registry {
             .collect();
         Registry {
             created: instances.len().into(),
+            health: arc_swap::ArcSwap::from_pointee(config.health.clone()),
             instances: arc_swap::ArcSwap::from_pointee(instances),
             changed: Notify::new(),
             resolve_wanted: Notify::new(),
@@ -159,6 +162,16 @@ impl Registry {
                 .collect::<Vec<_>>()
         });
         self.notify_changed();
+    }
+
+    /// The health settings now.
+    pub fn health(&self) -> Arc<crate::config::HealthConfig> {
+        self.health.load_full()
+    }
+
+    /// New active-check and model-poll settings, taken at their next round.
+    pub fn set_health(&self, health: crate::config::HealthConfig) {
+        self.health.store(Arc::new(health));
     }
 
     /// Instances ever created (retired ones included): one past the largest index.
