@@ -458,3 +458,40 @@ fn an_added_external_instance_joins_after_its_first_health_check() {
     assert_eq!(client_requests(&m1), 1, "the added instance served one");
     assert_eq!(client_requests(&m0), 1);
 }
+
+#[test]
+fn a_queued_request_moves_to_the_instance_that_replaces_its_own() {
+    let mut sidecar = SidecarCmd::config(|p| {
+        let m1 = p.port("m1");
+        p.port("m2");
+        supervised(p.proxy, p.admin, &[("m1", m1)])
+    })
+    .start();
+    assert!(wait_until(Duration::from_secs(20), || ready(
+        &sidecar,
+        &["m1"]
+    )));
+    let (m1, m2) = (sidecar.port_of("m1"), sidecar.port_of("m2"));
+    let old = mock_pid_on(m1);
+    sidecar.pids.push(old);
+    let port = sidecar.port;
+    // The stream takes m1's one slot; the second request waits in the queue.
+    let stream = std::thread::spawn(move || read_stream(port, "none"));
+    assert!(wait_until(Duration::from_secs(10), || {
+        sidecar.status()["in_flight"].as_u64() == Some(1)
+    }));
+    let queued = std::thread::spawn(move || read_stream(port, "none"));
+    assert!(wait_until(Duration::from_secs(10), || {
+        sidecar.status()["queue"]["queued"].as_u64() == Some(1)
+    }));
+    sidecar.rewrite_config_text(&supervised(sidecar.port, sidecar.admin_port, &[("m2", m2)]));
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    for (what, lines) in [("stream", stream), ("queued", queued)] {
+        let lines = lines.join().expect(what);
+        assert_eq!(lines.len(), 31, "{what}: {lines:?}");
+    }
+    sidecar.pids.push(mock_pid_on(m2));
+    assert_eq!(client_requests_on(m2), 1, "the queued request went to m2");
+    assert!(wait_until(Duration::from_secs(10), || !alive(old)));
+}
