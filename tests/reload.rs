@@ -383,11 +383,10 @@ fn a_removed_instance_finishes_its_stream_then_its_process_is_stopped() {
     assert!(sidecar.log_text().contains("instance removed by reload"));
 }
 
-#[test]
-fn an_added_instance_starts_and_receives_requests() {
-    let mut sidecar = SidecarCmd::config(|p| {
+/// A sidecar supervising `m1`, ready, with a port `m2` reserved for a reload to use.
+fn m1_ready_with_m2_spare() -> Sidecar {
+    let sidecar = SidecarCmd::config(|p| {
         let m1 = p.port("m1");
-        // Reserved now for the reload to add.
         p.port("m2");
         supervised(p.proxy, p.admin, &[("m1", m1)])
     })
@@ -396,6 +395,12 @@ fn an_added_instance_starts_and_receives_requests() {
         &sidecar,
         &["m1"]
     )));
+    sidecar
+}
+
+#[test]
+fn an_added_instance_starts_and_receives_requests() {
+    let mut sidecar = m1_ready_with_m2_spare();
     let (m1, m2) = (sidecar.port_of("m1"), sidecar.port_of("m2"));
     sidecar.rewrite_config_text(&supervised(
         sidecar.port,
@@ -461,16 +466,7 @@ fn an_added_external_instance_joins_after_its_first_health_check() {
 
 #[test]
 fn a_queued_request_moves_to_the_instance_that_replaces_its_own() {
-    let mut sidecar = SidecarCmd::config(|p| {
-        let m1 = p.port("m1");
-        p.port("m2");
-        supervised(p.proxy, p.admin, &[("m1", m1)])
-    })
-    .start();
-    assert!(wait_until(Duration::from_secs(20), || ready(
-        &sidecar,
-        &["m1"]
-    )));
+    let mut sidecar = m1_ready_with_m2_spare();
     let (m1, m2) = (sidecar.port_of("m1"), sidecar.port_of("m2"));
     let old = mock_pid_on(m1);
     sidecar.pids.push(old);
