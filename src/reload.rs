@@ -234,6 +234,13 @@ fn changed_sections(current: &Config, next: &Config) -> Vec<&'static str> {
 /// then moves the instance set to it.
 fn apply(current: &Arc<App>, next: Config, plan: InstancePlan) -> Outcome {
     let changed = changed_sections(&current.config, &next);
+    if changed.is_empty() {
+        // The same configuration (a second trigger for one edit): the generation stays.
+        return Outcome::Applied {
+            generation: current.generation,
+            changed,
+        };
+    }
     let next = current.next(next);
     let policy = Policy::global(current).next(&next.config.access);
     // Just built: the cell is empty.

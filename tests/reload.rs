@@ -491,3 +491,25 @@ fn a_queued_request_moves_to_the_instance_that_replaces_its_own() {
     assert_eq!(client_requests_on(m2), 1, "the queued request went to m2");
     assert!(wait_until(Duration::from_secs(10), || !alive(old)));
 }
+
+#[test]
+fn a_changed_supervised_instance_is_restarted_with_its_new_settings() {
+    let mut sidecar = m1_ready_with_m2_spare();
+    let m1 = sidecar.port_of("m1");
+    let old = mock_pid_on(m1);
+    sidecar.pids.push(old);
+    // The same instance with another environment: its process must start again.
+    let changed = supervised(sidecar.port, sidecar.admin_port, &[("m1", m1)])
+        .replace("MOCK_TOKENS: \"30\"", "MOCK_TOKENS: \"5\"");
+    sidecar.rewrite_config_text(&changed);
+    let (status, answer) = sidecar.reload();
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["changed"], json!(["instances"]));
+    assert!(wait_until(Duration::from_secs(20), || !alive(old)
+        && ready(&sidecar, &["m1"])));
+    let new = mock_pid_on(m1);
+    sidecar.pids.push(new);
+    assert_ne!(new, old);
+    let lines = read_stream(sidecar.port, "none");
+    assert_eq!(lines.len(), 6, "5 tokens under the new settings: {lines:?}");
+}
