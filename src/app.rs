@@ -3,22 +3,41 @@
 use crate::admission::Admission;
 use crate::config::Config;
 use crate::upstream::Registry;
+use arc_swap::ArcSwapOption;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
+/// One generation of the shared state: the configuration it was loaded with and the services
+/// built from it. A reload makes a new generation ([`App::next`]) that shares the registry,
+/// queue, drain and counters with the old one; each request takes the current generation once
+/// ([`App::current`]) and keeps it to its end, so it finishes under the rules it started with.
 pub struct App {
     pub config: Config,
     pub registry: Arc<Registry>,
     pub lifecycle: Arc<Lifecycle>,
     /// The inference queue and slots.
     pub admission: Arc<Admission>,
-    /// Caps retries to a share of requests.
-    pub retry_budget: crate::proxy::retry::RetryBudget,
+    /// Caps retries to a share of requests (a new budget only when `retries` changed).
+    pub retry_budget: Arc<crate::proxy::retry::RetryBudget>,
     /// Model-management requests running at once (pull, push, create, copy, delete, blobs).
     pub management: Arc<tokio::sync::Semaphore>,
     pub started: Instant,
+    /// Which configuration this is: 1 at startup, one more per accepted reload.
+    pub generation: u64,
+    /// When this configuration was loaded.
+    pub loaded_at: SystemTime,
+    /// This generation's access policy and its counters (`policy::Policy::global`).
+    pub policy: std::sync::OnceLock<Arc<crate::policy::Policy>>,
+    /// The current generation, shared by all of them (a reference cycle that lives as long as
+    /// the process, like the services holding it).
+    live: Arc<Live>,
+}
+
+/// Where the current generation is published.
+struct Live {
+    current: ArcSwapOption<App>,
 }
 
 impl App {
@@ -29,15 +48,89 @@ impl App {
         let management = Arc::new(tokio::sync::Semaphore::new(
             config.admission.management_concurrency,
         ));
-        Arc::new(App {
-            retry_budget: crate::proxy::retry::RetryBudget::new(&config.retries),
+        let app = Arc::new(App {
+            retry_budget: Arc::new(crate::proxy::retry::RetryBudget::new(&config.retries)),
             admission,
             management,
             config,
             registry,
             lifecycle: Arc::new(Lifecycle::default()),
             started: Instant::now(),
-        })
+            generation: 1,
+            policy: Default::default(),
+            loaded_at: SystemTime::now(),
+            live: Arc::new(Live {
+                current: ArcSwapOption::empty(),
+            }),
+        });
+        app.live.current.store(Some(app.clone()));
+        app
+    }
+
+    /// The generation new requests use now.
+    pub fn current(self: &Arc<Self>) -> Arc<App> {
+        // Always set: the first generation publishes itself in `App::new`.
+        self.live
+            .current
+            .load_full()
+            .unwrap_or_else(|| self.clone())
+    }
+
+    /// The generation after this one, for `config` (already validated): the queue, registry,
+    /// drain and management semaphore carry over (their limits follow `config`).
+    pub fn next(&self, config: Config) -> App {
+        let retry_budget =
+            if format!("{:?}", config.retries) == format!("{:?}", self.config.retries) {
+                self.retry_budget.clone()
+            } else {
+                Arc::new(crate::proxy::retry::RetryBudget::new(&config.retries))
+            };
+        resize(
+            &self.management,
+            self.config.admission.management_concurrency,
+            config.admission.management_concurrency,
+        );
+        App {
+            retry_budget,
+            admission: self.admission.clone(),
+            management: self.management.clone(),
+            registry: self.registry.clone(),
+            lifecycle: self.lifecycle.clone(),
+            started: self.started,
+            generation: self.generation + 1,
+            policy: Default::default(),
+            loaded_at: SystemTime::now(),
+            live: self.live.clone(),
+            config,
+        }
+    }
+
+    /// Makes `next` the generation new requests see.
+    pub fn publish(&self, next: App) -> Arc<App> {
+        let next = Arc::new(next);
+        self.live.current.store(Some(next.clone()));
+        next
+    }
+}
+
+/// Gives a semaphore `to` permits in all where it had `from`. Lowered below the requests
+/// running, the rest is taken back as they finish (by a task that holds and forgets them).
+fn resize(semaphore: &Arc<tokio::sync::Semaphore>, from: usize, to: usize) {
+    if to > from {
+        semaphore.add_permits(to - from);
+    } else if from > to {
+        let owed = (from - to) - semaphore.forget_permits(from - to);
+        let Ok(owed) = u32::try_from(owed) else {
+            return;
+        };
+        if owed > 0 {
+            let semaphore = semaphore.clone();
+            tokio::spawn(async move {
+                if let Ok(permits) = semaphore.acquire_many_owned(owed).await {
+                    permits.forget();
+                }
+            });
+        }
     }
 }
 

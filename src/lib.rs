@@ -12,6 +12,7 @@ pub mod models_view;
 pub mod policy;
 pub mod proxy;
 pub mod reject;
+pub mod reload;
 pub mod route_class;
 pub mod server;
 pub mod shared_state;

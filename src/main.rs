@@ -122,7 +122,8 @@ struct CheckOpts {
 /// Pingora logs its own lifecycle at info (and misnames our shutdown); its warnings still show.
 const QUIET_PINGORA: &str = "pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=warn";
 
-fn init_logging(level: &str, format: LogFormat) {
+/// The log filter for `level` (`log.level`); `RUST_LOG`, when set and valid, wins.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     let directives = |base: &str| {
         if base.contains("pingora") {
             base.to_string()
@@ -130,19 +131,33 @@ fn init_logging(level: &str, format: LogFormat) {
             format!("{base},{QUIET_PINGORA}")
         }
     };
-    let filter = std::env::var("RUST_LOG")
+    std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.is_empty())
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(directives(&v)).ok())
         .or_else(|| tracing_subscriber::EnvFilter::try_new(directives(level)).ok())
-        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// Installs the log subscriber; a reload may change its filter (`log.level`).
+fn init_logging(level: &str, format: LogFormat) {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(level))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    macro_rules! reloadable {
+        ($builder:expr) => {{
+            let builder = $builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            ollama_sidecar::reload::set_log_level(Box::new(move |level: &str| {
+                handle.reload(log_filter(level)).map_err(|e| e.to_string())
+            }));
+            builder.try_init()
+        }};
+    }
     let _ = match format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => reloadable!(builder.json().flatten_event(true)),
+        LogFormat::Text => reloadable!(builder),
     };
 }
 

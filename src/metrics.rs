@@ -227,6 +227,8 @@ pub struct Metrics {
     last_health: Mutex<BTreeMap<String, HealthRecord>>,
     started: Instant,
     placement: PlacementMetrics,
+    /// Configuration reloads (`src/reload.rs`).
+    reload: ReloadMetrics,
 }
 
 /// The model allow-list, per instance (an instance that stops answering keeps its entries).
@@ -234,6 +236,20 @@ pub struct Metrics {
 struct KnownModels {
     by_instance: BTreeMap<String, Vec<String>>,
     all: BTreeSet<String>,
+}
+
+impl KnownModels {
+    /// `all` again from `by_instance`; its new size.
+    fn recount(&mut self) -> usize {
+        self.all = self
+            .by_instance
+            .values()
+            .flatten()
+            .take(MAX_KNOWN_MODELS)
+            .cloned()
+            .collect();
+        self.all.len()
+    }
 }
 
 fn name(suffix: &str) -> String {
@@ -443,6 +459,7 @@ impl Metrics {
                 &["phase"]
             ),
             shared: SharedStateMetrics::new(&r),
+            reload: ReloadMetrics::new(&r),
             health_checks: metric!(
                 r,
                 IntCounterVec,
@@ -689,15 +706,7 @@ impl Metrics {
             return;
         };
         k.by_instance.insert(instance.to_string(), models);
-        let all: BTreeSet<String> = k
-            .by_instance
-            .values()
-            .flatten()
-            .take(MAX_KNOWN_MODELS)
-            .cloned()
-            .collect();
-        self.known_models_count.set(all.len() as i64);
-        k.all = all;
+        self.known_models_count.set(k.recount() as i64);
     }
 
     /// The model allow-list (names in `model_key` form).
@@ -881,7 +890,7 @@ impl Metrics {
             set(&self.instance_busy_slots, &[&slot.name], slot.busy as i64);
             set(&self.instance_slots, &[&slot.name], slot.slots as i64);
         }
-        for inst in registry.all() {
+        for inst in registry.all().iter() {
             let name = inst.name.as_str();
             let state = inst.state();
             set(&self.instance_up, &[name], i64::from(inst.is_ready()));
@@ -1073,7 +1082,7 @@ pub async fn poll_known_models(registry: Arc<Registry>, metrics: &'static Metric
     let timeout = Duration::from_secs(5);
     loop {
         let mut answered = false;
-        for instance in registry.all() {
+        for instance in registry.all().iter() {
             if let Some(models) =
                 crate::upstream::models::model_list(instance, "/api/tags", timeout).await
             {
@@ -1155,6 +1164,54 @@ impl PlacementMetrics {
     }
 }
 
+// ---- Reload (src/reload.rs): the configuration's generation and the reloads tried. ----
+
+/// Which configuration runs, since when, and how reloads went.
+struct ReloadMetrics {
+    generation: IntGauge,
+    loaded: Gauge,
+    reloads: IntCounterVec,
+}
+
+/// The `result` label of `config_reloads_total`.
+pub const RELOAD_RESULTS: [&str; 3] = ["ok", "invalid", "refused"];
+
+impl ReloadMetrics {
+    fn new(r: &prometheus::Registry) -> ReloadMetrics {
+        let metrics = ReloadMetrics {
+            generation: metric!(
+                r,
+                IntGauge,
+                opts(
+                    "config_generation",
+                    "The running configuration's generation: 1 at startup, one more per accepted reload."
+                )
+            ),
+            loaded: metric!(
+                r,
+                Gauge,
+                opts(
+                    "config_loaded_timestamp_seconds",
+                    "When the running configuration was loaded (Unix time)."
+                )
+            ),
+            reloads: metric!(
+                r,
+                IntCounterVec,
+                opts(
+                    "config_reloads_total",
+                    "Configuration reloads tried, by result: ok, invalid (the file has an error), refused (a change needs a restart)."
+                ),
+                &["result"]
+            ),
+        };
+        for result in RELOAD_RESULTS {
+            metrics.reloads.with_label_values(&[result]);
+        }
+        metrics
+    }
+}
+
 impl Metrics {
     /// A slot for `model` on `instance` granted for `reason` after `waited` queued; `cold`: the
     /// instance loads the model for it, evicting `evicted`.
@@ -1188,6 +1245,34 @@ impl Metrics {
             let outcome = if cold { "cold_load" } else { "warm" };
             observe(&p.warm_wait, &[outcome], waited);
         }
+    }
+
+    /// The configuration now running: its generation and when it was loaded.
+    pub fn config_loaded(&self, generation: u64, loaded_at: std::time::SystemTime) {
+        self.reload
+            .generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+        let unix = loaded_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.reload.loaded.set(unix);
+    }
+
+    /// A reload removed `instance`: its models leave the model allow-list (unless another
+    /// instance lists them).
+    pub fn forget_instance_models(&self, instance: &str) {
+        let Ok(mut k) = self.known_models.write() else {
+            return;
+        };
+        if k.by_instance.remove(instance).is_none() {
+            return;
+        }
+        self.known_models_count.set(k.recount() as i64);
+    }
+
+    /// A reload ended with `result` (one of [`RELOAD_RESULTS`]).
+    pub fn config_reload(&self, result: &'static str) {
+        self.reload.reloads.with_label_values(&[result]).inc();
     }
 }
 

@@ -82,7 +82,8 @@ pub async fn fetch(
     list: ModelList,
     timeout: Duration,
 ) -> Result<Bytes, ViewError> {
-    let ready: Vec<&Arc<Instance>> = registry.all().iter().filter(|i| i.is_ready()).collect();
+    let all = registry.all();
+    let ready: Vec<&Arc<Instance>> = all.iter().filter(|i| i.is_ready()).collect();
     if ready.is_empty() {
         return Err(ViewError::NoInstanceReady);
     }

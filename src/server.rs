@@ -101,6 +101,10 @@ pub fn run(config: Config, upgrade: UpgradeOpts) -> Result<(), String> {
         "instance watch",
         InstanceWatch(app.clone()),
     ));
+    server.add_service(background_service(
+        "reload",
+        crate::reload::ReloadService::new(app.clone(), supervisor.clone()),
+    ));
 
     tracing::info!(
         listen = %app.config.listen,

@@ -47,6 +47,7 @@ pub const PATHS: &[&str] = &[
     "/",
     "/status.js",
     "/status.css",
+    crate::reload::PATH,
 ];
 
 /// The charts' samples.
@@ -134,6 +135,8 @@ fn json_response(status: StatusCode, value: &Value) -> Response<Vec<u8>> {
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The configuration generation this request is answered under.
+        let app = &self.app.current();
         let req = session.req_header();
         let method = req.method.clone();
         let path = req.uri.path().to_string();
@@ -143,13 +146,21 @@ impl ServeHttp for AdminApp {
                 &json!({"error": format!("no such admin path: {path}"), "paths": PATHS}),
             );
         }
-        if method != Method::GET && method != Method::HEAD {
+        // The one path that changes something: behind the token like /status, POST only.
+        let reload = path == crate::reload::PATH;
+        let allowed = if reload {
+            method == Method::POST
+        } else {
+            method == Method::GET || method == Method::HEAD
+        };
+        if !allowed {
+            let allow = if reload { "POST" } else { "GET, HEAD" };
             let mut resp = json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
-                &json!({"error": format!("{method} is not allowed on {path}; use GET")}),
+                &json!({"error": format!("{method} is not allowed on {path}; use {allow}")}),
             );
             resp.headers_mut()
-                .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+                .insert(header::ALLOW, header::HeaderValue::from_static(allow));
             return resp;
         }
         // The endpoint picker's scraper can present no bearer token (llm-d/llm-d-router
@@ -167,7 +178,7 @@ impl ServeHttp for AdminApp {
             return resp;
         }
         if path != metrics::GATEWAY_PATH {
-            let access = &self.app.config.access;
+            let access = &app.config.access;
             if let Some(denied) = crate::policy::admin_gate(access, session.req_header(), &path) {
                 return denied;
             }
@@ -176,12 +187,12 @@ impl ServeHttp for AdminApp {
             "/metrics" => respond(
                 StatusCode::OK,
                 PROMETHEUS_TEXT,
-                self.metrics.render(&self.app).into_bytes(),
+                self.metrics.render(app).into_bytes(),
             ),
             metrics::GATEWAY_PATH => respond(
                 StatusCode::OK,
                 PROMETHEUS_TEXT,
-                self.metrics.render_gateway(&self.app).into_bytes(),
+                self.metrics.render_gateway(app).into_bytes(),
             ),
             "/healthz" => respond(
                 StatusCode::OK,
@@ -189,7 +200,7 @@ impl ServeHttp for AdminApp {
                 b"ok\n".to_vec(),
             ),
             "/readyz" => {
-                let (ready, body) = readiness(&self.app);
+                let (ready, body) = readiness(app);
                 let status = if ready {
                     StatusCode::OK
                 } else {
@@ -205,7 +216,11 @@ impl ServeHttp for AdminApp {
                     "samples": history::global().samples(),
                 }),
             ),
-            _ => json_response(StatusCode::OK, &status(&self.app, self.metrics).await),
+            crate::reload::PATH => {
+                let (code, body) = crate::reload::answer(crate::reload::reload(app, "http").await);
+                json_response(code, &body)
+            }
+            _ => json_response(StatusCode::OK, &status(app, self.metrics).await),
         }
     }
 }
@@ -360,6 +375,7 @@ pub async fn status(app: &App, metrics: &Metrics) -> Value {
         "keys": key_usage(keys, &waiters),
         "recent_refusals": recent_refusals(),
         "known_models": metrics.known_models(),
+        "config": crate::reload::status(app),
     })
 }
 

@@ -251,8 +251,11 @@ struct State {
 }
 
 struct Shared {
-    config: QueueConfig,
-    instances: Vec<Arc<Instance>>,
+    /// Swapped whole on reload ([`Admission::set_config`]).
+    config: arc_swap::ArcSwap<QueueConfig>,
+    /// Every instance ever configured, by index (a reload appends; retired ones stay, never
+    /// ready, so positions never move: [`Admission::add_instance`]).
+    instances: arc_swap::ArcSwap<Vec<Arc<Instance>>>,
     /// Origin of the aging epochs.
     base: Instant,
     state: Mutex<State>,
@@ -277,8 +280,8 @@ impl Admission {
         let placement = Placement::new(instances.len());
         Arc::new(Admission {
             shared: Arc::new(Shared {
-                config,
-                instances,
+                config: arc_swap::ArcSwap::from_pointee(config),
+                instances: arc_swap::ArcSwap::from_pointee(instances),
                 base: Instant::now(),
                 state: Mutex::new(State {
                     queue: FairQueue::default(),
@@ -293,8 +296,8 @@ impl Admission {
         })
     }
 
-    pub fn config(&self) -> &QueueConfig {
-        &self.shared.config
+    pub fn config(&self) -> Arc<QueueConfig> {
+        self.shared.config.load_full()
     }
 
     /// How many requests for pinned `model` on instance `pos` have ended (the pin keeper
@@ -315,7 +318,9 @@ impl Admission {
     /// Sets the `models:` rules dispatch enforces (at start, before any request).
     pub fn set_model_rules(&self, rules: crate::config::ModelRulesConfig) {
         let mut st = self.shared.lock();
-        st.placement.rules = model_rules::ModelRules::new(rules, &self.shared.instances);
+        st.placement
+            .rules
+            .reconfigure(rules, &self.shared.instances.load());
     }
 
     /// Waits for a slot. Cancellation-safe: dropping the future while queued removes the waiter
@@ -374,6 +379,7 @@ impl Admission {
             slots: self
                 .shared
                 .instances
+                .load()
                 .iter()
                 .zip(st.busy.iter())
                 .map(|(inst, busy)| SlotUse {
@@ -405,7 +411,7 @@ impl Shared {
 
     /// Whole `aging` periods since start.
     fn epoch(&self, now: Instant) -> i64 {
-        let aging = self.config.aging.as_nanos();
+        let aging = self.config.load().aging.as_nanos();
         if aging == 0 {
             return 0;
         }
@@ -442,7 +448,7 @@ impl Shared {
                     rx,
                     enqueued: now,
                     deadline: now
-                        .checked_add(self.config.max_wait)
+                        .checked_add(self.config.load().max_wait)
                         .or_else(|| now.checked_add(Duration::from_secs(10 * 365 * 86_400)))
                         .unwrap_or(now),
                     done: false,
@@ -466,12 +472,14 @@ impl Shared {
         if let Some(refusal) = req
             .model
             .as_deref()
-            .and_then(|m| st.placement.unservable(&self.instances, m))
+            .and_then(|m| st.placement.unservable(&self.instances.load(), m))
         {
             st.counters.refused_model += 1;
             return Err(refusal);
         }
-        if let Some(refusal) = not_ready_soon(&self.instances, now, self.config.max_wait) {
+        if let Some(refusal) =
+            not_ready_soon(&self.instances.load(), now, self.config.load().max_wait)
+        {
             st.counters.refused_unready += 1;
             return Err(refusal);
         }
@@ -505,11 +513,11 @@ impl Shared {
         now: Instant,
         grants: &mut Vec<Grant>,
     ) -> Result<Decision, Refusal> {
-        if st.queue.len() >= self.config.max_queued {
+        if st.queue.len() >= self.config.load().max_queued {
             st.counters.refused_full += 1;
             return Err(Refusal::QueueFull);
         }
-        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.max_queued_bytes.0 {
+        if st.queue.bytes().saturating_add(req.body_bytes) > self.config.load().max_queued_bytes.0 {
             st.counters.refused_bytes += 1;
             return Err(Refusal::QueueBytesFull);
         }
@@ -579,7 +587,7 @@ impl Shared {
     ) -> Choice {
         match model {
             Some(model) => st.placement.choose_for_model(
-                &self.instances,
+                &self.instances.load(),
                 &st.busy,
                 st.rotation,
                 model,
@@ -588,7 +596,7 @@ impl Shared {
                 ahead,
                 now,
             ),
-            None => match choose(&self.instances, &st.busy, st.rotation, avoid) {
+            None => match choose(&self.instances.load(), &st.busy, st.rotation, avoid) {
                 Some((pos, instance, reason)) => Choice::Grant(pos, instance, reason),
                 None => Choice::NoSlot,
             },
@@ -686,11 +694,11 @@ impl Shared {
     /// Refuses the waiters whose wait ends before any instance can be ready (the instances'
     /// schedules changed while they waited: a crash, a longer backoff); the rest wait on.
     fn refuse_unready(&self, st: &mut State, now: Instant) {
-        let Some((ready_at, cause)) = earliest_ready(&self.instances) else {
+        let Some((ready_at, cause)) = earliest_ready(&self.instances.load()) else {
             return;
         };
         // Queued before this, a waiter's `max_wait` ends before `ready_at`.
-        let Some(cutoff) = ready_at.checked_sub(self.config.max_wait) else {
+        let Some(cutoff) = ready_at.checked_sub(self.config.load().max_wait) else {
             return;
         };
         let hopeless: Vec<u64> = st.queue.queued_before(cutoff).map(|(seq, _)| seq).collect();
@@ -711,7 +719,7 @@ impl Shared {
     /// goes ahead of every client whose turn began later. A quarter of `max_wait`, so a request of any
     /// priority reaches a slot well before it would expire (README, "Priorities and aging").
     fn starvation_bound(&self) -> Duration {
-        self.config.max_wait / 4
+        self.config.load().max_wait / 4
     }
 
     /// Sends permits to their waiters (outside the lock). A waiter that left meanwhile gets
@@ -743,7 +751,8 @@ impl Shared {
         grants: &mut Vec<Grant>,
     ) {
         let mut st = self.lock();
-        if let (Some((model, cold, held)), Some(instance)) = (used, self.instances.get(pos)) {
+        let instances = self.instances.load();
+        if let (Some((model, cold, held)), Some(instance)) = (used, instances.get(pos)) {
             st.placement.released(pos, instance, model, cold, held);
         }
         if let Some(busy) = st.busy.get_mut(pos) {
@@ -1060,5 +1069,39 @@ impl Drop for Permit {
                 .map(|m| (m, self.reason.is_cold(), Some(held)));
             self.shared.release(self.pos, false, used);
         }
+    }
+}
+
+// ---- Reload (src/reload.rs): the instance set and the queue's limits follow a new
+// configuration. ----
+impl Admission {
+    /// Takes `instance` (whose `index` is the next position) into dispatch. Waiters are
+    /// dispatched again at once.
+    pub fn add_instance(&self, instance: Arc<Instance>) {
+        {
+            let mut st = self.shared.lock();
+            self.shared.instances.rcu(|list| {
+                let mut list = Vec::clone(list);
+                list.push(instance.clone());
+                list
+            });
+            let n = self.shared.instances.load().len();
+            st.busy.resize(n, 0);
+            st.placement.counts.resize_with(n, Default::default);
+            st.placement
+                .rules
+                .set_instances(&self.shared.instances.load());
+        }
+        self.poke();
+    }
+}
+
+// ---- Reload (src/reload.rs): the queue's limits follow a new configuration. ----
+impl Admission {
+    /// New limits for requests admitted from now on; waiters keep their place (a smaller
+    /// `max_queued` refuses newcomers until the queue is below it, it evicts nobody).
+    pub fn set_config(&self, config: QueueConfig) {
+        self.shared.config.store(Arc::new(config));
+        self.poke();
     }
 }

@@ -29,12 +29,24 @@ pub struct ModelRules {
 }
 
 impl ModelRules {
+    #[cfg(test)]
     pub fn new(config: ModelRulesConfig, instances: &[Arc<Instance>]) -> ModelRules {
         ModelRules {
             config,
             names: instances.iter().map(|i| i.name.clone()).collect(),
             ..ModelRules::default()
         }
+    }
+
+    /// New rules (a reload): the counts of requests running and the pin keeper's signal stay.
+    pub fn reconfigure(&mut self, config: ModelRulesConfig, instances: &[Arc<Instance>]) {
+        self.config = config;
+        self.set_instances(instances);
+    }
+
+    /// The instance set changed (a reload added one): names by position again.
+    pub fn set_instances(&mut self, instances: &[Arc<Instance>]) {
+        self.names = instances.iter().map(|i| i.name.clone()).collect();
     }
 
     fn rule(&self, model: &str) -> Option<&ModelRuleConfig> {

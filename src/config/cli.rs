@@ -19,6 +19,10 @@ pub struct ConfigArgs {
     /// Override `admin.listen` (also OLLAMA_SIDECAR_ADMIN_LISTEN).
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// Reload the configuration when the file changes (it is also reloaded on SIGHUP and on
+    /// `POST /reload` at the admin listener).
+    #[arg(long)]
+    pub watch: bool,
 }
 
 impl ConfigArgs {
@@ -39,7 +43,11 @@ impl ConfigArgs {
     /// does not exist says it was the default, and how to name another.
     pub fn load(&self, secrets: Secrets) -> Result<Config, String> {
         let path = self.path();
-        load_with(&path, &self.overrides(), secrets).map_err(|e: ConfigError| {
+        let loaded = load_with(&path, &self.overrides(), secrets).map(|mut config| {
+            config.watch = self.watch;
+            config
+        });
+        loaded.map_err(|e: ConfigError| {
             let hint = if self.config.is_none() && !path.is_file() {
                 " (the default; name a file with --config or OLLAMA_SIDECAR_CONFIG)"
             } else {

@@ -139,6 +139,10 @@ pub struct Config {
     pub models: ModelRulesConfig,
     /// The file as read, overrides applied: only for `check` to print ([`effective_yaml`]).
     effective: file::Config,
+    /// The flags and variables written over the file: a reload applies them again.
+    pub overrides: Overrides,
+    /// `--watch`: reload when the file changes (`src/reload.rs`).
+    pub watch: bool,
 }
 
 /// Reads, parses and validates a configuration file.
@@ -256,6 +260,8 @@ fn validate(
         access,
         models,
         effective: file,
+        overrides: overrides.clone(),
+        watch: false,
     })
 }
 

@@ -36,7 +36,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 use ratelimit::{lock, Bucket, ClientLimiter, InFlight, InFlightCounter, Limited};
 use shared_limits::{KeyLimits, KeyNames, Lease, SharedLimits};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// A configured key and its live counters.
@@ -75,13 +75,11 @@ impl KeyState {
 pub struct Policy {
     keys: Vec<Arc<KeyState>>,
     digests: Vec<[u8; 32]>,
-    per_client: Option<ClientLimiter>,
+    per_client: Option<Arc<ClientLimiter>>,
     /// Limits counted in Redis (`shared_state`), and what to do while it cannot answer.
     shared: Option<Arc<SharedLimits>>,
     on_shared_error: OnSharedError,
 }
-
-static POLICY: OnceLock<Policy> = OnceLock::new();
 
 impl Policy {
     pub fn new(access: &AccessConfig) -> Policy {
@@ -115,7 +113,7 @@ impl Policy {
             per_client: access
                 .policy
                 .requests_per_minute_per_client
-                .map(|n| ClientLimiter::new(n.into())),
+                .map(|n| Arc::new(ClientLimiter::new(n.into()))),
             shared,
             on_shared_error: access
                 .shared_state
@@ -125,9 +123,11 @@ impl Policy {
         }
     }
 
-    /// The process's policy (one configuration per process, like the metrics).
-    pub fn global(app: &App) -> &'static Policy {
-        POLICY.get_or_init(|| Policy::new(&app.config.access))
+    /// The policy of the configuration generation `app` (built on first use; a reload builds
+    /// the next one with [`Policy::next`]).
+    pub fn global(app: &App) -> &Policy {
+        app.policy
+            .get_or_init(|| Arc::new(Policy::new(&app.config.access)))
     }
 
     /// What `shared_state.on_error` makes of a call Redis did not answer: `Ok` for a decision
@@ -524,7 +524,7 @@ pub fn on_response(
 
 /// The request is over: charge its tokens (`TapSummary::tokens_to_charge`: Ollama's counts, or
 /// the output a stream cut short had carried) to the key's budget and end its in-flight count.
-pub fn on_finish(mut state: RequestPolicy, tap: &TapSummary) {
+pub fn on_finish(app: &App, mut state: RequestPolicy, tap: &TapSummary) {
     let Some(key) = state.key.as_ref().map(|k| &k.0) else {
         return;
     };
@@ -532,7 +532,7 @@ pub fn on_finish(mut state: RequestPolicy, tap: &TapSummary) {
     if let (Some(tokens), true) = (&key.tokens, used > 0) {
         lock(tokens).charge(used as f64, Instant::now());
     }
-    let shared = POLICY.get().and_then(|p| p.shared.as_ref());
+    let shared = Policy::global(app).shared.as_ref();
     if let (Some(shared), Some(names)) = (shared, &key.shared) {
         let tokens_per_minute = key.key.tokens_per_minute.unwrap_or(0);
         shared.finish(names, tokens_per_minute, used, state.lease.take());
@@ -571,6 +571,57 @@ pub fn admin_gate(
         )
         .body(body)
         .ok()
+}
+
+// ---- Reload (src/reload.rs): the next generation's policy, keeping what did not change. ----
+impl Policy {
+    /// The policy for `access`, after `self`: a key whose settings are all unchanged keeps its
+    /// counters (request and token buckets, requests in flight); a new or changed key starts
+    /// afresh, and a removed key's requests in flight end under the old policy. The per-address
+    /// limiter keeps its buckets while its rate is unchanged. The Redis connection is kept
+    /// (a change of `shared_state` is refused by the reload).
+    pub fn next(&self, access: &AccessConfig) -> Policy {
+        let mut fresh = Policy::without_shared(access);
+        fresh.shared = self.shared.clone();
+        fresh.on_shared_error = self.on_shared_error;
+        for key in fresh.keys.iter_mut() {
+            let kept = self.keys.iter().find(|old| same_key(&old.key, &key.key));
+            match kept {
+                Some(old) => *key = old.clone(),
+                None => {
+                    if let Some(k) = Arc::get_mut(key) {
+                        k.shared = fresh.shared.as_ref().map(|s| s.key_names(&k.key.name));
+                    }
+                }
+            }
+        }
+        let rate = access.policy.requests_per_minute_per_client;
+        let old_rate = self.per_client.as_ref().map(|l| l.per_minute());
+        if rate.map(u64::from) == old_rate {
+            fresh.per_client = self.per_client.clone();
+        }
+        fresh
+    }
+
+    /// [`Policy::new`] without starting a Redis connection.
+    fn without_shared(access: &AccessConfig) -> Policy {
+        let mut bare = access.clone();
+        bare.shared_state = None;
+        Policy::new(&bare)
+    }
+}
+
+/// Every setting of two keys is the same (the counters of one fit the other).
+fn same_key(a: &ApiKey, b: &ApiKey) -> bool {
+    a.name == b.name
+        && a.sha256 == b.sha256
+        && a.priority == b.priority
+        && a.max_concurrent == b.max_concurrent
+        && a.requests_per_minute == b.requests_per_minute
+        && a.tokens_per_minute == b.tokens_per_minute
+        && a.models == b.models
+        && a.routes == b.routes
+        && a.admin == b.admin
 }
 
 #[cfg(test)]

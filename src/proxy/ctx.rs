@@ -4,7 +4,7 @@
 //! answers, the relay, the conductor's `logging` for the ordinary proxy path).
 
 use super::{canonical, retry, route, tap, usage};
-use crate::app::ActiveGuard;
+use crate::app::{ActiveGuard, App};
 use crate::metrics::Outcome;
 use crate::reject::Reject;
 use crate::upstream::{InFlightGuard, Instance};
@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Dispatch {
     pub instance: Arc<Instance>,
+    /// The parent's configuration generation: the subrequest decides under the same rules.
+    pub app: Arc<App>,
     pub request_id: String,
     /// The length of the body handed over, which the subrequest's `Content-Length` must say
     /// (Pingora builds the subrequest from the client's raw header, and the body may have been
@@ -23,6 +25,9 @@ pub struct Dispatch {
 }
 
 pub struct RequestCtx {
+    /// The configuration generation this request runs under, taken once when it arrived
+    /// (`App::current`): a reload changes the rules for later requests only.
+    pub(super) app: Arc<App>,
     /// Classification (`request_filter`).
     pub(super) route: route::Route,
     /// The canonical path (`canonical::path_view`): the decoded path gin routes on, or why the
@@ -76,8 +81,9 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
-    pub(super) fn new() -> RequestCtx {
+    pub(super) fn new(app: Arc<App>) -> RequestCtx {
         RequestCtx {
+            app,
             route: route::classify(&http::Method::GET, "/"),
             path: Ok(canonical::PathView::Routed(b"/".to_vec())),
             request_id: String::new(),

@@ -48,7 +48,7 @@ impl SidecarProxy {
 
     /// The policy stage of a client request; `Ok(true)` when the request was answered here.
     async fn apply_policy(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let app = &self.app;
+        let app = &ctx.app.clone();
         let decoded = ctx.path.as_ref().map(|p| p.decoded()).unwrap_or_default();
         let verdict = policy::on_request(app, session, &ctx.route, decoded, &mut ctx.policy).await;
         if let Some(name) = ctx.policy.key_name() {
@@ -78,8 +78,9 @@ impl SidecarProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<std::result::Result<Vec<String>, Reject>> {
+        let app = ctx.app.clone();
         session.as_downstream_mut().enable_retry_buffering();
-        let limits = &self.app.config.limits;
+        let limits = &app.config.limits;
         let bounds =
             request_body::Bounds::new(limits, MAX_CHECKED_BODY, Reject::CheckedBodyTooLarge);
         // The body goes on in Pingora's retry buffer: it leaves the pending budget here.
@@ -98,7 +99,7 @@ impl SidecarProxy {
     /// Answers `/api/tags`, `/api/ps` and `/v1/models` with the fleet's merged list when there
     /// is more than one instance (`models_view`); `Ok(false)` forwards the request as it is.
     async fn answer_model_list(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let app = &self.app;
+        let app = &ctx.app.clone();
         let method = &session.req_header().method;
         let Some(list) = ModelList::for_request(method, ctx.route.name, app.registry.all().len())
         else {
@@ -122,15 +123,16 @@ impl SidecarProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<bool> {
-        let wait = self.app.config.admission.max_wait;
-        let semaphore = self.app.management.clone();
+        let app = ctx.app.clone();
+        let wait = app.config.admission.max_wait;
+        let semaphore = app.management.clone();
         match tokio::time::timeout(wait, semaphore.acquire_owned()).await {
             Ok(Ok(permit)) => {
                 ctx.management_permit = Some(permit);
                 Ok(false)
             }
             _ => {
-                respond::reject(&self.app, session, ctx, Reject::ManagementBusy).await?;
+                respond::reject(&app, session, ctx, Reject::ManagementBusy).await?;
                 Ok(true)
             }
         }
@@ -285,7 +287,7 @@ impl ProxyHttp for SidecarProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.app.current())
     }
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &RequestCtx) -> bool {
@@ -293,6 +295,7 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let app = ctx.app.clone();
         let req = session.req_header();
         // One canonical view of the target, from the bytes Pingora forwards: every decision
         // below reads it, never `uri.path()`.
@@ -310,6 +313,7 @@ impl ProxyHttp for SidecarProxy {
             .and_then(|u| u.downcast_ref::<Dispatch>())
         {
             ctx.request_id = dispatch.request_id.clone();
+            ctx.app = dispatch.app.clone();
             ctx.dispatch = Some(dispatch.clone());
             // Before anything reads the body: Pingora frames it by this header.
             let body_length = dispatch.body_length;
@@ -319,7 +323,7 @@ impl ProxyHttp for SidecarProxy {
             }
             return Ok(false);
         }
-        let limits = &self.app.config.limits;
+        let limits = &app.config.limits;
         // A silent client is cut off while its body is read (Pingora's own default is 60 s).
         session.set_read_timeout(Some(limits.body_read_timeout));
         // A client that stops reading is cut off too (Pingora's default: no bound). This
@@ -332,21 +336,21 @@ impl ProxyHttp for SidecarProxy {
         let req = session.req_header();
         ctx.request_id = headers::request_id(req);
         let is_post = req.method == http::Method::POST;
-        if self.app.lifecycle.is_draining() {
-            respond::reject(&self.app, session, ctx, Reject::ShuttingDown).await?;
+        if app.lifecycle.is_draining() {
+            respond::reject(&app, session, ctx, Reject::ShuttingDown).await?;
             return Ok(true);
         }
-        ctx.active = Some(self.app.lifecycle.enter());
+        ctx.active = Some(app.lifecycle.enter());
         if let Err(refusal) = &ctx.path {
             let refused = Reject::InvalidTarget(refusal.message().to_string());
-            respond::reject(&self.app, session, ctx, refused).await?;
+            respond::reject(&app, session, ctx, refused).await?;
             return Ok(true);
         }
         if self.apply_policy(session, ctx).await? {
             return Ok(true);
         }
         match ctx.route.class {
-            RouteClass::Inference if is_post => inference::serve(&self.app, session, ctx).await,
+            RouteClass::Inference if is_post => inference::serve(&app, session, ctx).await,
             RouteClass::Metadata => self.answer_model_list(session, ctx).await,
             RouteClass::Management => self.take_management_slot(session, ctx).await,
             _ => Ok(false),
@@ -358,9 +362,10 @@ impl ProxyHttp for SidecarProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
+        let app = ctx.app.clone();
         let chosen = match &ctx.dispatch {
             Some(d) => Some(d.instance.clone()),
-            None => select::least_loaded(&self.app.registry, &ctx.tried),
+            None => select::least_loaded(&app.registry, &ctx.tried),
         };
         let Some(instance) = chosen else {
             return Err(Error::explain(NO_INSTANCE, "no instance is ready"));
@@ -373,7 +378,7 @@ impl ProxyHttp for SidecarProxy {
         };
         ctx.tried.push(instance.index);
         let mut peer = target::http_peer(&instance.upstream, addr);
-        let timeouts = &self.app.config.timeouts;
+        let timeouts = &app.config.timeouts;
         peer.options.connection_timeout = Some(timeouts.connect);
         // Pingora's read timeout bounds each read, the response header's included; it must be
         // as long as a cold model load. `timeouts.idle` tightens it when configured.
@@ -396,6 +401,7 @@ impl ProxyHttp for SidecarProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let app = ctx.app.clone();
         if let Some(guard) = &ctx.upstream {
             upstream_request.insert_header(http::header::HOST, guard.host_header())?;
         }
@@ -404,7 +410,7 @@ impl ProxyHttp for SidecarProxy {
             // The sidecar already answered `100 Continue` and read the body.
             upstream_request.remove_header(&http::header::EXPECT);
         }
-        policy::on_upstream_request(&self.app, upstream_request)
+        policy::on_upstream_request(&app, upstream_request)
     }
 
     async fn response_filter(
@@ -413,6 +419,7 @@ impl ProxyHttp for SidecarProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let app = ctx.app.clone();
         if upstream_response.status.is_informational() {
             return Ok(());
         }
@@ -420,7 +427,7 @@ impl ProxyHttp for SidecarProxy {
         keep_alive_or_close(session, ctx);
         headers::strip_response_hop_by_hop(upstream_response);
         upstream_response.insert_header(headers::REQUEST_ID, &ctx.request_id)?;
-        policy::on_response(&self.app, session, upstream_response)?;
+        policy::on_response(&app, session, upstream_response)?;
         ctx.response_content_type = upstream_response
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -454,19 +461,19 @@ impl ProxyHttp for SidecarProxy {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        let app = ctx.app.clone();
         // The next attempt goes to the name's next address, if it has one; the name is resolved
         // again in the background.
-        let moved = ctx.upstream.as_ref().is_some_and(|guard| {
-            self.app
-                .registry
-                .connect_failed(guard.instance(), guard.addr())
-        });
+        let moved = ctx
+            .upstream
+            .as_ref()
+            .is_some_and(|guard| app.registry.connect_failed(guard.instance(), guard.addr()));
         if ctx.is_subrequest() {
             // The parent owns retries (and health reports) for admitted requests.
             return e;
         }
         if let Some(guard) = &ctx.upstream {
-            self.app.registry.report(guard.instance(), false);
+            app.registry.report(guard.instance(), false);
         }
         // Nothing reached the instance: another ready instance, or its next address, may serve
         // the request.
@@ -490,7 +497,8 @@ impl ProxyHttp for SidecarProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let failure = respond::classify(e, ctx.instance_name(), &self.app.config);
+        let app = ctx.app.clone();
+        let failure = respond::classify(e, ctx.instance_name(), &app.config);
         let code = failure.as_ref().map_or(0, Reject::status);
         if ctx.is_subrequest() {
             // The parent reads the error from the subrequest handle and answers the client.
@@ -522,7 +530,7 @@ impl ProxyHttp for SidecarProxy {
         }
         // The request body may be unread: say the connection closes, then close it.
         session.set_keepalive(None);
-        if let Err(write_err) = respond::reject(&self.app, session, ctx, failure).await {
+        if let Err(write_err) = respond::reject(&app, session, ctx, failure).await {
             tracing::debug!(error = %write_err, "could not send the error response");
         }
         FailToProxy {
@@ -537,6 +545,7 @@ impl ProxyHttp for SidecarProxy {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let app = ctx.app.clone();
         if ctx.is_subrequest() {
             // The parent logs the request once.
             ctx.upstream = None;
@@ -562,12 +571,12 @@ impl ProxyHttp for SidecarProxy {
                     crate::upstream::Verdict::of_status(s) != crate::upstream::Verdict::Fault
                 });
             if !connect_failure && (ok || upstream_fault || status.is_some()) {
-                self.app.registry.report(guard.instance(), ok);
+                app.registry.report(guard.instance(), ok);
             }
         }
         // A pull, create, copy or delete changes what the instances have installed.
         if ctx.route.class == RouteClass::Management {
-            self.app.registry.models_changed();
+            app.registry.models_changed();
         }
         if ctx.outcome == Outcome::Pending {
             // The ordinary proxy path: what became of the request.
@@ -582,9 +591,9 @@ impl ProxyHttp for SidecarProxy {
                 None => Outcome::Served,
             };
         }
-        record_request(&self.app, session, e, ctx);
+        record_request(&app, session, e, ctx);
         let state = std::mem::take(&mut ctx.policy);
-        policy::on_finish(state, ctx.tap.summary());
+        policy::on_finish(&app, state, ctx.tap.summary());
         ctx.upstream = None;
         ctx.management_permit = None;
         ctx.active = None;

@@ -37,18 +37,33 @@ struct Control {
     live: usize,
 }
 
-/// The stop signal as a task sees it.
-pub struct Stop(watch::Receiver<Control>);
+/// The stop signal as a task sees it: the supervisor's `stop()`, or (for an instance task) its
+/// instance retired by a reload ([`Supervisor::retire_instance`]).
+pub struct Stop(watch::Receiver<Control>, Option<watch::Receiver<bool>>);
 
 impl Stop {
     pub fn is_set(&self) -> bool {
-        self.0.borrow().stopping
+        self.0.borrow().stopping || self.1.as_ref().is_some_and(|r| *r.borrow())
     }
 
-    /// Resolves once `stop()` has been called (at once if it already was).
+    /// Resolves once `stop()` has been called or the instance retired (at once if it already
+    /// was).
     pub async fn wait(&mut self) {
         // An error means the supervisor is gone: stop as well.
-        let _ = self.0.wait_for(|c| c.stopping).await;
+        let retired = async {
+            match self.1.as_mut() {
+                Some(r) => {
+                    if r.wait_for(|retired| *retired).await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.0.wait_for(|c| c.stopping) => {}
+            _ = retired => {}
+        }
     }
 }
 
@@ -65,6 +80,8 @@ pub struct Supervisor {
     app: Arc<App>,
     control: watch::Sender<Control>,
     owned: Arc<OwnedPids>,
+    /// Each instance task's retire signal, by instance index (reload).
+    retire: std::sync::Mutex<std::collections::HashMap<usize, watch::Sender<bool>>>,
 }
 
 /// How long the final stray sweep may take after every instance has stopped.
@@ -78,6 +95,7 @@ impl Supervisor {
             app: app.clone(),
             control,
             owned: Arc::new(OwnedPids::default()),
+            retire: Default::default(),
         })
     }
 
@@ -136,7 +154,7 @@ impl Supervisor {
                 instance: instance.clone(),
                 spec: (*spec).clone(),
                 owned: self.owned.clone(),
-                stop: Stop(self.control.subscribe()),
+                stop: Stop(self.control.subscribe(), Some(self.retire_signal(instance))),
                 search: search.clone(),
             };
             tasks.spawn(async move {
@@ -148,7 +166,7 @@ impl Supervisor {
         let sampler = tokio::spawn(sample_loop(
             roots,
             self.owned.clone(),
-            Stop(self.control.subscribe()),
+            Stop(self.control.subscribe(), None),
             subreaper,
         ));
 
@@ -175,6 +193,74 @@ impl Supervisor {
     /// Whether `stop()` has been called.
     pub fn is_stopping(&self) -> bool {
         self.control.borrow().stopping
+    }
+}
+
+// ---- Reload (src/reload.rs): one instance started or stopped while the others run. ----
+impl Supervisor {
+    /// A new retire signal for `instance`'s task.
+    fn retire_signal(&self, instance: &Instance) -> watch::Receiver<bool> {
+        let (tx, rx) = watch::channel(false);
+        if let Ok(mut retire) = self.retire.lock() {
+            retire.insert(instance.index, tx);
+        }
+        rx
+    }
+
+    /// Starts supervising `instance` (added by a reload) under `spec`, like the instances of
+    /// startup; nothing once `stop()` was called. Its preflight errors are returned.
+    pub fn add_instance(
+        &self,
+        instance: Arc<Instance>,
+        spec: SupervisedSpec,
+        app: Arc<App>,
+    ) -> Result<(), String> {
+        let search = SearchPath::current();
+        preflight::check_instance(instance.index, &instance.name, &spec, &search)?;
+        let mut admitted = false;
+        self.control.send_if_modified(|c| {
+            if c.stopping {
+                return false;
+            }
+            c.live += 1;
+            admitted = true;
+            true
+        });
+        if !admitted {
+            return Ok(());
+        }
+        let guard = Live(self.control.clone());
+        let task = InstanceTask {
+            app,
+            stop: Stop(
+                self.control.subscribe(),
+                Some(self.retire_signal(&instance)),
+            ),
+            instance,
+            spec,
+            owned: self.owned.clone(),
+            search,
+        };
+        tokio::spawn(async move {
+            task.run().await;
+            drop(guard);
+        });
+        Ok(())
+    }
+
+    /// Stops `instance`'s process (SIGTERM to its group, grace, SIGKILL, reap) as `stop()` does
+    /// for all; returns once its task has ended.
+    pub async fn retire_instance(&self, instance: &Instance) {
+        let signal = self
+            .retire
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(&instance.index));
+        if let Some(signal) = signal {
+            let _ = signal.send(true);
+            // The task holds the receiver until it ends.
+            signal.closed().await;
+        }
     }
 }
 
@@ -296,7 +382,7 @@ mod tests {
         let sampling = tokio::spawn(sample_loop(
             Vec::new(),
             Arc::new(OwnedPids::default()),
-            Stop(receiver),
+            Stop(receiver, None),
             false,
         ));
         // Past the first sample, which would have read every process on the host.

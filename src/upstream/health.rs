@@ -240,16 +240,27 @@ pub async fn initial_check(registry: &Registry, config: &HealthConfig) {
 /// Checks every external instance every `interval`, forever; between checks, resolves a name
 /// again when a connection to its instance failed.
 pub async fn check_external_instances(registry: Arc<Registry>, config: HealthConfig) {
+    let mut config = Arc::new(config);
+    let mut listed = registry.all();
     let mut checkers = checkers(&registry, &config);
-    if checkers.is_empty() {
-        return;
-    }
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                let now = registry.health();
+                if format!("{now:?}") != format!("{config:?}") {
+                    // A reload changed the settings: new checkers (their streaks start
+                    // again; the instances keep their state) and a new period.
+                    config = now;
+                    checkers = self::checkers(&registry, &config);
+                    listed = registry.all();
+                    tick = tokio::time::interval(config.interval);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    tick.tick().await;
+                }
+                follow_reload(&registry, &config, &mut listed, &mut checkers);
                 if check_all(&mut checkers).await {
                     registry.notify_changed();
                 }
@@ -267,6 +278,27 @@ pub async fn check_external_instances(registry: Arc<Registry>, config: HealthCon
             }
         }
     }
+}
+
+/// After a reload changed the instance set: a retired instance is checked no more, an added
+/// external one gets a checker (it stays out of rotation until its first check passes).
+fn follow_reload(
+    registry: &Registry,
+    config: &HealthConfig,
+    listed: &mut Arc<Vec<Arc<crate::upstream::Instance>>>,
+    checkers: &mut Vec<Checker>,
+) {
+    let now = registry.all();
+    if Arc::ptr_eq(&now, listed) {
+        return;
+    }
+    checkers.retain(|c| !c.instance.is_retired());
+    for instance in now.iter().filter(|i| !i.supervised) {
+        if !checkers.iter().any(|c| Arc::ptr_eq(&c.instance, instance)) {
+            checkers.extend(Checker::new(instance.clone(), config));
+        }
+    }
+    *listed = now;
 }
 
 #[cfg(test)]

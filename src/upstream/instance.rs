@@ -125,6 +125,8 @@ pub struct Instance {
     request_errors: std::sync::atomic::AtomicU64,
     /// While not ready: the earliest it can be, and why (see `ready_not_before`).
     ready_not_before: Mutex<Option<(Instant, &'static str)>>,
+    /// Removed by a reload: takes no new requests, ever (`retire`).
+    retired: AtomicBool,
 }
 
 /// How long a model the sidecar sent to an instance counts as loaded there without `/api/ps`
@@ -209,6 +211,7 @@ impl Instance {
             noted_models: Mutex::new(std::collections::HashMap::new()),
             request_errors: std::sync::atomic::AtomicU64::new(0),
             ready_not_before: Mutex::new(None),
+            retired: AtomicBool::new(false),
         }
     }
 
@@ -244,7 +247,7 @@ impl Instance {
     /// How many admitted requests the instance may serve at once right now: `num_parallel`,
     /// one during a half-open trial, none when it is not ready or is ejected.
     pub fn slot_limit(&self) -> usize {
-        if self.state() != InstanceState::Ready || self.addr().is_none() {
+        if self.state() != InstanceState::Ready || self.addr().is_none() || self.is_retired() {
             return 0;
         }
         match self.gate() {
@@ -559,13 +562,25 @@ impl Instance {
     /// Whether `model` (in `model_key` form) may be sent here: it is installed, or the instance
     /// has not listed its models yet.
     pub fn may_serve(&self, model: &str) -> bool {
-        self.installed_models
-            .read()
-            .map(|m| {
-                m.as_ref()
-                    .is_none_or(|list| list.iter().any(|x| x == model))
-            })
-            .unwrap_or(true)
+        !self.is_retired()
+            && self
+                .installed_models
+                .read()
+                .map(|m| {
+                    m.as_ref()
+                        .is_none_or(|list| list.iter().any(|x| x == model))
+                })
+                .unwrap_or(true)
+    }
+
+    /// Removed from the configuration by a reload: no new request is sent here; those in
+    /// flight finish.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
     }
 
     /// Records that a request for `model` was just sent here: Ollama loads it on arrival (if

@@ -16,9 +16,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::Notify;
 
-/// All configured instances, in configuration order. Built once at startup.
+/// All configured instances, in configuration order. Built at startup; a reload adds and
+/// retires instances ([`Registry::add`], [`Registry::retire`]).
 pub struct Registry {
-    instances: Vec<Arc<Instance>>,
+    instances: arc_swap::ArcSwap<Vec<Arc<Instance>>>,
+    /// Instances ever created: the next one's `index` (indexes are never reused).
+    created: std::sync::atomic::AtomicUsize,
+    /// The active checks' and model polls' settings (a reload swaps them).
+    health: arc_swap::ArcSwap<crate::config::HealthConfig>,
     /// Woken whenever an instance's state or load changes, so waiters can look again.
     changed: Notify,
     /// Woken by a connect failure, so the instance watch resolves that instance's name again.
@@ -29,29 +34,37 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(config: &Config) -> Registry {
+        let instances: Vec<Arc<Instance>> = config
+            .instances
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Arc::new(Instance::new(i, c, &config.health.passive)))
+            .collect();
         Registry {
-            instances: config
-                .instances
-                .iter()
-                .enumerate()
-                .map(|(i, c)| Arc::new(Instance::new(i, c, &config.health.passive)))
-                .collect(),
+            created: instances.len().into(),
+            health: arc_swap::ArcSwap::from_pointee(config.health.clone()),
+            instances: arc_swap::ArcSwap::from_pointee(instances),
             changed: Notify::new(),
             resolve_wanted: Notify::new(),
             models_stale: Notify::new(),
         }
     }
 
-    pub fn all(&self) -> &[Arc<Instance>] {
-        &self.instances
+    /// The configured instances now (a retired one is no longer listed).
+    pub fn all(&self) -> Arc<Vec<Arc<Instance>>> {
+        self.instances.load_full()
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Instance>> {
-        self.instances.iter().find(|i| i.name == name)
+    pub fn get(&self, name: &str) -> Option<Arc<Instance>> {
+        self.instances
+            .load()
+            .iter()
+            .find(|i| i.name == name)
+            .cloned()
     }
 
     pub fn any_ready(&self) -> bool {
-        self.instances.iter().any(|i| i.is_ready())
+        self.instances.load().iter().any(|i| i.is_ready())
     }
 
     /// Wakes everything waiting for an instance to change.
@@ -164,5 +177,54 @@ impl Verdict {
             500..=599 => Verdict::RequestError,
             _ => Verdict::Answered,
         }
+    }
+}
+
+// ---- Reload (src/reload.rs): the instance set changes. ----
+impl Registry {
+    /// A new instance for `config`, listed from now on (its index is new).
+    pub fn add(
+        &self,
+        config: &crate::config::InstanceConfig,
+        passive: &crate::config::PassiveConfig,
+    ) -> Arc<Instance> {
+        let index = self
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let instance = Arc::new(Instance::new(index, config, passive));
+        self.instances.rcu(|list| {
+            let mut list = Vec::clone(list);
+            list.push(instance.clone());
+            list
+        });
+        self.notify_changed();
+        instance
+    }
+
+    /// Takes `instance` out: no new request goes there, and it is no longer listed.
+    pub fn retire(&self, instance: &Arc<Instance>) {
+        instance.retire();
+        self.instances.rcu(|list| {
+            list.iter()
+                .filter(|i| !Arc::ptr_eq(i, instance))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        self.notify_changed();
+    }
+
+    /// The health settings now.
+    pub fn health(&self) -> Arc<crate::config::HealthConfig> {
+        self.health.load_full()
+    }
+
+    /// New active-check and model-poll settings, taken at their next round.
+    pub fn set_health(&self, health: crate::config::HealthConfig) {
+        self.health.store(Arc::new(health));
+    }
+
+    /// Instances ever created (retired ones included): one past the largest index.
+    pub fn created(&self) -> usize {
+        self.created.load(std::sync::atomic::Ordering::Acquire)
     }
 }

@@ -45,10 +45,11 @@ const STALE_CHECK: Duration = Duration::from_millis(100);
 /// `interval`, and at once after a model-management request, forever. An instance the sidecar
 /// just made load a model has its `/api/ps` read again within [`STALE_CHECK`], so the model the
 /// load evicted leaves the view before the next poll.
-pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
-    let timeout = interval.min(Duration::from_secs(5));
+pub async fn poll_loaded_models(registry: Arc<Registry>, first: Duration) {
+    let mut interval = first;
     loop {
-        for instance in registry.all() {
+        let timeout = interval.min(Duration::from_secs(5));
+        for instance in registry.all().iter() {
             instance.take_loaded_stale();
             refresh(&registry, instance, timeout).await;
         }
@@ -58,7 +59,7 @@ pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
                 _ = tokio::time::sleep_until(next) => break,
                 _ = registry.models_stale().notified() => break,
                 _ = tokio::time::sleep(STALE_CHECK) => {
-                    for instance in registry.all() {
+                    for instance in registry.all().iter() {
                         if instance.take_loaded_stale() {
                             refresh_loaded(&registry, instance, timeout).await;
                         }
@@ -66,6 +67,8 @@ pub async fn poll_loaded_models(registry: Arc<Registry>, interval: Duration) {
                 }
             }
         }
+        // A reload may have changed it.
+        interval = registry.health().models_interval;
     }
 }
 

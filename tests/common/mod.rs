@@ -1111,3 +1111,57 @@ pub fn access_lines(
     wait_until(Duration::from_secs(10), || enough(&read()));
     read()
 }
+
+// ---- Reload (tests/reload.rs): rewrite a running sidecar's configuration and reload it. ----
+impl Sidecar {
+    /// The admin listener's URL for `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// Writes `body` after the same `listen` and `admin.listen` lines [`SidecarCmd::new`] wrote
+    /// (the file is replaced whole, by rename, as editors and configuration tools do).
+    pub fn rewrite_config(&self, body: &str) {
+        let text = format!(
+            "listen: 127.0.0.1:{}\nadmin:\n  listen: 127.0.0.1:{}\n{body}",
+            self.port, self.admin_port
+        );
+        self.rewrite_config_text(&text);
+    }
+
+    /// Replaces the configuration file with `text` exactly.
+    pub fn rewrite_config_text(&self, text: &str) {
+        let path = self.config.path();
+        let next = path.with_extension("next");
+        std::fs::write(&next, text).expect("write the next configuration");
+        std::fs::rename(&next, path).expect("replace the configuration");
+    }
+
+    /// `POST /reload` on the admin listener: its status and JSON answer.
+    pub fn reload(&self) -> (u16, serde_json::Value) {
+        let r = client()
+            .post(self.admin_url("/reload"))
+            .send()
+            .expect("POST /reload");
+        let status = r.status().as_u16();
+        (status, r.json().expect("/reload answers JSON"))
+    }
+
+    /// The configuration generation `/status` reports.
+    pub fn config_generation(&self) -> u64 {
+        self.status()["config"]["generation"]
+            .as_u64()
+            .expect("/status config.generation")
+    }
+
+    /// The value of the metric line that starts with `series` (name and labels), if present.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = client()
+            .get(self.admin_url("/metrics"))
+            .send()
+            .and_then(|r| r.text())
+            .expect("admin /metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+}

@@ -99,6 +99,7 @@ impl Subrequest {
         };
         let dispatch = Dispatch {
             instance: instance.clone(),
+            app: ctx.app.clone(),
             request_id: ctx.request_id.clone(),
             body_length: body.len(),
         };
