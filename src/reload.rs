@@ -548,6 +548,23 @@ mod tests {
     }
 
     #[test]
+    fn model_rules_reload_unless_a_rule_is_pinned() {
+        let a = parsed(BASE);
+        let limited = parsed(&format!(
+            "{BASE}models:\n  - match: \"m*\"\n    max_concurrent: 2\n"
+        ));
+        assert!(needs_restart(&a, &limited).is_none());
+        assert_eq!(changed_sections(&a, &limited), vec!["models"]);
+        let pinned = parsed(&format!("{BASE}models:\n  - match: m\n    pinned: true\n"));
+        let refused = needs_restart(&limited, &pinned).unwrap();
+        assert!(
+            refused.starts_with("models (with pinned rules) changed"),
+            "{refused}"
+        );
+        assert!(needs_restart(&pinned, &pinned).is_none());
+    }
+
+    #[test]
     fn a_new_key_is_a_change_of_keys_alone() {
         let a = parsed(BASE);
         let b = parsed(&format!(
