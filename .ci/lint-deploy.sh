@@ -178,8 +178,14 @@ if command -v systemd-analyze >/dev/null; then
   rm -rf "$root"
   mkdir -p "$root/usr/local/bin" "$root/etc/systemd/system" "$root/usr/lib/systemd"
   cp -r /usr/lib/systemd/system "$root/usr/lib/systemd/" 2>/dev/null || mkdir -p "$root/usr/lib/systemd/system"
-  printf '#!/bin/sh\n' >"$root/usr/local/bin/ollama-sidecar"
-  chmod +x "$root/usr/local/bin/ollama-sidecar"
+  # A placeholder for every program the unit's Exec*= lines run (ExecStart's binary, ExecReload's
+  # kill), with systemd's prefixes (- @ + ! :) taken off.
+  grep -E '^Exec[A-Za-z]*=' conf/ollama-sidecar.service | sed -E 's/^[^=]*=[-@+!:]*//; s/[[:space:]].*//' \
+    | sort -u | while read -r program; do
+      mkdir -p "$root$(dirname "$program")"
+      printf '#!/bin/sh\n' >"$root$program"
+      chmod +x "$root$program"
+    done
   cp conf/ollama-sidecar.service "$root/etc/systemd/system/"
   out=$(systemd-analyze verify --root="$(pwd)/$root" /etc/systemd/system/ollama-sidecar.service 2>&1) \
     || fail "systemd-analyze verify: $out"
