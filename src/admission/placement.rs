@@ -433,22 +433,10 @@ pub fn usable_avoid(instances: &[Arc<Instance>], avoid: Option<usize>) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{InstanceConfig, ModelRuleConfig, ModelRulesConfig, UpstreamAddress};
-    use crate::upstream::InstanceState;
+    use crate::config::{ModelRuleConfig, ModelRulesConfig};
 
     fn ready(index: usize, loaded: &str) -> Arc<Instance> {
-        let config = InstanceConfig {
-            name: format!("i{index}"),
-            upstream: UpstreamAddress {
-                host: "127.0.0.1".to_string(),
-                port: 11434 + index as u16,
-                tls: false,
-            },
-            num_parallel: 1,
-            supervised: None,
-        };
-        let inst = Arc::new(Instance::new(index, &config, &Default::default()));
-        inst.set_state(InstanceState::Ready);
+        let inst = super::super::tests::instance(index, 1);
         // Seen holding one model: a load there evicts it.
         inst.set_loaded_models(vec![loaded.to_string()]);
         inst

@@ -4,7 +4,8 @@ use crate::upstream::InstanceState;
 use rand::Rng;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-fn instance(index: usize, slots: usize) -> Arc<Instance> {
+/// A ready instance `i<index>` with `slots` slots (also used by `placement`'s tests).
+pub(super) fn instance(index: usize, slots: usize) -> Arc<Instance> {
     let config = InstanceConfig {
         name: format!("i{index}"),
         upstream: UpstreamAddress {
