@@ -125,7 +125,7 @@ fn a_per_request_500_is_counted_not_ejected_on() {
         body["error"]
             .as_str()
             .unwrap_or("")
-            .contains("requires more system memory"),
+            .contains("unable to load full model on GPU"),
         "{body}"
     );
     let started = Instant::now();

@@ -25,7 +25,7 @@ Mock memory model (not Ollama variables):
                         (bytes, or with a unit: 500MB, 2GiB), else a size by family
   MOCK_MEMORY           memory budget (same units) the loaded models share (default: unlimited);
                         a model that does not fit evicts idle models first; one larger than
-                        the whole budget gets Ollama's 500 (model requires more system memory)
+                        the whole budget gets Ollama's 500 (unable to load full model on GPU)
   MOCK_LOAD_MS_PER_GB   load time per GB of model size, added to MOCK_LOAD_DELAY_MS (default 0)
 
 Routes: Ollama's route table, routed like Ollama (Go net/http decodes the path, gin v1.10 routes it:

@@ -763,20 +763,15 @@ impl State {
         log.push_back(e);
     }
 
-    /// Ollama's answer to a model that could not fit even with nothing else loaded: the load
-    /// fails with "model requires more system memory (X) than is available (Y)" (llm/server.go
-    /// `NewLlamaServer`, passed back by server/sched.go `load` on the request's `errCh`), and
-    /// server/routes.go `handleScheduleError` answers any such scheduling error with a 500. A
-    /// per-request error: the server itself is healthy and serves other models.
+    /// Ollama's answer to a model that could not fit even with nothing else loaded: the runner's
+    /// load fails with `llm.ErrLoadRequiredFull` ("unable to load full model on GPU",
+    /// llm/server.go), which server/sched.go `load` passes back on the request's `errCh` when no
+    /// other model is loaded (`requireFull` false), and server/routes.go `handleScheduleError`
+    /// answers any such scheduling error with a 500. A per-request error: the server itself is
+    /// healthy and serves other models.
     pub fn too_large(&self, model: &Model) -> Option<String> {
         let budget = self.cfg.memory?;
-        (model.footprint() > budget).then(|| {
-            format!(
-                "model requires more system memory ({}) than is available ({})",
-                human_bytes(model.footprint()),
-                human_bytes(budget)
-            )
-        })
+        (model.footprint() > budget).then(|| "unable to load full model on GPU".to_string())
     }
 
     /// Schedule the request on the model's runner (loading it, evicting others if needed),
@@ -986,17 +981,6 @@ impl Drop for Slot {
             self.state.stats.disconnects.fetch_add(1, Relaxed);
         }
     }
-}
-
-/// Go's `format.HumanBytes2` (ollama/format/bytes.go): binary units with one decimal.
-fn human_bytes(b: u64) -> String {
-    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
-    for (size, unit) in UNITS {
-        if b >= size {
-            return format!("{:.1} {unit}", b as f64 / size as f64);
-        }
-    }
-    format!("{b} B")
 }
 
 #[cfg(test)]
