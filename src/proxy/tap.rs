@@ -52,9 +52,8 @@ pub struct TapSummary {
     pub done: bool,
     /// The body was a stream (NDJSON or SSE).
     pub streamed: bool,
-    /// Streamed chunks that carried output. Ollama's runners send each generated token as it
-    /// comes, holding back only a piece that may be a stop sequence or a partial UTF-8 character,
-    /// so this is a lower bound of the completion tokens when the stream ends before its counts.
+    /// Streamed chunks that carried output. Each carries at least one generated token, so this is
+    /// a lower bound of the completion tokens when the stream ends before its counts.
     pub token_chunks: u64,
 }
 
