@@ -366,11 +366,14 @@ fn a_removed_instance_finishes_its_stream_then_its_process_is_stopped() {
     let (status, answer) = sidecar.reload();
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["changed"], json!(["instances"]));
+    // Checked while the stream surely runs: the request below takes as long as the stream, so
+    // after it the stream may have ended and the process been stopped, rightly.
+    assert!(!stream.is_finished(), "the stream ended before the reload");
+    assert!(alive(pids[gone]), "stopped before its stream ended");
     // New requests go to the instance that stays, at once.
     let before = client_requests_on(kept_port);
     assert_eq!(generate(&sidecar, "none"), 200);
     assert_eq!(client_requests_on(kept_port), before + 1);
-    assert!(alive(pids[gone]), "stopped before its stream ended");
 
     let lines = stream.join().expect("stream reader");
     let last = lines.last().expect("lines");
