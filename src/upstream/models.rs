@@ -90,9 +90,12 @@ async fn refresh_loaded(registry: &Registry, instance: &Instance, timeout: Durat
     };
     let mut current = instance.loaded_models();
     current.sort();
-    if current != models {
+    let changed = current != models;
+    // Even when it matches the view (the sidecar noted the loads it caused), the answer
+    // confirms the noted models and teaches how many fit.
+    instance.set_loaded_models(models.clone());
+    if changed {
         tracing::debug!(instance = %instance.name, ?models, "loaded models changed");
-        instance.set_loaded_models(models);
         registry.notify_changed();
     }
 }
