@@ -75,7 +75,7 @@ pub const GATEWAY_QUEUED: &str = "ollama_sidecar_queue_requests";
 pub const GATEWAY_RUNNING: &str = "ollama_sidecar_running_requests";
 /// KVCacheUtilization, a fraction 0..1 as the picker reads vLLM's `vllm:kv_cache_usage_perc`
 /// (its kv-cache-utilization scorer scores `1 - value`). Ollama reports no cache use; what it
-/// does is split its KV cache into `num_parallel` equal slots and give each running sequence one
+/// does is split each loaded model's KV cache into `num_parallel` equal slots and give each running sequence one
 /// whole slot (ollama/ollama `runner/ollamarunner/cache.go`, `NewInputCache` and
 /// `LoadCacheSlot`), so the share of slots held is the share of the cache held by running
 /// requests: the closest honest signal, an upper bound of the tokens actually stored.
@@ -598,7 +598,7 @@ impl Metrics {
                 IntGaugeVec,
                 opts(
                     "instance_slots",
-                    "Inference slots of the instance (num_parallel)."
+                    "Inference slots of the instance: num_parallel for each model it was seen holding at once (Ollama gives every loaded model its own num_parallel)."
                 ),
                 &["instance"]
             ),
@@ -855,7 +855,7 @@ impl Metrics {
                     .all()
                     .iter()
                     .find(|inst| inst.index == i)
-                    .map_or(0, |inst| inst.slot_limit())
+                    .map_or(0, |inst| inst.request_limit())
             }));
     }
 
@@ -949,7 +949,7 @@ fn encode(registry: &prometheus::Registry, capacity: usize) -> String {
 }
 
 /// Held slots over the slots instances can serve now (`capacity` of an instance index: its
-/// `slot_limit`, 0 out of rotation), at most 1; 1 when no instance can serve (nothing more
+/// `request_limit`, 0 out of rotation), at most 1; 1 when no instance can serve (nothing more
 /// fits). A request still finishing on an instance that left rotation keeps counting as held.
 pub fn busy_slots_ratio(slots: &[SlotUse], capacity: impl Fn(usize) -> usize) -> f64 {
     let busy: usize = slots.iter().map(|s| s.busy).sum();

@@ -537,3 +537,51 @@ fn a_pinned_model_is_loaded_again_when_an_external_instance_comes_back() {
         sidecar.log_text()
     );
 }
+
+/// Ollama gives every loaded model its own `OLLAMA_NUM_PARALLEL` slots (server/sched.go sets
+/// `numParallel` per runner), so an instance holding two models runs a request for each at
+/// once. The sidecar sends it that much and no more: two models' requests run side by side,
+/// a second request for the same model waits in the sidecar, never inside Ollama.
+#[test]
+fn each_loaded_model_gets_its_own_num_parallel_slots() {
+    let mock = Mock::start(&[
+        ("MOCK_MODELS", "a,b"),
+        ("OLLAMA_NUM_PARALLEL", "1"),
+        ("OLLAMA_MAX_LOADED_MODELS", "2"),
+        ("MOCK_TOKENS", "6"),
+        ("MOCK_TOKEN_DELAY_MS", "100"),
+    ]);
+    let sidecar = Sidecar::start(&common::external_instances(&[&mock], 1));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    // Both models loaded, and the sidecar has seen the instance hold both.
+    assert_eq!(generate(&base, "a").0, 200);
+    assert_eq!(generate(&base, "b").0, 200);
+    assert!(
+        common::wait_until(Duration::from_secs(10), || {
+            sidecar.status()["instances"][0]["slots"] == 2
+        }),
+        "{}",
+        sidecar.status()
+    );
+    client()
+        .post(mock.url("/mock/reset"))
+        .send()
+        .expect("reset");
+
+    let t = Instant::now();
+    assert_eq!(burst(&base, &["a", "b", "a"]), [200, 200, 200]);
+    let elapsed = t.elapsed();
+    let stats = mock_stats(&mock);
+    assert_eq!(stats["peak_inference_in_flight"], 2, "{stats}");
+    assert_eq!(stats["peak_by_model"]["a:latest"], 1, "{stats}");
+    assert_eq!(
+        stats["peak_queued"], 0,
+        "nothing waited inside Ollama: {stats}"
+    );
+    assert_eq!(stats["cold_loads"], 0, "no swap: {stats}");
+    // One instance slot would serve the three 600 ms answers one after another (1.8 s).
+    assert!(elapsed < Duration::from_millis(1500), "{elapsed:?}");
+}

@@ -429,7 +429,7 @@ fn instance_status(
         "in_flight": inst.in_flight(),
         "busy_slots": slot.map(|s| s.busy),
         "placement": snap.placement.get(inst.index).map(|p| p.to_json()),
-        "slots": slot.map(|s| s.slots).unwrap_or(inst.num_parallel),
+        "slots": slot.map(|s| s.slots).unwrap_or_else(|| inst.slots()),
         "request_errors": inst.request_errors(),
         "ready_in_seconds": ready_not_before.map(|(at, _)| at.saturating_duration_since(std::time::Instant::now()).as_secs_f64()),
         "not_ready_because": ready_not_before.map(|(_, cause)| cause),

@@ -1,8 +1,9 @@
 //! Admission: every inference request gets a slot on an instance that can serve it, waits its turn
 //! in a queue that is bounded, fair and observable, or is refused at once with a reason.
 //!
-//! - **Slots.** Instance `i` serves at most `num_parallel` admitted requests at once; a [`Permit`]
-//!   holds one slot until dropped. Only ready instances get new permits; with none ready, requests
+//! - **Slots.** As in Ollama, each model loaded on instance `i` serves at most `num_parallel`
+//!   admitted requests at once, and the instance as many models' worth as it was seen holding
+//!   (`Instance::slots`); a [`Permit`] holds one slot until dropped. Only ready instances get new permits; with none ready, requests
 //!   wait (up to `max_wait`) and are dispatched by [`Admission::poke`].
 //! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
 //!   aging (`queue.rs` has the exact order); a client whose turn has waited past the starvation
@@ -38,7 +39,7 @@ pub use placement::{PlacementCounts, Reason};
 
 use crate::config::QueueConfig;
 use crate::upstream::Instance;
-use placement::{Choice, Placement};
+use placement::{Choice, Placement, Used};
 use queue::{Entry, FairQueue};
 pub use snapshot::WaiterView;
 use std::fmt;
@@ -191,7 +192,7 @@ pub struct SlotUse {
     pub name: String,
     /// Slots held by permits.
     pub busy: usize,
-    /// `num_parallel`.
+    /// `num_parallel` for each model the instance holds at once ([`Instance::slots`]).
     pub slots: usize,
 }
 
@@ -386,7 +387,7 @@ impl Admission {
                     index: inst.index,
                     name: inst.name.clone(),
                     busy: *busy,
-                    slots: inst.num_parallel,
+                    slots: inst.slots(),
                 })
                 .collect(),
             counters: st.counters,
@@ -572,6 +573,7 @@ impl Shared {
             reason,
             granted_at: Instant::now(),
             armed: true,
+            load: None,
         }
     }
 
@@ -732,7 +734,7 @@ impl Shared {
                     waited_ms = g.permit.waited.as_millis() as u64, "admission: granted");
                 if let Err(Ok(mut permit)) = g.tx.send(Ok(g.permit)) {
                     permit.armed = false;
-                    let used = permit.model.as_deref().map(|m| (m, false, None));
+                    let used = permit.model.as_deref().map(Used::never);
                     // Never used: the model's in-flight count goes back, nothing is learned.
                     self.release_into(permit.pos, true, used, &mut grants);
                 }
@@ -741,19 +743,18 @@ impl Shared {
     }
 
     /// Gives a slot back and dispatches (under the lock); grants to deliver go to `grants`.
-    /// `used`: the model, whether its grant caused a load, and how long the slot was held
-    /// (`None`: the permit never reached its request).
+    /// `used`: the model and what its slot's use showed (see [`Used`]).
     fn release_into(
         self: &Arc<Self>,
         pos: usize,
         undelivered: bool,
-        used: Option<(&str, bool, Option<Duration>)>,
+        used: Option<Used<'_>>,
         grants: &mut Vec<Grant>,
     ) {
         let mut st = self.lock();
         let instances = self.instances.load();
-        if let (Some((model, cold, held)), Some(instance)) = (used, instances.get(pos)) {
-            st.placement.released(pos, instance, model, cold, held);
+        if let (Some(used), Some(instance)) = (used, instances.get(pos)) {
+            st.placement.released(pos, instance, used);
         }
         if let Some(busy) = st.busy.get_mut(pos) {
             *busy = busy.saturating_sub(1);
@@ -766,12 +767,7 @@ impl Shared {
         self.dispatch(&mut st, Instant::now(), grants);
     }
 
-    fn release(
-        self: &Arc<Self>,
-        pos: usize,
-        undelivered: bool,
-        used: Option<(&str, bool, Option<Duration>)>,
-    ) {
+    fn release(self: &Arc<Self>, pos: usize, undelivered: bool, used: Option<Used<'_>>) {
         let mut grants = Vec::new();
         self.release_into(pos, undelivered, used, &mut grants);
         self.deliver(grants);
@@ -902,9 +898,9 @@ fn choose(
         if avoid == Some(pos) {
             continue;
         }
-        // `slot_limit` is 0 for an instance that is not ready or is ejected, 1 during its
+        // `request_limit` is 0 for an instance that is not ready or is ejected, 1 during its
         // half-open trial.
-        let free = inst.slot_limit().saturating_sub(*busy);
+        let free = inst.request_limit().saturating_sub(*busy);
         if free == 0 {
             continue;
         }
@@ -1006,7 +1002,7 @@ impl Drop for Waiting {
         self.rx.close();
         if let Ok(Ok(mut permit)) = self.rx.try_recv() {
             permit.armed = false;
-            let used = permit.model.as_deref().map(|m| (m, false, None));
+            let used = permit.model.as_deref().map(Used::never);
             self.shared.release(permit.pos, true, used);
         }
     }
@@ -1026,6 +1022,9 @@ pub struct Permit {
     armed: bool,
     /// Granted while the instance was half-open: the trial whose outcome decides it.
     trial: bool,
+    /// What the instance said loading the model took for this request (Ollama's
+    /// `load_duration`), once the answer is read.
+    load: Option<Duration>,
 }
 
 impl Permit {
@@ -1047,6 +1046,12 @@ impl Permit {
     pub fn is_trial(&self) -> bool {
         self.trial
     }
+
+    /// Records the `load_duration` the instance reported for this request: placement learns
+    /// from it what a load costs and whether its view of the loaded models was right.
+    pub fn observed_load(&mut self, load: Option<Duration>) {
+        self.load = load;
+    }
 }
 
 impl fmt::Debug for Permit {
@@ -1063,10 +1068,12 @@ impl Drop for Permit {
         if self.armed {
             self.armed = false;
             let held = self.granted_at.elapsed();
-            let used = self
-                .model
-                .as_deref()
-                .map(|m| (m, self.reason.is_cold(), Some(held)));
+            let used = self.model.as_deref().map(|model| Used {
+                model,
+                cold: self.reason.is_cold(),
+                held: Some(held),
+                load: self.load,
+            });
             self.shared.release(self.pos, false, used);
         }
     }

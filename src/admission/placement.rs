@@ -1,17 +1,20 @@
 //! Where a request for a model goes, knowing what a cold load costs: learned per (instance,
 //! model) from the slots admission grants, and the decision for one waiter.
 //!
-//! - **Service time**: how long a slot on a warm instance is held (EWMA).
-//! - **Cold-load time**: how much longer a slot that caused a load is held than a warm one.
-//! - **What fits**: the most models an instance was seen holding at once (`Instance`).
+//! - **Service time**: how long a slot on a warm instance is held, less the `load_duration`
+//!   Ollama reports (EWMA).
+//! - **Cold-load time**: Ollama's `load_duration` when it shows a load; without it, how much
+//!   longer a slot that caused a load is held than a warm one. Before any load was seen,
+//!   dispatch is work-conserving.
+//! - **What fits**: the most models an instance was seen holding at once (`Instance`); each
+//!   gets `num_parallel` slots, as Ollama gives each runner.
 //!
 //! A request whose model is warm only on busy instances waits for a warm slot while that is
-//! expected sooner than a cold load elsewhere would cost, and never longer than that cost (so
-//! it cannot starve for affinity); then it cold-loads, preferring an instance where the load
-//! evicts nothing, else the one whose evicted model was asked for longest ago. A load costs its
-//! load time, twice that when it evicts a model asked for within the last ten load times (that
-//! model will need loading again). With nothing learned yet, dispatch is work-conserving as
-//! before.
+//! expected sooner than a cold load elsewhere would cost, and never longer than that cost past
+//! the end of the model's last load (so it cannot starve for affinity); then it cold-loads,
+//! preferring an instance where the load evicts nothing, else the one whose evicted model was
+//! asked for longest ago. A load costs its load time, twice that when it evicts a model asked
+//! for within the last ten load times (that model will need loading again).
 
 use super::model_rules::ModelRules;
 use super::Refusal;
@@ -25,6 +28,10 @@ use tokio::time::Instant;
 /// A model asked for within this many cold-load times is "asked for lately": evicting it to
 /// load another costs its reload as well.
 const RECENT_LOADS: u32 = 10;
+
+/// A `load_duration` at least this long means the instance loaded the model for the request
+/// (or waited for room to): a warm request's is its scheduling, a few milliseconds.
+const LOAD_SEEN: Duration = Duration::from_millis(50);
 
 /// Weight of a new sample in the moving averages.
 const EWMA_WEIGHT: f64 = 0.3;
@@ -89,6 +96,29 @@ struct Learned {
     cold_load: Option<Duration>,
 }
 
+/// How a released slot was used.
+pub struct Used<'a> {
+    pub model: &'a str,
+    /// Its grant was expected to make the instance load the model.
+    pub cold: bool,
+    /// How long the slot was held; `None`: the permit never reached its request.
+    pub held: Option<Duration>,
+    /// The instance's `load_duration` for the request, when its answer said.
+    pub load: Option<Duration>,
+}
+
+impl<'a> Used<'a> {
+    /// A permit that never reached its request: nothing to learn.
+    pub fn never(model: &'a str) -> Used<'a> {
+        Used {
+            model,
+            cold: false,
+            held: None,
+            load: None,
+        }
+    }
+}
+
 /// Per-instance placement counts, for `/status`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PlacementCounts {
@@ -122,6 +152,8 @@ pub struct Placement {
     learned: HashMap<(usize, String), Learned>,
     /// When each model was last asked for.
     last_asked: HashMap<String, Instant>,
+    /// When the load this sidecar last made an instance start of each model is expected to end.
+    load_ends: HashMap<String, Instant>,
     pub counts: Vec<PlacementCounts>,
     /// The `models:` rules and the requests running under their limits.
     pub rules: ModelRules,
@@ -161,6 +193,7 @@ impl Placement {
         self.rules.started(pos, model);
         let cold = !instance.has_model(model);
         let victim = cold.then(|| self.victim(instance, false)).flatten();
+        let load_ends = Instant::now() + self.load_cost(pos, model);
         crate::metrics::global().placement(
             &instance.name,
             model,
@@ -182,6 +215,7 @@ impl Placement {
             return;
         }
         instance.mark_loaded_stale();
+        self.load_ends.insert(model.to_string(), load_ends);
         if let Some(Some(victim)) = victim {
             instance.forget_model(&victim);
             counts.evictions += 1;
@@ -189,29 +223,35 @@ impl Placement {
         instance.note_model(model);
     }
 
-    /// A slot was given back after `held`; `cold` when its grant caused a load; `used`: the
-    /// request reached the instance (a grant nobody took teaches nothing).
-    pub fn released(
-        &mut self,
-        pos: usize,
-        instance: &Instance,
-        model: &str,
-        cold: bool,
-        held: Option<Duration>,
-    ) {
+    /// A slot for `used.model` on instance `pos` was given back: learn from how it was used.
+    pub fn released(&mut self, pos: usize, instance: &Instance, used: Used<'_>) {
+        let model = used.model;
         instance.model_in_use(model, false);
         self.rules.finished(pos, model);
-        let Some(held) = held else {
+        let Some(held) = used.held else {
             return;
         };
-        let key = (pos, model.to_string());
-        let learned = self.learned.entry(key).or_default();
-        if cold {
-            // The load is what the cold slot took beyond a warm one.
-            let load = held.saturating_sub(learned.service.unwrap_or_default());
-            learned.cold_load = Some(ewma(learned.cold_load, load));
-        } else {
-            learned.service = Some(ewma(learned.service, held));
+        let learned = self.learned.entry((pos, model.to_string())).or_default();
+        match used.load {
+            // Ollama said what loading took: the rest of the slot's time was service, and a
+            // load it reports is a load, whatever this sidecar expected.
+            Some(load) => {
+                learned.service = Some(ewma(learned.service, held.saturating_sub(load)));
+                if load >= LOAD_SEEN {
+                    learned.cold_load = Some(ewma(learned.cold_load, load));
+                    if !used.cold {
+                        // The view said loaded; it was not: read `/api/ps` now.
+                        instance.mark_loaded_stale();
+                    }
+                }
+            }
+            // No `load_duration` (OpenAI routes, a stream cut short): the load is what the
+            // cold slot took beyond a warm one.
+            None if used.cold => {
+                let load = held.saturating_sub(learned.service.unwrap_or_default());
+                learned.cold_load = Some(ewma(learned.cold_load, load));
+            }
+            None => learned.service = Some(ewma(learned.service, held)),
         }
     }
 
@@ -315,6 +355,33 @@ impl Placement {
         .or_else(|| mean(&mut self.learned.values().filter_map(|l| l.cold_load)))
     }
 
+    /// Whether a request for `model` on `instance` must wait because the instance holds no
+    /// place for it: every model it can hold (as seen) has requests running and `model` is not
+    /// one of them. Ollama would hold its whole scheduler, every later request to that
+    /// instance included, until one of them goes idle (sched.go `processPending` waits for the
+    /// runner it picked to unload). Such a request waits here instead, but no longer than a
+    /// load of the model takes, so a busy instance cannot keep a model out. When more models
+    /// run than fit (that escape, or a capacity learned late), only those `/api/ps` lists take
+    /// more requests: the others would each evict another, in turn.
+    fn no_place_for(&self, pos: usize, instance: &Instance, model: &str, waited: Duration) -> bool {
+        let capacity = instance.model_capacity();
+        if capacity == 0 {
+            // Not seen holding any model yet: one load shows what fits.
+            return false;
+        }
+        let running = instance.models_running();
+        if instance.is_model_in_use(model) {
+            return running > capacity && !instance.listed_loaded(model);
+        }
+        running >= capacity && waited < self.load_cost(pos, model)
+    }
+
+    /// What a load of `model` on `pos` is taken to cost: as learned, else nothing (before any
+    /// load was seen, dispatch is work-conserving).
+    fn load_cost(&self, pos: usize, model: &str) -> Duration {
+        self.cold_load(pos, model).unwrap_or_default()
+    }
+
     /// The choice for a waiter asking for `model` that has waited since `enqueued`; `ahead`
     /// waiters for the same model were considered before it in this round.
     #[allow(clippy::too_many_arguments)]
@@ -340,6 +407,14 @@ impl Placement {
             .iter()
             .enumerate()
             .any(|(pos, i)| allowed(pos) && i.may_serve(model));
+        // Patience for a warm slot counts from when the model's last load is expected to end,
+        // if that is after the request came: waiting for a slot the model did not have yet is
+        // not waiting for its warm one.
+        let since = self
+            .load_ends
+            .get(model)
+            .map_or(enqueued, |at| enqueued.max(*at));
+        let waited = now.saturating_duration_since(since);
         let mut free: Vec<(usize, &Arc<Instance>, usize)> = Vec::new();
         let mut warm_busy_slots = 0usize;
         for offset in 0..n {
@@ -356,7 +431,14 @@ impl Placement {
             } else {
                 inst.slot_limit()
             };
-            let f = limit.saturating_sub(*b);
+            // The model's own slots (Ollama gives each loaded model `num_parallel`), within
+            // what the instance serves over all its models.
+            let mut f = limit
+                .saturating_sub(inst.requests_for(model))
+                .min(inst.request_limit().saturating_sub(*b));
+            if f > 0 && self.no_place_for(pos, inst, model, waited) {
+                f = 0;
+            }
             if f > 0 {
                 free.push((pos, inst, f));
             } else if limit > 0 && inst.has_model(model) {
@@ -408,12 +490,11 @@ impl Placement {
             }
             _ => load,
         };
-        let waited = now.saturating_duration_since(enqueued);
         // Slots free up at about one service time each, shared by those ahead.
         let per_slot = self.service(model).unwrap_or_default();
         let warm_eta = per_slot.mul_f64((ahead + 1) as f64 / warm_busy_slots as f64);
         if waited < cost && warm_eta <= cost {
-            return Choice::Wait(enqueued + cost);
+            return Choice::Wait(since + cost);
         }
         Choice::Grant(*pos, (*inst).clone(), Reason::ColdLoadWarmBusy)
     }
@@ -426,7 +507,7 @@ pub fn usable_avoid(instances: &[Arc<Instance>], avoid: Option<usize>) -> Option
         instances
             .iter()
             .enumerate()
-            .any(|(pos, i)| pos != a && i.slot_limit() > 0)
+            .any(|(pos, i)| pos != a && i.is_ready())
     })
 }
 

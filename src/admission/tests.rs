@@ -843,3 +843,29 @@ async fn past_the_starvation_bound_a_flooding_client_still_takes_turns() {
     assert_eq!(order, ["flood", "new", "flood"]);
     drop(held);
 }
+
+/// Ollama gives each loaded model `num_parallel` slots: on an instance seen holding two models,
+/// a request for the second model runs beside the first's, while a second request for the
+/// first waits; the instance serves at most two models' worth.
+#[tokio::test]
+async fn each_model_held_gets_its_own_slots() {
+    let inst = instance(0, 1);
+    inst.set_loaded_models(vec!["a:latest".into(), "b:latest".into()]);
+    let adm = Admission::new(config(10), vec![inst.clone()]);
+    assert_eq!(adm.snapshot().slots[0].slots, 2);
+    let a = now(&adm, req("c1").model("a:latest"));
+    let b = now(&adm, req("c2").model("b:latest"));
+    let mut second_a = queued(&adm, req("c3").model("a:latest"));
+    // A third model would need a third place: the instance is full.
+    let mut c = queued(&adm, req("c4").model("c:latest"));
+    assert_eq!(adm.snapshot().held(), 2);
+    drop(a);
+    tokio::task::yield_now().await;
+    let second_a = second_a.try_take();
+    assert!(
+        matches!(&second_a, Some(Ok(p)) if p.instance().index == 0),
+        "the freed slot of a goes to a"
+    );
+    assert!(c.try_take().is_none(), "{:?}", adm.snapshot());
+    drop((b, second_a));
+}

@@ -244,8 +244,10 @@ impl Instance {
         self.slot_limit() > 0
     }
 
-    /// How many admitted requests the instance may serve at once right now: `num_parallel`,
-    /// one during a half-open trial, none when it is not ready or is ejected.
+    /// How many admitted requests for one model the instance may serve at once right now:
+    /// `num_parallel` (Ollama's `OLLAMA_NUM_PARALLEL`, which each loaded model's runner gets on
+    /// its own: server/sched.go sets `runner.numParallel` per runner), one during a half-open
+    /// trial, none when it is not ready or is ejected.
     pub fn slot_limit(&self) -> usize {
         if self.state() != InstanceState::Ready || self.addr().is_none() || self.is_retired() {
             return 0;
@@ -254,6 +256,23 @@ impl Instance {
             Gate::Open => self.num_parallel,
             Gate::HalfOpen => 1,
             Gate::Ejected => 0,
+        }
+    }
+
+    /// The instance's slots: `num_parallel` for each model it can hold at once (as seen on
+    /// `/api/ps`; one until it was seen holding more).
+    pub fn slots(&self) -> usize {
+        self.num_parallel
+            .saturating_mul(self.model_capacity().max(1))
+    }
+
+    /// How many admitted requests, over all models, the instance may serve at once right now:
+    /// [`slots`](Self::slots), one during a half-open trial, none when not ready or ejected.
+    pub fn request_limit(&self) -> usize {
+        match self.slot_limit() {
+            0 => 0,
+            _ if self.gate() == Gate::HalfOpen => 1,
+            _ => self.slots(),
         }
     }
 
@@ -522,10 +541,29 @@ impl Instance {
 
     /// Whether a request admitted here is using `model` now.
     pub fn is_model_in_use(&self, model: &str) -> bool {
+        self.requests_for(model) > 0
+    }
+
+    /// Whether the instance's last `/api/ps` answer listed `model` (not counting what the
+    /// sidecar noted since).
+    pub fn listed_loaded(&self, model: &str) -> bool {
+        self.loaded_models
+            .read()
+            .map(|m| m.iter().any(|x| x == model))
+            .unwrap_or(false)
+    }
+
+    /// How many models have requests admitted here running now.
+    pub fn models_running(&self) -> usize {
+        self.models_in_use.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// How many requests admitted here are using `model` now.
+    pub fn requests_for(&self, model: &str) -> usize {
         self.models_in_use
             .lock()
-            .map(|m| m.get(model).is_some_and(|n| *n > 0))
-            .unwrap_or(false)
+            .map(|m| m.get(model).copied().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     /// The sidecar just made the instance load a model: its `/api/ps` is worth reading now.

@@ -42,7 +42,7 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
     drop(pending);
     for attempt in 1u32.. {
         let queued_at = Instant::now();
-        let permit = match admit::admit(
+        let mut permit = match admit::admit(
             app,
             session,
             &mut watch,
@@ -77,6 +77,7 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
         let result =
             relay::attempt(app, session, ctx, &mut watch, &instance, body, may_retry).await;
         let trial = permit.is_trial();
+        permit.observed_load(ctx.tap.summary().load_duration);
         // The slot is held until the response is complete or the client is gone.
         drop(permit);
         let retry = match result? {
