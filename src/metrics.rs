@@ -75,8 +75,8 @@ pub const GATEWAY_QUEUED: &str = "ollama_sidecar_queue_requests";
 pub const GATEWAY_RUNNING: &str = "ollama_sidecar_running_requests";
 /// KVCacheUtilization, a fraction 0..1 as the picker reads vLLM's `vllm:kv_cache_usage_perc`
 /// (its kv-cache-utilization scorer scores `1 - value`). Ollama reports no cache use; what it
-/// does is split each loaded model's KV cache into `num_parallel` equal slots and give each running sequence one
-/// whole slot (ollama/ollama `runner/ollamarunner/cache.go`, `NewInputCache` and
+/// does is split each loaded model's KV cache into `num_parallel` equal slots and give each
+/// running sequence one whole slot (ollama/ollama `runner/ollamarunner/cache.go`, `NewInputCache` and
 /// `LoadCacheSlot`), so the share of slots held is the share of the cache held by running
 /// requests: the closest honest signal, an upper bound of the tokens actually stored.
 pub const GATEWAY_UTILIZATION: &str = "ollama_sidecar_busy_slots_ratio";

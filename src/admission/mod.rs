@@ -3,8 +3,9 @@
 //!
 //! - **Slots.** As in Ollama, each model loaded on instance `i` serves at most `num_parallel`
 //!   admitted requests at once, and the instance as many models' worth as it was seen holding
-//!   (`Instance::slots`); a [`Permit`] holds one slot until dropped. Only ready instances get new permits; with none ready, requests
-//!   wait (up to `max_wait`) and are dispatched by [`Admission::poke`].
+//!   (`Instance::slots`); a [`Permit`] holds one slot until dropped. Only ready instances get
+//!   new permits; with none ready, requests wait (up to `max_wait`) and are dispatched by
+//!   [`Admission::poke`].
 //! - **Fairness.** Round robin between clients, FIFO within a client, higher priority first with
 //!   aging (`queue.rs` has the exact order); a client whose turn has waited past the starvation
 //!   bound (`max_wait / 4`) goes first, longest first, so no priority gap outlasts it. A retry kept out only by the

@@ -193,7 +193,8 @@ impl Placement {
         self.rules.started(pos, model);
         let cold = !instance.has_model(model);
         let victim = cold.then(|| self.victim(instance, false)).flatten();
-        let load_ends = Instant::now() + self.load_cost(pos, model);
+        // Only a cold grant needs it (and `load_cost` scans what was learned).
+        let load_ends = cold.then(|| Instant::now() + self.load_cost(pos, model));
         crate::metrics::global().placement(
             &instance.name,
             model,
@@ -215,7 +216,9 @@ impl Placement {
             return;
         }
         instance.mark_loaded_stale();
-        self.load_ends.insert(model.to_string(), load_ends);
+        if let Some(ends) = load_ends {
+            self.load_ends.insert(model.to_string(), ends);
+        }
         if let Some(Some(victim)) = victim {
             instance.forget_model(&victim);
             counts.evictions += 1;

@@ -91,11 +91,13 @@ async fn refresh_loaded(registry: &Registry, instance: &Instance, timeout: Durat
     let mut current = instance.loaded_models();
     current.sort();
     let changed = current != models;
-    // Even when it matches the view (the sidecar noted the loads it caused), the answer
-    // confirms the noted models and teaches how many fit.
-    instance.set_loaded_models(models.clone());
     if changed {
         tracing::debug!(instance = %instance.name, ?models, "loaded models changed");
+    }
+    // Even when it matches the view (the sidecar noted the loads it caused), the answer
+    // confirms the noted models and teaches how many fit.
+    instance.set_loaded_models(models);
+    if changed {
         registry.notify_changed();
     }
 }
