@@ -189,9 +189,12 @@ impl Placement {
         reason: Reason,
         waited: Duration,
     ) {
+        // Whether the model was loaded before this request counted as using it: an `/api/ps`
+        // read in between notes every model in use as loaded, which would make this grant
+        // look warm.
+        let cold = !instance.has_model(model);
         instance.model_in_use(model, true);
         self.rules.started(pos, model);
-        let cold = !instance.has_model(model);
         let victim = cold.then(|| self.victim(instance, false)).flatten();
         // Only a cold grant needs it (and `load_cost` scans what was learned).
         let load_ends = cold.then(|| Instant::now() + self.load_cost(pos, model));
