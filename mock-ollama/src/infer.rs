@@ -195,14 +195,16 @@ pub fn parse<T: for<'de> Deserialize<'de>>(
     Err(http::error(flavor, StatusCode::BAD_REQUEST, &msg))
 }
 
+/// The request's `keep_alive`, `None` when absent or `null`: Ollama passes the handler's
+/// `*api.Duration` to the scheduler as it is, and a nil one leaves a loaded model's session as
+/// it was (sched.go `useLoadedRunner`); only a load takes `OLLAMA_KEEP_ALIVE` for it.
 fn keep_alive(
-    state: &State,
     v: Option<&serde_json::Value>,
     flavor: Flavor,
-) -> Result<KeepAlive, Response<Body>> {
+) -> Result<Option<KeepAlive>, Response<Body>> {
     match v.map(KeepAlive::from_json) {
-        None | Some(Ok(None)) => Ok(state.cfg.keep_alive),
-        Some(Ok(Some(k))) => Ok(k),
+        None | Some(Ok(None)) => Ok(None),
+        Some(Ok(Some(k))) => Ok(Some(k)),
         Some(Err(e)) => Err(http::error(flavor, StatusCode::BAD_REQUEST, &e)),
     }
 }
@@ -280,7 +282,7 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
     if model.embedding_only {
         return cannot_generate(kind, &name, flavor);
     }
-    let ka = match keep_alive(&state, req.keep_alive.as_ref(), flavor) {
+    let ka = match keep_alive(req.keep_alive.as_ref(), flavor) {
         Ok(k) => k,
         Err(r) => return r,
     };
@@ -290,7 +292,7 @@ pub async fn generate(ctx: &mut Ctx, body: &[u8], kind: Kind) -> Response<Body> 
         Kind::Chat | Kind::OaChat | Kind::Anthropic => msgs.count == 0,
     };
     let model_json = util::json_str(&name);
-    if empty && !kind.compat() && ka == KeepAlive::For(std::time::Duration::ZERO) {
+    if empty && !kind.compat() && ka == Some(KeepAlive::For(std::time::Duration::ZERO)) {
         model.unload();
         return load_answer(kind, &model_json, "unload");
     }
@@ -524,7 +526,7 @@ pub async fn embed(ctx: &mut Ctx, body: &[u8], api: EmbedApi) -> Response<Body> 
         Ok(m) => m,
         Err(r) => return r,
     };
-    let ka = match keep_alive(&state, req.keep_alive.as_ref(), flavor) {
+    let ka = match keep_alive(req.keep_alive.as_ref(), flavor) {
         Ok(k) => k,
         Err(r) => return r,
     };

@@ -524,14 +524,17 @@ impl Model {
     /// sched.go `useLoadedRunner`: take a reference on the loaded (or loading) runner, which
     /// also cancels an eviction mark; `None` when the model is not loaded. Returns when the
     /// load finishes.
-    fn use_loaded(&self, ka: KeepAlive) -> Option<Option<tokio::time::Instant>> {
+    fn use_loaded(&self, ka: Option<KeepAlive>) -> Option<Option<tokio::time::Instant>> {
         let mut st = self.rt.load.lock().unwrap();
         expire(&mut st);
         if !st.loaded {
             return None;
         }
         st.refs += 1;
-        st.session = ka;
+        // Only a request that names a keep-alive changes the runner's session.
+        if let Some(ka) = ka {
+            st.session = ka;
+        }
         st.evicting = false;
         st.expires_at = None;
         Some(st.ready_at)
@@ -576,9 +579,10 @@ impl Model {
     }
 
     /// sched.go `processCompleted`: a finished request drops its reference; the last one starts
-    /// the keep-alive timer, or unloads at once (keep_alive 0, or marked for eviction). True
-    /// when this was an eviction.
-    fn end_use(&self, ka: KeepAlive) -> bool {
+    /// the timer of the runner's session (the keep-alive the latest request that named one set,
+    /// else the load's), or unloads at once (a zero session, or marked for eviction). True when
+    /// this was an eviction.
+    fn end_use(&self) -> bool {
         let mut st = self.rt.load.lock().unwrap();
         st.refs = st.refs.saturating_sub(1);
         if st.refs > 0 {
@@ -588,11 +592,10 @@ impl Model {
             unload_now(&mut st);
             return true;
         }
-        st.session = ka;
-        if ka == KeepAlive::For(Duration::ZERO) {
+        if st.session == KeepAlive::For(Duration::ZERO) {
             unload_now(&mut st);
         } else {
-            st.expires_at = Some(expiry(SystemTime::now(), ka));
+            st.expires_at = Some(expiry(SystemTime::now(), st.session));
         }
         false
     }
@@ -780,7 +783,7 @@ impl State {
     pub async fn schedule(
         self: &Arc<Self>,
         model: &Arc<Model>,
-        keep_alive: KeepAlive,
+        keep_alive: Option<KeepAlive>,
     ) -> Result<Slot, Busy> {
         // Tokio's clock, so tests can run the scheduler on paused time.
         let t0 = tokio::time::Instant::now();
@@ -798,7 +801,6 @@ impl State {
         let user = ModelUse {
             state: self.clone(),
             model: model.clone(),
-            keep_alive,
         };
         if let Some(at) = ready_at {
             tokio::time::sleep_until(at).await;
@@ -863,7 +865,11 @@ impl State {
     /// and it fits the memory left (the first model always loads), else evict one and retry.
     /// Takes a reference on the model's runner before returning, with no await in between, and
     /// returns when its load finishes.
-    async fn place(&self, model: &Arc<Model>, ka: KeepAlive) -> Option<tokio::time::Instant> {
+    async fn place(
+        &self,
+        model: &Arc<Model>,
+        ka: Option<KeepAlive>,
+    ) -> Option<tokio::time::Instant> {
         loop {
             if let Some(ready_at) = model.use_loaded(ka) {
                 return ready_at;
@@ -885,7 +891,8 @@ impl State {
                     .is_none_or(|budget| used.saturating_add(model.footprint()) <= budget);
             if !full && fits {
                 let ready_at = tokio::time::Instant::now() + self.load_time(model);
-                model.start_load(ka, ready_at);
+                // sched.go `load`: a request without a keep-alive loads for OLLAMA_KEEP_ALIVE.
+                model.start_load(ka.unwrap_or(self.cfg.keep_alive), ready_at);
                 self.stats.cold_loads.fetch_add(1, Relaxed);
                 return Some(ready_at);
             }
@@ -908,12 +915,11 @@ impl State {
 struct ModelUse {
     state: Arc<State>,
     model: Arc<Model>,
-    keep_alive: KeepAlive,
 }
 
 impl Drop for ModelUse {
     fn drop(&mut self) {
-        if self.model.end_use(self.keep_alive) {
+        if self.model.end_use() {
             self.state.stats.evictions.fetch_add(1, Relaxed);
         }
     }
@@ -1012,7 +1018,7 @@ mod tests {
         state.find_model(name).unwrap()
     }
 
-    const KA: KeepAlive = KeepAlive::For(Duration::from_secs(300));
+    const KA: Option<KeepAlive> = Some(KeepAlive::For(Duration::from_secs(300)));
 
     #[tokio::test]
     async fn memory_budget_evicts_an_idle_model_and_two_small_fit_where_one_large_does() {
@@ -1046,13 +1052,41 @@ mod tests {
         assert_eq!(loaded(&st), ["b:latest", "c:latest"]);
         // A shorter keep-alive sorts first.
         drop(
-            st.schedule(&model(&st, "c"), KeepAlive::For(Duration::from_secs(1)))
-                .await
-                .unwrap(),
+            st.schedule(
+                &model(&st, "c"),
+                Some(KeepAlive::For(Duration::from_secs(1))),
+            )
+            .await
+            .unwrap(),
         );
         drop(st.schedule(&model(&st, "a"), KA).await.unwrap());
         assert_eq!(loaded(&st), ["a:latest", "b:latest"]);
         assert_eq!(st.stats.evictions.load(Relaxed), 2);
+    }
+
+    /// sched.go `useLoadedRunner` replaces the runner's session only with a request's non-nil
+    /// keep-alive, and `processCompleted` times the runner's session, not the request's: a
+    /// request without `keep_alive` leaves a pin (`-1`) in place, one with `keep_alive: 0`
+    /// unloads the model when it ends.
+    #[tokio::test]
+    async fn only_a_request_naming_a_keep_alive_changes_the_session() {
+        let st = state(&["--models", "a,b", "--keep-alive", "1s"]);
+        let a = model(&st, "a");
+        drop(st.schedule(&a, Some(KeepAlive::Forever)).await.unwrap());
+        drop(st.schedule(&a, None).await.unwrap());
+        let far = SystemTime::now() + Duration::from_secs(86_400 * 365);
+        assert!(a.loaded_until().is_some_and(|t| t > far), "still pinned");
+        // A load without a keep-alive takes the server's default (here 1 s).
+        let b = model(&st, "b");
+        drop(st.schedule(&b, None).await.unwrap());
+        let soon = SystemTime::now() + Duration::from_secs(2);
+        assert!(b.loaded_until().is_some_and(|t| t < soon));
+        drop(
+            st.schedule(&a, Some(KeepAlive::For(Duration::ZERO)))
+                .await
+                .unwrap(),
+        );
+        assert_eq!(loaded(&st), ["b:latest"]);
     }
 
     #[tokio::test(start_paused = true)]
