@@ -178,11 +178,7 @@ impl BackgroundService for InstanceWatch {
             metrics::poll_known_models(app.registry.clone(), metrics::global()),
             memory::release_after_load(app.lifecycle.clone()),
             crate::admin::history::sample(app.clone()),
-            crate::upstream::pinned::keep_pinned(
-                app.registry.clone(),
-                app.admission.clone(),
-                app.config.models.clone()
-            ),
+            crate::upstream::pinned::keep_pinned(app.registry.clone(), app.config.models.clone()),
         );
     }
 }

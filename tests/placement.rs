@@ -456,8 +456,7 @@ fn loaded_on(port: u16) -> Vec<String> {
 
 /// `pinned: true` on a supervised instance: the model is loaded at start without a request,
 /// stays loaded while two other models take turns in the one other place (and after a request
-/// for it, which sets its keep-alive back to the client's), and is loaded again after the
-/// instance is killed and restarted.
+/// for it), and is loaded again after the instance is killed and restarted.
 #[test]
 fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
     let port = common::free_port();
@@ -478,10 +477,6 @@ fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
     );
     for model in ["b", "c", "aaa", "b", "c", "b"] {
         assert_eq!(generate(&base, model).0, 200);
-        if model == "aaa" {
-            // The pin is sent again once the request ends.
-            std::thread::sleep(Duration::from_millis(300));
-        }
         let loaded = loaded_on(port);
         assert!(
             loaded.contains(&"aaa:latest".to_string()),
@@ -499,6 +494,79 @@ fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
                 && loaded_on(port) == ["aaa:latest"]
         }),
         "pinned again after the restart: {}",
+        sidecar.log_text()
+    );
+}
+
+/// A client's `keep_alive` cannot unload a pinned model: in Ollama a request's `keep_alive`
+/// becomes the model's session (sched.go `useLoadedRunner`), so `0` would unload it the moment
+/// the request ends and `"1s"` a second later, and the next request for it would wait for a
+/// cold load. The sidecar sends such requests with `keep_alive: -1`, so the model is loaded once
+/// and stays: no second load, whatever the spelling of the key, `ollama stop` included.
+#[test]
+fn a_clients_keep_alive_cannot_unload_a_pinned_model() {
+    let mock = Mock::start(&[("MOCK_MODELS", "aaa,b"), ("MOCK_LOAD_DELAY_MS", "100")]);
+    let sidecar = Sidecar::start(&format!(
+        "models:\n  - match: aaa\n    pinned: true\n{}",
+        common::external_instances(&[&mock], 2)
+    ));
+    assert!(
+        common::wait_until(Duration::from_secs(15), || loaded_on(mock.port)
+            == ["aaa:latest"]),
+        "pinned at start: {}",
+        sidecar.log_text()
+    );
+    let base = sidecar.url("");
+    let post = |path: &str, body: &str| {
+        let r = client()
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .expect("answer");
+        let status = r.status().as_u16();
+        (status, r.text().unwrap_or_default())
+    };
+    let asks = [
+        (
+            "/api/chat",
+            r#"{"model":"aaa","messages":[{"role":"user","content":"hi"}],"stream":false,"keep_alive":0}"#,
+        ),
+        (
+            "/api/generate",
+            r#"{"model":"aaa","prompt":"hi","stream":false,"Keep_Alive":"1s"}"#,
+        ),
+        (
+            "/api/embed",
+            r#"{"model":"aaa","input":"hi","keep_alive":"0s"}"#,
+        ),
+        // `ollama stop aaa`: an empty prompt with keep_alive 0 asks Ollama to unload it.
+        ("/api/generate", r#"{"model":"aaa","keep_alive":0}"#),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"aaa","messages":[{"role":"user","content":"hi"}]}"#,
+        ),
+    ];
+    for (path, body) in asks {
+        let (status, text) = post(path, body);
+        assert_eq!(status, 200, "{path} {body}: {text}");
+        // Long enough for a 1 s keep-alive to run out, and for the keeper to notice a gap.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let ps = get_json(&mock.url("/api/ps"));
+    let aaa = ps["models"]
+        .as_array()
+        .and_then(|l| l.iter().find(|m| m["name"] == "aaa:latest"))
+        .unwrap_or_else(|| panic!("aaa was unloaded: {ps}"));
+    let year: u32 = aaa["expires_at"].as_str().unwrap_or("")[..4]
+        .parse()
+        .unwrap_or(0);
+    assert!(year > 2100, "aaa no longer kept for good: {aaa}");
+    assert_eq!(
+        mock_stats(&mock)["cold_loads"],
+        1,
+        "aaa was loaded again: {}",
         sidecar.log_text()
     );
 }

@@ -302,21 +302,6 @@ impl Admission {
         self.shared.config.load_full()
     }
 
-    /// How many requests for pinned `model` on instance `pos` have ended (the pin keeper
-    /// pins it again after each).
-    pub fn pinned_releases(&self, pos: usize, model: &str) -> u64 {
-        self.shared
-            .lock()
-            .placement
-            .rules
-            .pinned_releases(pos, model)
-    }
-
-    /// Notified when a request for a pinned model ends.
-    pub fn pin_wanted(&self) -> Arc<tokio::sync::Notify> {
-        self.shared.lock().placement.rules.pin_wanted()
-    }
-
     /// Sets the `models:` rules dispatch enforces (at start, before any request).
     pub fn set_model_rules(&self, rules: crate::config::ModelRulesConfig) {
         let mut st = self.shared.lock();

@@ -11,7 +11,6 @@ use crate::config::{ModelRuleConfig, ModelRulesConfig};
 use crate::upstream::Instance;
 use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::Notify;
 
 /// The rules, resolved against the instance list, and the requests running under them.
 #[derive(Debug, Default)]
@@ -21,11 +20,6 @@ pub struct ModelRules {
     names: Vec<String>,
     /// Requests running per (instance position, model), only for models a limit applies to.
     running: HashMap<(usize, String), usize>,
-    /// Requests for a pinned model ended, per (instance position, model): each may have set the
-    /// model's keep-alive back to the client's, so the pin is due again.
-    pinned_releases: HashMap<(usize, String), u64>,
-    /// Wakes the pin keeper when a request for a pinned model ends.
-    pin_wanted: Arc<Notify>,
 }
 
 impl ModelRules {
@@ -38,7 +32,7 @@ impl ModelRules {
         }
     }
 
-    /// New rules (a reload): the counts of requests running and the pin keeper's signal stay.
+    /// New rules (a reload): the counts of requests running stay.
     pub fn reconfigure(&mut self, config: ModelRulesConfig, instances: &[Arc<Instance>]) {
         self.config = config;
         self.set_instances(instances);
@@ -110,30 +104,12 @@ impl ModelRules {
     /// A request for `model` on `pos` gave its slot back.
     pub fn finished(&mut self, pos: usize, model: &str) {
         let key = (pos, model.to_string());
-        if self.pinned(model) {
-            *self.pinned_releases.entry(key.clone()).or_default() += 1;
-            self.pin_wanted.notify_one();
-        }
         if let Some(n) = self.running.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.running.remove(&key);
             }
         }
-    }
-}
-
-impl ModelRules {
-    /// How many requests for pinned `model` on `pos` have ended.
-    pub fn pinned_releases(&self, pos: usize, model: &str) -> u64 {
-        self.pinned_releases
-            .get(&(pos, model.to_string()))
-            .copied()
-            .unwrap_or(0)
-    }
-
-    pub fn pin_wanted(&self) -> Arc<Notify> {
-        self.pin_wanted.clone()
     }
 }
 
@@ -195,7 +171,6 @@ mod tests {
         assert!(r.fleet_full("big:latest"));
         r.finished(1, "big:latest");
         assert!(!r.fleet_full("big:latest") && !r.instance_full(1, "big:latest"));
-        assert_eq!(r.pinned_releases(1, "big:latest"), 1);
         // Unlimited models are not counted at all.
         r.started(0, "small:latest");
         assert!(!r.running.contains_key(&(0, "small:latest".to_string())));

@@ -190,10 +190,46 @@ pub fn inspect(body: &[u8]) -> Result<BodyFacts, String> {
     inspect_fields(body, &[Field::Model, Field::Stream])
 }
 
+/// `body`, a JSON object, with `member` (a `"key":value` pair) added as its last member: in Go's
+/// binding a later key wins over an earlier one that binds the same field, whatever its case, so
+/// `member` decides that field. `None` when `body` does not end as an object does.
+pub fn append_member(body: &[u8], member: &[u8]) -> Option<bytes::Bytes> {
+    let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+    if body[close] != b'}' {
+        return None;
+    }
+    let before = body[..close]
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())?;
+    let mut out = bytes::BytesMut::with_capacity(body.len() + member.len() + 1);
+    out.extend_from_slice(&body[..close]);
+    if body[before] != b'{' {
+        out.extend_from_slice(b",");
+    }
+    out.extend_from_slice(member);
+    out.extend_from_slice(&body[close..]);
+    Some(out.freeze())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use Field::*;
+
+    #[test]
+    fn a_member_is_appended_last() {
+        let m = br#""k":1"#;
+        assert_eq!(
+            append_member(br#"{"a":2}"#, m).unwrap(),
+            &br#"{"a":2,"k":1}"#[..]
+        );
+        assert_eq!(
+            append_member(b" { } \n", m).unwrap(),
+            &b" { \"k\":1} \n"[..]
+        );
+        assert!(append_member(b"[1]", m).is_none());
+        assert!(append_member(b"   ", m).is_none());
+    }
 
     #[test]
     fn fields() {

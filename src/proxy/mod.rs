@@ -8,6 +8,7 @@ pub mod ctx;
 pub mod errors;
 pub mod headers;
 pub mod inference;
+pub mod pinned;
 pub mod request_body;
 pub mod respond;
 pub mod retry;

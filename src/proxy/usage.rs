@@ -18,7 +18,7 @@
 //! the prompt, which the streamed chunks never reveal. Counting is the fallback for a stream
 //! that ends before its counts (see `TapSummary::tokens_to_charge`).
 
-use super::body::key_binds;
+use super::body::{append_member, key_binds};
 use super::ctx::RequestCtx;
 use bytes::{Bytes, BytesMut};
 use pingora_core::protocols::http::HttpTask;
@@ -59,18 +59,7 @@ pub fn ask_for_usage(body: &[u8]) -> Option<Bytes> {
     if facts.stream != Some(true) || facts.include_usage {
         return None;
     }
-    let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
-    let before = body[..close]
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())?;
-    let mut asked = BytesMut::with_capacity(body.len() + ASK.len() + 1);
-    asked.extend_from_slice(&body[..close]);
-    if body[before] != b'{' {
-        asked.extend_from_slice(b",");
-    }
-    asked.extend_from_slice(ASK);
-    asked.extend_from_slice(&body[close..]);
-    Some(asked.freeze())
+    append_member(body, ASK)
 }
 
 /// What the body binds of `stream` and `stream_options.include_usage`, as Go would.

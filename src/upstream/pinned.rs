@@ -7,14 +7,14 @@
 //! The pin is sent again
 //! - when the instance becomes ready (at start, after a supervised restart, when an external
 //!   instance comes back): its models were lost;
-//! - when the model is seen missing from the instance (something evicted it);
-//! - when a request that used the model ends (admission wakes the keeper): Ollama takes each
-//!   request's `keep_alive` as the model's new session, so a client's request un-pins it until
-//!   the next pin, milliseconds later. A load another request causes in that window may evict
-//!   it; the keeper then loads it again.
+//! - when the model is seen missing from the instance (something evicted it, or a request the
+//!   sidecar could not read, a compressed body, set a shorter `keep_alive`).
+//!
+//! A client's own `keep_alive` cannot unpin the model: the proxy sends its requests with
+//! `keep_alive: -1` (`proxy/pinned.rs`).
 
 use super::{client, Instance, Registry};
-use crate::admission::{pinned_models, Admission};
+use crate::admission::pinned_models;
 use crate::config::ModelRulesConfig;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -34,8 +34,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(5);
 struct Pin {
     /// Pinned since the instance last became ready.
     done: bool,
-    /// Requests for the model that had ended at the last pin.
-    releases: u64,
     not_before: Option<Instant>,
 }
 
@@ -46,20 +44,17 @@ struct Keeper {
 }
 
 /// Runs forever, keeping every pinned model pinned; returns at once without pinned rules.
-pub async fn keep_pinned(
-    registry: Arc<Registry>,
-    admission: Arc<Admission>,
-    rules: ModelRulesConfig,
-) {
+pub async fn keep_pinned(registry: Arc<Registry>, rules: ModelRulesConfig) {
     if !rules.rules.iter().any(|r| r.pinned) {
         return;
     }
     let keeper = Arc::new(Mutex::new(Keeper::default()));
     let loading: Arc<Mutex<HashSet<(usize, String)>>> = Arc::default();
-    let wanted = admission.pin_wanted();
     loop {
-        for (pos, instance) in registry.all().iter().enumerate() {
-            let due = due_pins(&keeper, &admission, pos, instance, &rules);
+        for instance in registry.all().iter() {
+            // By the instance's index, which a reload that removes another one does not move.
+            let pos = instance.index;
+            let due = due_pins(&keeper, pos, instance, &rules);
             for model in due {
                 let key = (pos, model.clone());
                 let Ok(mut l) = loading.lock() else { continue };
@@ -82,17 +77,13 @@ pub async fn keep_pinned(
                 });
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(CHECK) => {}
-            _ = wanted.notified() => {}
-        }
+        tokio::time::sleep(CHECK).await;
     }
 }
 
 /// The pinned models instance `pos` should be asked to load now.
 fn due_pins(
     keeper: &Mutex<Keeper>,
-    admission: &Admission,
     pos: usize,
     instance: &Instance,
     rules: &ModelRulesConfig,
@@ -113,10 +104,8 @@ fn due_pins(
     let now = Instant::now();
     let mut due = Vec::new();
     for model in pinned_models(rules, &instance.name, &installed) {
-        let releases = admission.pinned_releases(pos, &model);
         let p = k.pins.entry((pos, model.clone())).or_default();
-        let used = std::mem::replace(&mut p.releases, releases) != releases;
-        if came_back || used || !instance.has_model(&model) {
+        if came_back || !instance.has_model(&model) {
             p.done = false;
         }
         if !p.done && p.not_before.is_none_or(|t| t <= now) {

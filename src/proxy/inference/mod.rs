@@ -29,7 +29,10 @@ use std::time::{Duration, Instant};
 /// Serves one inference request from `request_filter`; always returns `Ok(true)` (answered).
 pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
     let (body, pending) = match read::read_checked(app, session, ctx).await? {
-        Ok((body, pending)) => (super::usage::prepare(session, ctx, body), pending),
+        Ok((body, pending)) => {
+            let body = super::usage::prepare(session, ctx, body);
+            (super::pinned::hold_pin(app, ctx, body), pending)
+        }
         Err(refused) => {
             respond::reject(app, session, ctx, refused).await?;
             return Ok(true);
