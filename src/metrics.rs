@@ -199,6 +199,7 @@ pub struct Metrics {
     in_flight: IntGauge,
     queue_requests: IntGauge,
     queue_bytes: IntGauge,
+    pending_body_bytes: IntGauge,
     queue_clients: IntGauge,
     /// Waiters per configured API key (bounded: key names come from the configuration).
     key_queued: IntGaugeVec,
@@ -513,6 +514,14 @@ impl Metrics {
                 opts(
                     "queue_bytes",
                     "Request body bytes held by requests waiting for a slot."
+                )
+            ),
+            pending_body_bytes: metric!(
+                r,
+                IntGauge,
+                opts(
+                    "pending_body_bytes",
+                    "Request body bytes being read before admission, all connections together (limited by limits.max_pending_body_bytes)."
                 )
             ),
             key_queued: metric!(
@@ -882,6 +891,8 @@ impl Metrics {
         self.in_flight.set(in_flight as i64);
         self.refresh_gateway(&snap, registry);
         self.queue_bytes.set(snap.queued_bytes as i64);
+        self.pending_body_bytes
+            .set(crate::proxy::request_body::pending_bytes() as i64);
         self.queue_clients.set(snap.clients_queued as i64);
         self.queue_oldest_wait
             .set(snap.oldest_wait.map(|d| d.as_secs_f64()).unwrap_or(0.0));

@@ -274,15 +274,30 @@ fn trickled_large_bodies_are_bounded_in_memory_and_time() {
         .collect();
     // Sample the resident size while the attack runs.
     let mut peak = idle;
+    let mut pending_peak = 0.0f64;
+    let pending = "ollama_sidecar_pending_body_bytes";
     let until = Instant::now() + Duration::from_secs(7);
     while Instant::now() < until {
         peak = peak.max(sc.rss_kib());
+        pending_peak = pending_peak.max(metric_value(sc.admin_port, pending));
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The operator sees the bodies being read, never more than the budget.
+    assert!(
+        pending_peak > 0.0 && pending_peak <= (24 * MIB) as f64,
+        "pending_body_bytes peaked at {pending_peak}"
+    );
     let results: Vec<_> = attackers
         .into_iter()
         .map(|t| t.join().expect("attacker"))
         .collect();
+    assert!(
+        wait_until(Duration::from_secs(5), || sc.status()["queue"]
+            ["pending_body_bytes"]
+            == 0),
+        "bodies still counted as pending: {}",
+        sc.status()["queue"]
+    );
     let grew_mib = (peak.saturating_sub(idle)) as f64 / 1024.0;
     eprintln!(
         "six 20 MiB tricklers: idle {} MiB, peak {} MiB (+{grew_mib:.1} MiB); answers: {:?}",

@@ -464,6 +464,7 @@ fn queue_status(app: &App, snap: &AdmissionSnapshot, waiters: &[WaiterView]) -> 
     json!({
         "queued": snap.queued,
         "queued_bytes": snap.queued_bytes,
+        "pending_body_bytes": crate::proxy::request_body::pending_bytes(),
         "clients_queued": snap.clients_queued,
         "oldest_wait_seconds": snap.oldest_wait.map(|d| d.as_secs_f64()),
         "held_slots": snap.held(),
@@ -474,6 +475,7 @@ fn queue_status(app: &App, snap: &AdmissionSnapshot, waiters: &[WaiterView]) -> 
         "limits": {
             "max_queued": app.config.admission.max_queued,
             "max_queued_bytes": app.config.admission.max_queued_bytes.0,
+            "max_pending_body_bytes": app.config.limits.max_pending_body_bytes.0,
             "max_wait_seconds": app.config.admission.max_wait.as_secs_f64(),
         },
         "counters": {
