@@ -6,6 +6,7 @@ pub mod admission;
 pub mod app;
 pub mod config;
 pub mod health_cmd;
+pub mod keep_alive;
 pub mod memory;
 pub mod metrics;
 pub mod models_view;

@@ -336,6 +336,57 @@ fn dispatch_waits_for_a_near_warm_slot_and_cold_loads_when_far_behind() {
     assert!(value("ollama_sidecar_placement_warm_wait_seconds_count{") >= 1.0);
 }
 
+/// A request with `keep_alive: 0` unloads its model in Ollama when it ends (sched.go
+/// `processCompleted` expires a zero session at once). The sidecar must not go on counting it
+/// loaded: an instance it left empty is where the next new model goes, instead of evicting a
+/// model another instance still holds and is asked for.
+#[test]
+fn a_model_a_request_unloads_is_not_counted_loaded() {
+    let env = [
+        ("MOCK_MODELS", "x=1GB,y=1GB,z=1GB"),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),
+        ("MOCK_LOAD_MS_PER_GB", "200"),
+    ];
+    let (m0, m1) = (Mock::start(&env), Mock::start(&env));
+    // No periodic /api/ps read in between: the view is what the sidecar itself keeps.
+    let sidecar = Sidecar::start(&format!(
+        "health:\n  models_interval: 1h\n{}",
+        common::external_instances(&[&m0, &m1], 1)
+    ));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 3
+    }));
+    let send = |body: Value| {
+        let r = client()
+            .post(format!("{base}/api/generate"))
+            .json(&body)
+            .send()
+            .expect("generate");
+        assert_eq!(r.status(), 200);
+        // The sidecar gives the slot back once the client has the answer.
+        std::thread::sleep(Duration::from_millis(150));
+    };
+    let ask = |model: &str| send(json!({"model": model, "prompt": "hi", "stream": false}));
+    // x on one instance, y on the other, y asked last.
+    ask("x");
+    ask("y");
+    ask("y");
+    // x once more, asking Ollama to unload it afterwards: its instance is empty now.
+    send(json!({"model": "x", "prompt": "hi", "stream": false, "keep_alive": 0}));
+    assert_eq!(loaded_on(m0.port).len() + loaded_on(m1.port).len(), 1);
+    // z goes where nothing is loaded; y stays where it is and answers warm.
+    ask("z");
+    ask("y");
+    let (s0, s1) = (mock_stats(&m0), mock_stats(&m1));
+    assert_eq!(
+        s0["evictions"].as_u64().unwrap_or(0) + s1["evictions"].as_u64().unwrap_or(0),
+        0,
+        "a model was evicted: {s0} {s1}"
+    );
+    assert_eq!(cold_loads(&m0) + cold_loads(&m1), 3, "{s0} {s1}");
+}
+
 fn generate_as(base: &str, client_id: &str, model: &str) -> (u16, Value) {
     let r = client()
         .post(format!("{base}/api/generate"))

@@ -18,6 +18,7 @@
 //! object, trailing data after it (Go's decoder reads the first value only), and a bound field of
 //! the wrong type (Go answers 400 for it too).
 
+use crate::keep_alive::KeepAlive;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use std::fmt;
 
@@ -32,6 +33,8 @@ pub enum Field {
     From,
     Source,
     Destination,
+    /// The native inference routes' `keep_alive` (`*api.Duration`).
+    KeepAlive,
 }
 
 impl Field {
@@ -44,12 +47,13 @@ impl Field {
             Field::From => "from",
             Field::Source => "source",
             Field::Destination => "destination",
+            Field::KeepAlive => "keep_alive",
         }
     }
 
     /// Whether the field's value is a model name (for the allow-lists).
     pub fn names_model(self) -> bool {
-        self != Field::Stream
+        !matches!(self, Field::Stream | Field::KeepAlive)
     }
 }
 
@@ -62,6 +66,8 @@ pub struct BodyFacts {
     pub stream: Option<bool>,
     /// Every model name the body binds (model, name, from, source, destination), non-empty.
     pub models: Vec<String>,
+    /// The session `keep_alive` gives the model; `None` when the body names none.
+    pub keep_alive: Option<KeepAlive>,
 }
 
 /// One rune as Go's `foldName` maps it, for the runes that can equal an ASCII letter's fold.
@@ -85,11 +91,13 @@ pub fn key_binds(key: &str, name: &str) -> bool {
     key.next().is_none()
 }
 
-/// A bound value: a string field's string (or `null`), a `stream` flag (or `null`).
+/// A bound value: a string field's string (or `null`), a `stream` flag (or `null`), a
+/// `keep_alive` (`None`: `null`, or a value Ollama refuses).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Bound {
     Text(Option<String>),
     Flag(Option<bool>),
+    Session(Option<KeepAlive>),
 }
 
 struct KeySeed<'f>(&'f [Field]);
@@ -131,8 +139,18 @@ impl<'de> Visitor<'de> for Fields<'_> {
             };
             let value = match field {
                 Field::Stream => Bound::Flag(map.next_value()?),
+                Field::KeepAlive => {
+                    let value: serde_json::Value = map.next_value()?;
+                    Bound::Session(KeepAlive::from_json(&value))
+                }
                 _ => Bound::Text(map.next_value()?),
             };
+            if field == Field::KeepAlive {
+                // No decision of the sidecar's hangs on it: the last key wins, as in Go.
+                bound.retain(|(f, _)| *f != field);
+                bound.push((field, value));
+                continue;
+            }
             match bound.iter().find(|(f, _)| *f == field) {
                 Some((_, first)) if *first != value => {
                     return Err(de::Error::custom(format_args!(
@@ -174,9 +192,14 @@ pub fn inspect_fields(body: &[u8], fields: &[Field]) -> Result<BodyFacts, String
         Bound::Flag(b) if *f == Field::Stream => *b,
         _ => None,
     });
+    let keep_alive = bound.iter().find_map(|(f, v)| match v {
+        Bound::Session(k) if *f == Field::KeepAlive => *k,
+        _ => None,
+    });
     Ok(BodyFacts {
         model: text(Field::Model).or_else(|| text(Field::Name)),
         stream,
+        keep_alive,
         models: fields
             .iter()
             .filter(|f| f.names_model())
@@ -229,6 +252,24 @@ mod tests {
         );
         assert!(append_member(b"[1]", m).is_none());
         assert!(append_member(b"   ", m).is_none());
+    }
+
+    #[test]
+    fn keep_alive_binds_like_any_key_and_the_last_one_wins() {
+        use crate::keep_alive::KeepAlive::*;
+        let native = [Model, KeepAlive];
+        let ka = |body: &str| inspect_fields(body.as_bytes(), &native).unwrap().keep_alive;
+        assert_eq!(ka(r#"{"model":"m","keep_alive":0}"#), Some(UnloadWhenIdle));
+        assert_eq!(
+            ka(r#"{"model":"m","Keep_Alive":"0s"}"#),
+            Some(UnloadWhenIdle)
+        );
+        assert_eq!(ka(r#"{"keep_alive":0,"KEEP_ALIVE":"5m"}"#), Some(Stays));
+        assert_eq!(ka(r#"{"keep_alive":0,"keep_alive":null}"#), None);
+        assert_eq!(ka(r#"{"model":"m"}"#), None);
+        // Not a model name: the allow-lists never see it.
+        let f = inspect_fields(br#"{"model":"m","keep_alive":"1h"}"#, &native).unwrap();
+        assert_eq!(f.models, ["m"]);
     }
 
     #[test]

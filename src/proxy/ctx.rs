@@ -52,6 +52,8 @@ pub struct RequestCtx {
     pub(super) body_read: bool,
     // What the request path learns, for the access log and metrics.
     pub(super) model: Option<String>,
+    /// The session the request gives its model in Ollama, when the body names a `keep_alive`.
+    pub(super) keep_alive: Option<crate::keep_alive::KeepAlive>,
     /// The client's identity for fairness: a key's name, or `client_id_header`, or its address.
     pub(super) client: Option<Arc<str>>,
     /// The instance the inference path was admitted to.
@@ -96,6 +98,7 @@ impl RequestCtx {
             response_content_type: None,
             body_read: false,
             model: None,
+            keep_alive: None,
             client: None,
             instance: None,
             placement: None,

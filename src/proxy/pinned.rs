@@ -12,31 +12,24 @@
 //! unpins the model, the pin keeper (`upstream/pinned.rs`) loads it again once `/api/ps` shows it
 //! gone.
 
-use super::body::append_member;
+use super::body::{append_member, Field};
 use super::ctx::RequestCtx;
 use crate::app::App;
+use crate::keep_alive::KeepAlive;
 use crate::upstream::model_key;
 use bytes::Bytes;
 
 /// What keeps the model loaded for good (a negative Go duration never expires).
 const FOREVER: &[u8] = br#""keep_alive":-1"#;
 
-/// The routes whose request structs have a `keep_alive` field (api/types.go `GenerateRequest`,
-/// `ChatRequest`, `EmbedRequest`, `EmbeddingRequest`).
-fn route_binds_keep_alive(route_name: &str) -> bool {
-    matches!(
-        route_name,
-        "/api/generate" | "/api/chat" | "/api/embed" | "/api/embeddings"
-    )
-}
-
 /// The body to send: `body`, or, for a pinned model, `body` keeping it pinned. Only called with
 /// a body the inference path has read and checked (one JSON object, not compressed).
-pub(super) fn hold_pin(app: &App, ctx: &RequestCtx, body: Bytes) -> Bytes {
+pub(super) fn hold_pin(app: &App, ctx: &mut RequestCtx, body: Bytes) -> Bytes {
     let Some(model) = ctx.model.as_deref() else {
         return body;
     };
-    if !route_binds_keep_alive(ctx.route.name) {
+    // The routes whose request structs have a `keep_alive` (proxy/route.rs).
+    if !ctx.route.fields.contains(&Field::KeepAlive) {
         return body;
     }
     let pinned = app
@@ -47,17 +40,11 @@ pub(super) fn hold_pin(app: &App, ctx: &RequestCtx, body: Bytes) -> Bytes {
     if !pinned {
         return body;
     }
-    append_member(&body, FOREVER).unwrap_or(body)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_native_routes_bind_keep_alive() {
-        assert!(route_binds_keep_alive("/api/chat") && route_binds_keep_alive("/api/embed"));
-        assert!(!route_binds_keep_alive("/v1/chat/completions"));
-        assert!(!route_binds_keep_alive("/v1/messages"));
+    match append_member(&body, FOREVER) {
+        Some(held) => {
+            ctx.keep_alive = Some(KeepAlive::Stays);
+            held
+        }
+        None => body,
     }
 }

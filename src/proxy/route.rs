@@ -40,8 +40,11 @@ impl Route {
     }
 }
 
-use Field::{Destination, From, Model, Name, Source, Stream};
+use Field::{Destination, From, KeepAlive, Model, Name, Source, Stream};
 const INFERENCE: &[Field] = &[Model, Stream];
+/// GenerateRequest, ChatRequest, EmbedRequest, EmbeddingRequest: the compatible routes'
+/// requests have no `keep_alive` (Ollama's middleware leaves it nil).
+const NATIVE: &[Field] = &[Model, Stream, KeepAlive];
 /// PullRequest, PushRequest: `cmp.Or(req.Model, req.Name)`.
 const PULL_PUSH: &[Field] = &[Model, Name, Stream];
 /// ShowRequest, DeleteRequest.
@@ -66,10 +69,10 @@ const STATIC: &[(&[&str], &str, RouteClass, &[Field])] = &[
     (GET_HEAD, "/api/tags", RouteClass::Metadata, &[]),
     (GET, "/api/ps", RouteClass::Metadata, &[]),
     (POST, "/api/show", RouteClass::Metadata, SHOW_DELETE),
-    (POST, "/api/generate", RouteClass::Inference, INFERENCE),
-    (POST, "/api/chat", RouteClass::Inference, INFERENCE),
-    (POST, "/api/embed", RouteClass::Inference, INFERENCE),
-    (POST, "/api/embeddings", RouteClass::Inference, INFERENCE),
+    (POST, "/api/generate", RouteClass::Inference, NATIVE),
+    (POST, "/api/chat", RouteClass::Inference, NATIVE),
+    (POST, "/api/embed", RouteClass::Inference, NATIVE),
+    (POST, "/api/embeddings", RouteClass::Inference, NATIVE),
     (POST, "/api/pull", RouteClass::Management, PULL_PUSH),
     (POST, "/api/push", RouteClass::Management, PULL_PUSH),
     (POST, "/api/create", RouteClass::Management, CREATE),

@@ -115,6 +115,9 @@ pub struct Instance {
     /// Admitted requests running here, per model (`model_key`): those models are loaded (or
     /// loading) whatever an `/api/ps` read a moment ago says.
     models_in_use: Mutex<std::collections::HashMap<String, usize>>,
+    /// Loaded models whose session a request set to zero (`keep_alive: 0`): Ollama unloads each
+    /// as soon as no request uses it (see `keep_alive.rs`).
+    unload_when_idle: Mutex<std::collections::HashSet<String>>,
     passive_config: PassiveConfig,
     passive: Mutex<Passive>,
     /// Models the sidecar made the instance load, not yet confirmed by `/api/ps`, with when
@@ -206,6 +209,7 @@ impl Instance {
             model_capacity: AtomicUsize::new(0),
             loaded_stale: AtomicBool::new(false),
             models_in_use: Mutex::new(std::collections::HashMap::new()),
+            unload_when_idle: Mutex::new(std::collections::HashSet::new()),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
             noted_models: Mutex::new(std::collections::HashMap::new()),
@@ -507,6 +511,10 @@ impl Instance {
                 }
             }
         }
+        if let Ok(mut zero) = self.unload_when_idle.lock() {
+            // A runner that is gone takes its session with it.
+            zero.retain(|m| models.contains(m) || self.is_model_in_use(m));
+        }
         if let Ok(mut m) = self.loaded_models.write() {
             *m = models;
         }
@@ -519,6 +527,7 @@ impl Instance {
 
     /// A request for `model` got a slot here (`true`) or gave it back (`false`).
     pub fn model_in_use(&self, model: &str, started: bool) {
+        let mut idle = false;
         if let Ok(mut in_use) = self.models_in_use.lock() {
             if started {
                 *in_use.entry(model.to_string()).or_default() += 1;
@@ -526,8 +535,20 @@ impl Instance {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     in_use.remove(model);
+                    idle = true;
                 }
             }
+        }
+        let unloads = idle
+            && self
+                .unload_when_idle
+                .lock()
+                .is_ok_and(|mut zero| zero.remove(model));
+        if unloads {
+            // sched.go `processCompleted`: a zero session expires the runner the moment its
+            // last request ends.
+            self.forget_model(model);
+            return;
         }
         if !started {
             // A noted model's time counts from its last use.
@@ -575,7 +596,20 @@ impl Instance {
         self.loaded_stale.swap(false, Ordering::AcqRel)
     }
 
-    /// Records that a load the sidecar caused evicted `model`.
+    /// A request sent here for `model` named a `keep_alive`: from now on that is the model's
+    /// session in Ollama (sched.go `useLoadedRunner`), until another request names one or the
+    /// model unloads.
+    pub fn set_session(&self, model: &str, keep_alive: crate::keep_alive::KeepAlive) {
+        if let Ok(mut zero) = self.unload_when_idle.lock() {
+            match keep_alive {
+                crate::keep_alive::KeepAlive::UnloadWhenIdle => zero.insert(model.to_string()),
+                crate::keep_alive::KeepAlive::Stays => zero.remove(model),
+            };
+        }
+    }
+
+    /// Records that `model` is no longer loaded here (a load the sidecar caused evicted it, or
+    /// its zero session ended with its last request).
     pub fn forget_model(&self, model: &str) {
         if let Ok(mut m) = self.loaded_models.write() {
             m.retain(|x| x != model);
@@ -750,6 +784,28 @@ mod tests {
         assert!(i.has_model("n:latest"));
         i.set_loaded_models(vec![]);
         assert!(!i.has_model("n:latest"));
+    }
+
+    /// A zero session unloads the model when its last request ends, not before; a later
+    /// request naming another keep-alive keeps it loaded.
+    #[test]
+    fn a_zero_session_unloads_the_model_with_its_last_request() {
+        use crate::keep_alive::KeepAlive::*;
+        let i = instance();
+        i.set_loaded_models(vec!["m:latest".into()]);
+        i.model_in_use("m:latest", true);
+        i.model_in_use("m:latest", true);
+        i.set_session("m:latest", UnloadWhenIdle);
+        i.model_in_use("m:latest", false);
+        assert!(i.has_model("m:latest"), "one request still uses it");
+        i.model_in_use("m:latest", false);
+        assert!(!i.has_model("m:latest"), "Ollama unloads it now");
+        i.set_loaded_models(vec!["m:latest".into()]);
+        i.model_in_use("m:latest", true);
+        i.set_session("m:latest", UnloadWhenIdle);
+        i.set_session("m:latest", Stays);
+        i.model_in_use("m:latest", false);
+        assert!(i.has_model("m:latest"));
     }
 
     /// A confirmed model is no longer noted.

@@ -73,6 +73,9 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
         // The response headers follow the slot (binary upgrade: keep-alive or close).
         super::keep_alive_or_close(session, ctx);
         let instance = permit.instance().clone();
+        if let (Some(model), Some(keep_alive)) = (request.model.as_deref(), ctx.keep_alive) {
+            instance.set_session(model, keep_alive);
+        }
         ctx.instance = Some(instance.name.clone());
         ctx.placement = Some(permit.reason().as_str());
         let may_retry = attempt < app.config.retries.max_attempts;

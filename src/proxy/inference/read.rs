@@ -67,6 +67,7 @@ fn check(
     if !compressed && ctx.route.has_model_body() {
         let facts = body::inspect_fields(body, ctx.route.fields).map_err(Reject::InvalidBody)?;
         ctx.model = facts.model;
+        ctx.keep_alive = facts.keep_alive;
     }
     let model = ctx.model.as_deref();
     let checked =
