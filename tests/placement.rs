@@ -398,6 +398,72 @@ fn generate_as(base: &str, client_id: &str, model: &str) -> (u16, Value) {
     (status, r.json().unwrap_or(Value::Null))
 }
 
+/// A short generate for `model` as `client_id`: one token (`num_predict: 1`); its latency.
+fn short_generate_as(base: &str, client_id: &str, model: &str) -> Duration {
+    let started = Instant::now();
+    let r = client()
+        .post(format!("{base}/api/generate"))
+        .header("X-Client-Id", client_id)
+        .json(&json!({"model": model, "prompt": "hi", "stream": false,
+            "options": {"num_predict": 1}}))
+        .send()
+        .expect("generate");
+    assert_eq!(r.status(), 200);
+    started.elapsed()
+}
+
+/// An instance whose every loaded model is busy has no place for another model: Ollama's
+/// scheduler would take the request and stop there until a model goes idle to be evicted
+/// (sched.go `processPending`), holding up every later request to that instance, even one for
+/// the busy model's free slot. The sidecar keeps such a request (for at most one learned load
+/// time), so the busy model's next request is served at once.
+#[test]
+fn a_request_with_no_place_does_not_hold_up_the_loaded_models_requests() {
+    let env = [
+        ("MOCK_MODELS", "x=1GB,y=1GB"),
+        ("OLLAMA_MAX_LOADED_MODELS", "1"),
+        ("OLLAMA_NUM_PARALLEL", "2"),
+        ("MOCK_LOAD_MS_PER_GB", "400"),
+        ("MOCK_TOKENS", "12"),
+        ("MOCK_TOKEN_DELAY_MS", "100"),
+    ];
+    let mock = Mock::start(&env);
+    let sidecar = Sidecar::start(&format!(
+        "admission:\n  client_id_header: X-Client-Id\n{}",
+        common::external_instances(&[&mock], 2)
+    ));
+    let base = sidecar.url("");
+    assert!(common::wait_until(Duration::from_secs(15), || {
+        names(&get_json(&sidecar.url("/api/tags")), "models").len() == 2
+    }));
+    // Learn what a load costs, and that the instance holds one model at a time.
+    for model in ["x", "y", "x"] {
+        short_generate_as(&base, "learn", model);
+    }
+    assert_eq!(cold_loads(&mock), 3);
+    // x busy for about 1.2 s; then y (no place: x is busy and fills the instance); then a
+    // second x, which x's free slot can serve at once.
+    let long = {
+        let base = base.clone();
+        std::thread::spawn(move || generate_as(&base, "a", "x").0)
+    };
+    std::thread::sleep(Duration::from_millis(150));
+    let other = {
+        let base = base.clone();
+        std::thread::spawn(move || short_generate_as(&base, "b", "y"))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let second_x = short_generate_as(&base, "c", "x");
+    assert!(
+        second_x < Duration::from_millis(700),
+        "the second x waited {second_x:?} behind y: {}",
+        sidecar.log_text()
+    );
+    assert_eq!(long.join().ok(), Some(200));
+    let y = other.join().expect("y answered");
+    assert!(y < Duration::from_secs(4), "y waited {y:?}");
+}
+
 /// `max_concurrent` and `max_concurrent_per_instance` hold across two instances with room for
 /// more: the requests over the limit wait (none is refused), and another client's request for
 /// another model is served meanwhile, not queued behind them.
