@@ -150,7 +150,10 @@ fn only_the_admitted_trial_decides_and_failed_trials_back_off() {
     let a = Mock::start(&[]);
     let b = Mock::start(&[]);
     let sidecar = Sidecar::start(&format!(
-        "health:\n  interval: 1h\n  passive:\n    failures: 1\n    cooldown: 1s\n    max_cooldown: 16s\n{}",
+        // The retry budget is not under test: with its default (a fifth of ~20 requests) the
+        // trial at 7 s could find it spent and answer the client 503 instead of retrying on b.
+        "health:\n  interval: 1h\n  passive:\n    failures: 1\n    cooldown: 1s\n    max_cooldown: 16s\n\
+         retries:\n  budget_min: 10\n{}",
         external_instances(&[&a, &b], 2)
     ));
     set_faults(&a, json!({"fail_next": 100000, "status": 503}));
