@@ -444,7 +444,13 @@ impl Model {
             block_count: f.block_count,
             parameter_count: f.parameter_count,
             rt: ModelRuntime {
-                sem: Arc::new(Semaphore::new(num_parallel.max(1))),
+                // sched.go `load`: a model without the completion capability (an embedding
+                // model) is loaded with one parallel slot, whatever OLLAMA_NUM_PARALLEL says.
+                sem: Arc::new(Semaphore::new(if f.embedding_only {
+                    1
+                } else {
+                    num_parallel.max(1)
+                })),
                 in_flight: AtomicUsize::new(0),
                 load: Mutex::new(LoadState {
                     loaded: false,
@@ -1062,6 +1068,21 @@ mod tests {
         drop(st.schedule(&model(&st, "a"), KA).await.unwrap());
         assert_eq!(loaded(&st), ["a:latest", "b:latest"]);
         assert_eq!(st.stats.evictions.load(Relaxed), 2);
+    }
+
+    /// sched.go `load` gives a model without completion (an embedding model) one slot.
+    #[tokio::test]
+    async fn an_embedding_model_runs_one_request_at_a_time() {
+        let st = state(&["--models", "nomic-embed-text,x", "--num-parallel", "2"]);
+        let x = model(&st, "x");
+        let (_a, _b) = (
+            st.schedule(&x, KA).await.unwrap(),
+            st.schedule(&x, KA).await.unwrap(),
+        );
+        let e = model(&st, "nomic-embed-text");
+        let _first = st.schedule(&e, KA).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_millis(50), st.schedule(&e, KA)).await;
+        assert!(second.is_err(), "a second slot for the embedding model");
     }
 
     /// sched.go `useLoadedRunner` replaces the runner's session only with a request's non-nil
