@@ -464,6 +464,68 @@ fn a_request_with_no_place_does_not_hold_up_the_loaded_models_requests() {
     assert!(y < Duration::from_secs(4), "y waited {y:?}");
 }
 
+/// Ollama runs an embedding model one request at a time whatever `OLLAMA_NUM_PARALLEL` says
+/// (sched.go `load`). The sidecar learns that from `/api/show` and keeps the second request
+/// itself, where priorities apply: a high-priority request that arrives later goes before a
+/// low-priority one that would otherwise already be waiting inside Ollama.
+#[test]
+fn an_embedding_model_gets_one_slot_and_priorities_still_decide() {
+    let env = [
+        ("MOCK_MODELS", "nomic-embed-text,x"),
+        ("OLLAMA_NUM_PARALLEL", "2"),
+        ("MOCK_FIRST_TOKEN_DELAY_MS", "400"),
+    ];
+    let mock = Mock::start(&env);
+    let sidecar = Sidecar::start(&format!(
+        "admission:\n  client_id_header: X-Client-Id\n  priority_header: X-Priority\n{}",
+        common::external_instances(&[&mock], 2)
+    ));
+    assert!(
+        common::wait_until(Duration::from_secs(15), || {
+            sidecar.status()["instances"][0]["one_at_a_time_models"]
+                == json!(["nomic-embed-text:latest"])
+        }),
+        "{}",
+        sidecar.status()
+    );
+    let base = sidecar.url("");
+    let started = Instant::now();
+    let embed = |client_id: &'static str, priority: &'static str| {
+        let base = base.clone();
+        std::thread::spawn(move || {
+            let r = client()
+                .post(format!("{base}/api/embed"))
+                .header("X-Client-Id", client_id)
+                .header("X-Priority", priority)
+                .json(&json!({"model": "nomic-embed-text", "input": "hi"}))
+                .send()
+                .expect("embed");
+            (r.status().as_u16(), started.elapsed())
+        })
+    };
+    let first = embed("a", "0");
+    std::thread::sleep(Duration::from_millis(100));
+    let low = embed("b", "-5");
+    std::thread::sleep(Duration::from_millis(100));
+    let high = embed("c", "5");
+    let (first, low, high) = (first.join(), low.join(), high.join());
+    let (Ok(first), Ok(low), Ok(high)) = (first, low, high) else {
+        panic!("a request failed");
+    };
+    assert_eq!((first.0, low.0, high.0), (200, 200, 200));
+    assert!(
+        high.1 < low.1,
+        "the later high-priority request finished at {:?}, the low one at {:?}",
+        high.1,
+        low.1
+    );
+    let stats = mock_stats(&mock);
+    assert_eq!(
+        stats["peak_queued"], 0,
+        "a request waited inside Ollama: {stats}"
+    );
+}
+
 /// `max_concurrent` and `max_concurrent_per_instance` hold across two instances with room for
 /// more: the requests over the limit wait (none is refused), and another client's request for
 /// another model is served meanwhile, not queued behind them.

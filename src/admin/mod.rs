@@ -426,6 +426,7 @@ fn instance_status(
         "ejections": inst.ejections(),
         "loaded_models": models,
         "installed_models": metrics.installed_models(&inst.name),
+        "one_at_a_time_models": inst.one_at_a_time_models(),
         "in_flight": inst.in_flight(),
         "busy_slots": slot.map(|s| s.busy),
         "placement": snap.placement.get(inst.index).map(|p| p.to_json()),

@@ -435,7 +435,7 @@ impl Placement {
                 // `max_concurrent_per_instance`: no slot here for this model now.
                 0
             } else {
-                inst.slot_limit()
+                inst.model_slot_limit(model)
             };
             // The model's own slots (Ollama gives each loaded model `num_parallel`), within
             // what the instance serves over all its models.

@@ -16,6 +16,18 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// POSTs `body` as JSON to `path` (see [`request`]).
+pub async fn post_json(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let body = Bytes::from(body.to_string());
+    request(addr, host, http::Method::POST, path, Some(body), timeout).await
+}
+
 /// Sends one request to `addr` with `Host: host` and reads the whole response, all within
 /// `timeout`.
 pub async fn request(

@@ -118,6 +118,9 @@ pub struct Instance {
     /// Loaded models whose session a request set to zero (`keep_alive: 0`): Ollama unloads each
     /// as soon as no request uses it (see `keep_alive.rs`).
     unload_when_idle: Mutex<std::collections::HashSet<String>>,
+    /// Per installed model asked about (`upstream/parallel.rs`): whether Ollama runs it one
+    /// request at a time rather than `num_parallel`.
+    one_at_a_time: RwLock<std::collections::HashMap<String, bool>>,
     passive_config: PassiveConfig,
     passive: Mutex<Passive>,
     /// Models the sidecar made the instance load, not yet confirmed by `/api/ps`, with when
@@ -210,6 +213,7 @@ impl Instance {
             loaded_stale: AtomicBool::new(false),
             models_in_use: Mutex::new(std::collections::HashMap::new()),
             unload_when_idle: Mutex::new(std::collections::HashSet::new()),
+            one_at_a_time: RwLock::new(std::collections::HashMap::new()),
             passive_config: passive.clone(),
             passive: Mutex::new(Passive::default()),
             noted_models: Mutex::new(std::collections::HashMap::new()),
@@ -260,6 +264,58 @@ impl Instance {
             Gate::Open => self.num_parallel,
             Gate::HalfOpen => 1,
             Gate::Ejected => 0,
+        }
+    }
+
+    /// How many admitted requests for `model` the instance may serve at once right now:
+    /// [`slot_limit`](Self::slot_limit), or at most one for a model Ollama runs one request at
+    /// a time (`upstream/parallel.rs`).
+    pub fn model_slot_limit(&self, model: &str) -> usize {
+        let limit = self.slot_limit();
+        let one = self
+            .one_at_a_time
+            .read()
+            .is_ok_and(|m| m.get(model).copied().unwrap_or(false));
+        if one {
+            limit.min(1)
+        } else {
+            limit
+        }
+    }
+
+    /// Installed models not asked about yet, at most `limit`.
+    pub fn parallel_unknown(&self, limit: usize) -> Vec<String> {
+        let installed = self.installed_models().unwrap_or_default();
+        let Ok(known) = self.one_at_a_time.read() else {
+            return Vec::new();
+        };
+        installed
+            .into_iter()
+            .filter(|m| !known.contains_key(m))
+            .take(limit)
+            .collect()
+    }
+
+    /// The installed models Ollama runs one request at a time, sorted.
+    pub fn one_at_a_time_models(&self) -> Vec<String> {
+        let mut models: Vec<String> = self
+            .one_at_a_time
+            .read()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, one)| **one)
+                    .map(|(m, _)| m.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        models.sort();
+        models
+    }
+
+    /// What `/api/show` said of `model`: Ollama runs it one request at a time, or not.
+    pub fn set_one_at_a_time(&self, model: &str, one: bool) {
+        if let Ok(mut known) = self.one_at_a_time.write() {
+            known.insert(model.to_string(), one);
         }
     }
 
@@ -622,6 +678,10 @@ impl Instance {
     /// Replaces the installed-model list (from a `/api/tags` answer); true when it changed.
     pub fn set_installed_models(&self, mut models: Vec<String>) -> bool {
         models.sort();
+        if let Ok(mut known) = self.one_at_a_time.write() {
+            // A model deleted and pulled again is asked about again.
+            known.retain(|m, _| models.contains(m));
+        }
         match self.installed_models.write() {
             Ok(mut m) if m.as_ref() != Some(&models) => {
                 *m = Some(models);

@@ -4,6 +4,7 @@ pub mod client;
 pub mod health;
 pub mod instance;
 pub mod models;
+pub mod parallel;
 pub mod pinned;
 pub mod resolve;
 pub mod select;

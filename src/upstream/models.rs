@@ -79,6 +79,7 @@ pub async fn refresh(registry: &Registry, instance: &Instance, timeout: Duration
             tracing::debug!(instance = %instance.name, "installed models changed");
             registry.notify_changed();
         }
+        super::parallel::learn(instance, timeout).await;
     }
     refresh_loaded(registry, instance, timeout).await;
 }

@@ -16,7 +16,6 @@
 use super::{client, Instance, Registry};
 use crate::admission::pinned_models;
 use crate::config::ModelRulesConfig;
-use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -120,17 +119,9 @@ async fn pin(instance: &Instance, model: &str) -> bool {
     let Some((addr, host)) = instance.target() else {
         return false;
     };
-    let body = serde_json::json!({ "model": model, "keep_alive": -1 }).to_string();
+    let body = serde_json::json!({ "model": model, "keep_alive": -1 });
     let started = Instant::now();
-    let answer = client::request(
-        addr,
-        host,
-        http::Method::POST,
-        "/api/generate",
-        Some(Bytes::from(body)),
-        LOAD_TIMEOUT,
-    )
-    .await;
+    let answer = client::post_json(addr, host, "/api/generate", &body, LOAD_TIMEOUT).await;
     match answer {
         Ok(a) if a.status == 200 => {
             instance.note_model(model);
