@@ -229,10 +229,22 @@ fn health_checks_never_touch_an_inference_route() {
     );
     for path in by_path.keys() {
         assert!(
-            ["/api/version", "/api/ps", "/api/tags"].contains(&path.as_str()),
+            ["/api/version", "/api/ps", "/api/tags", "/api/show"].contains(&path.as_str()),
             "health checks reached {path}"
         );
     }
+    // `/api/show` (metadata, no load) once per installed model, not once per check.
+    let tags: Value = client()
+        .get(a.url("/api/tags"))
+        .send()
+        .and_then(|r| r.json())
+        .expect("tags");
+    let installed = tags["models"].as_array().map_or(0, Vec::len) as u64;
+    let shows = by_path
+        .get("/api/show")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    assert!(shows <= installed, "{shows} shows for {installed} models");
 }
 
 #[test]
