@@ -73,9 +73,6 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
         // The response headers follow the slot (binary upgrade: keep-alive or close).
         super::keep_alive_or_close(session, ctx);
         let instance = permit.instance().clone();
-        if let (Some(model), Some(keep_alive)) = (request.model.as_deref(), ctx.keep_alive) {
-            instance.set_session(model, keep_alive);
-        }
         ctx.instance = Some(instance.name.clone());
         ctx.placement = Some(permit.reason().as_str());
         let may_retry = attempt < app.config.retries.max_attempts;
@@ -84,6 +81,13 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
             relay::attempt(app, session, ctx, &mut watch, &instance, body, may_retry).await;
         let trial = permit.is_trial();
         permit.observed_load(ctx.tap.summary().load_duration);
+        // A request Ollama answered set its model's session there (before the slot goes back:
+        // a zero session unloads the model with its last request).
+        let answered = !matches!(result, Ok(Attempt::Retry(_))) && (200..300).contains(&ctx.status);
+        let keep_alive = ctx.keep_alive.filter(|_| answered);
+        if let (Some(model), Some(keep_alive)) = (request.model.as_deref(), keep_alive) {
+            instance.set_session(model, keep_alive);
+        }
         // The slot is held until the response is complete or the client is gone.
         drop(permit);
         let retry = match result? {
