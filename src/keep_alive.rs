@@ -9,43 +9,57 @@
 //! requests that follow without a `keep_alive` of their own.
 
 use serde_json::Value;
+use std::time::Duration;
 
 /// The session a request that names a `keep_alive` gives its model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeepAlive {
     /// Zero: unloaded as soon as no request uses it.
     UnloadWhenIdle,
-    /// Any other duration (negative: for good).
-    Stays,
+    /// Unloaded this long after its last request ends.
+    For(Duration),
+    /// Never unloaded for idleness (a negative duration).
+    Forever,
 }
 
 impl KeepAlive {
     /// The session `value` sets; `None` for `null` and for what Ollama refuses (the request
     /// then changes nothing).
     pub fn from_json(value: &Value) -> Option<KeepAlive> {
-        let zero = match value {
+        let nanos = match value {
             // Go: `time.Duration(t * float64(time.Second))`, truncated; negative is for good.
-            Value::Number(n) => {
-                let seconds = n.as_f64()?;
-                seconds >= 0.0 && seconds * 1e9 < 1.0
-            }
-            Value::String(s) => go_duration_is_zero(s)?,
+            Value::Number(n) => n.as_f64()? * 1e9,
+            Value::String(s) => go_duration_nanos(s)?,
             _ => return None,
         };
-        Some(if zero {
+        Some(if nanos < 0.0 || nanos >= i64::MAX as f64 {
+            KeepAlive::Forever
+        } else if nanos < 1.0 {
             KeepAlive::UnloadWhenIdle
         } else {
-            KeepAlive::Stays
+            KeepAlive::For(Duration::from_nanos(nanos as u64))
         })
+    }
+
+    /// Whether the model stays longer than `limit` after its last request.
+    pub fn exceeds(self, limit: Duration) -> bool {
+        match self {
+            KeepAlive::UnloadWhenIdle => false,
+            KeepAlive::For(d) => d > limit,
+            KeepAlive::Forever => true,
+        }
     }
 }
 
-/// Whether Go's `time.ParseDuration` reads `s` as zero (each term truncated to whole
-/// nanoseconds); `None` where it fails.
-fn go_duration_is_zero(s: &str) -> Option<bool> {
-    let s = s.strip_prefix(['-', '+']).unwrap_or(s);
+/// What Go's `time.ParseDuration` reads `s` as, in nanoseconds (each term truncated to whole
+/// nanoseconds; negative for a leading `-`); `None` where it fails.
+fn go_duration_nanos(s: &str) -> Option<f64> {
+    let (sign, s) = match s.strip_prefix('-') {
+        Some(rest) => (-1.0, rest),
+        None => (1.0, s.strip_prefix('+').unwrap_or(s)),
+    };
     if s == "0" {
-        return Some(true);
+        return Some(0.0);
     }
     if s.is_empty() {
         return None;
@@ -77,7 +91,8 @@ fn go_duration_is_zero(s: &str) -> Option<bool> {
         rest = &rest[unit_len..];
         total_ns += (value * unit_ns).trunc();
     }
-    Some(total_ns < 1.0)
+    // Go refuses a duration past the int64 range of nanoseconds.
+    (total_ns <= i64::MAX as f64).then_some(sign * total_ns)
 }
 
 #[cfg(test)]
@@ -95,12 +110,14 @@ mod tests {
             (json!("0s"), Some(UnloadWhenIdle)),
             (json!("-0m"), Some(UnloadWhenIdle)),
             (json!("0h0m0.0000000001s"), Some(UnloadWhenIdle)),
-            (json!(-1), Some(Stays)),
-            (json!("-1m"), Some(Stays)),
-            (json!(300), Some(Stays)),
-            (json!("5m"), Some(Stays)),
-            (json!("1h30m"), Some(Stays)),
-            (json!("1.5\u{b5}s"), Some(Stays)),
+            (json!(-1), Some(Forever)),
+            (json!("-1m"), Some(Forever)),
+            (json!(300), Some(For(Duration::from_secs(300)))),
+            (json!(0.5), Some(For(Duration::from_millis(500)))),
+            (json!("5m"), Some(For(Duration::from_secs(300)))),
+            (json!("1h30m"), Some(For(Duration::from_secs(5400)))),
+            (json!("1.5\u{b5}s"), Some(For(Duration::from_nanos(1500)))),
+            (json!("3000000h"), None),
             (json!(null), None),
             (json!(true), None),
             (json!("soon"), None),

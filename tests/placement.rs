@@ -677,6 +677,23 @@ fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
     );
 }
 
+/// A sidecar in front of `mock` (two slots) with `model` pinned and `extra` configuration,
+/// once the pin has loaded it.
+fn sidecar_pinning(mock: &Mock, model: &str, extra: &str) -> Sidecar {
+    let sidecar = Sidecar::start(&format!(
+        "{extra}models:\n  - match: {model}\n    pinned: true\n{}",
+        common::external_instances(&[mock], 2)
+    ));
+    let key = format!("{model}:latest");
+    assert!(
+        common::wait_until(Duration::from_secs(15), || loaded_on(mock.port)
+            == [key.as_str()]),
+        "pinned at start: {}",
+        sidecar.log_text()
+    );
+    sidecar
+}
+
 /// A client's `keep_alive` cannot unload a pinned model: in Ollama a request's `keep_alive`
 /// becomes the model's session (sched.go `useLoadedRunner`), so `0` would unload it the moment
 /// the request ends and `"1s"` a second later, and the next request for it would wait for a
@@ -685,16 +702,7 @@ fn a_pinned_model_is_loaded_at_start_kept_and_reloaded_after_a_restart() {
 #[test]
 fn a_clients_keep_alive_cannot_unload_a_pinned_model() {
     let mock = Mock::start(&[("MOCK_MODELS", "aaa,b"), ("MOCK_LOAD_DELAY_MS", "100")]);
-    let sidecar = Sidecar::start(&format!(
-        "models:\n  - match: aaa\n    pinned: true\n{}",
-        common::external_instances(&[&mock], 2)
-    ));
-    assert!(
-        common::wait_until(Duration::from_secs(15), || loaded_on(mock.port)
-            == ["aaa:latest"]),
-        "pinned at start: {}",
-        sidecar.log_text()
-    );
+    let sidecar = sidecar_pinning(&mock, "aaa", "");
     let base = sidecar.url("");
     let post = |path: &str, body: &str| {
         let r = client()
@@ -747,6 +755,35 @@ fn a_clients_keep_alive_cannot_unload_a_pinned_model() {
         1,
         "aaa was loaded again: {}",
         sidecar.log_text()
+    );
+}
+
+/// `limits.max_keep_alive`: no client keeps a model in memory longer than the operator allows
+/// after its last request, whether it asks for `-1` (for good) or a long duration; a pinned
+/// model stays loaded.
+#[test]
+fn a_clients_long_keep_alive_is_held_to_the_operators_limit() {
+    let mock = Mock::start(&[("MOCK_MODELS", "x,y,p")]);
+    let sidecar = sidecar_pinning(&mock, "p", "limits:\n  max_keep_alive: 1s\n");
+    let base = sidecar.url("");
+    for (model, keep_alive) in [("x", json!(-1)), ("y", json!("2h")), ("p", json!("1s"))] {
+        let r = client()
+            .post(format!("{base}/api/generate"))
+            .json(&json!({"model": model, "prompt": "hi", "stream": false,
+                "KEEP_ALIVE": keep_alive}))
+            .send()
+            .expect("generate");
+        assert_eq!(r.status(), 200, "{model}");
+    }
+    let mut loaded = loaded_on(mock.port);
+    loaded.sort();
+    assert_eq!(loaded, ["p:latest", "x:latest", "y:latest"]);
+    // A second after their last request, x and y are gone; the pinned model stays.
+    assert!(
+        common::wait_until(Duration::from_secs(4), || loaded_on(mock.port)
+            == ["p:latest"]),
+        "still loaded: {:?}",
+        loaded_on(mock.port)
     );
 }
 

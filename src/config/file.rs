@@ -207,6 +207,10 @@ pub struct Limits {
     /// Longest a request body may take to arrive in all; then 408 and the connection closes.
     #[serde(with = "duration_text")]
     pub body_deadline: Duration,
+    /// Longest `keep_alive` a client may give a model (longer, or for good, is sent as this);
+    /// off by default.
+    #[serde(with = "duration_text::option")]
+    pub max_keep_alive: Option<Duration>,
 }
 
 impl Default for Limits {
@@ -220,6 +224,7 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(30),
             max_pending_body_bytes: ByteSize(256 << 20),
             body_deadline: Duration::from_secs(120),
+            max_keep_alive: None,
         }
     }
 }

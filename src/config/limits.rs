@@ -23,6 +23,8 @@ pub struct LimitsConfig {
     pub max_pending_body_bytes: ByteSize,
     /// Longest a request body may take to arrive in all (100ms or more).
     pub body_deadline: Duration,
+    /// Longest `keep_alive` a request may give its model (1s or more); `None`: as sent.
+    pub max_keep_alive: Option<Duration>,
 }
 
 impl From<&file::Limits> for LimitsConfig {
@@ -36,6 +38,7 @@ impl From<&file::Limits> for LimitsConfig {
             write_timeout: file.write_timeout,
             max_pending_body_bytes: file.max_pending_body_bytes,
             body_deadline: file.body_deadline,
+            max_keep_alive: file.max_keep_alive,
         }
     }
 }
@@ -87,6 +90,16 @@ pub(super) fn validate(file: &file::Limits, source: &str) -> Result<LimitsConfig
             return Err(err(source, key, "must be at least 100ms"));
         }
     }
+    if file
+        .max_keep_alive
+        .is_some_and(|d| d < Duration::from_secs(1))
+    {
+        return Err(err(
+            source,
+            "limits.max_keep_alive",
+            "must be at least 1s (0 would unload every model a client names a keep_alive for)",
+        ));
+    }
     if file.max_pending_body_bytes.0 < file.max_body.0 {
         return Err(err(
             source,
@@ -121,6 +134,10 @@ mod tests {
             (
                 "write_timeout: 10ms",
                 "limits.write_timeout: must be at least 100ms",
+            ),
+            (
+                "max_keep_alive: 500ms",
+                "limits.max_keep_alive: must be at least 1s (0 would unload every model a client names a keep_alive for)",
             ),
             (
                 "body_deadline: 0s",

@@ -264,7 +264,10 @@ mod tests {
             ka(r#"{"model":"m","Keep_Alive":"0s"}"#),
             Some(UnloadWhenIdle)
         );
-        assert_eq!(ka(r#"{"keep_alive":0,"KEEP_ALIVE":"5m"}"#), Some(Stays));
+        assert_eq!(
+            ka(r#"{"keep_alive":0,"KEEP_ALIVE":"5m"}"#),
+            Some(For(std::time::Duration::from_secs(300)))
+        );
         assert_eq!(ka(r#"{"keep_alive":0,"keep_alive":null}"#), None);
         assert_eq!(ka(r#"{"model":"m"}"#), None);
         // Not a model name: the allow-lists never see it.

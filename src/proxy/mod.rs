@@ -8,7 +8,7 @@ pub mod ctx;
 pub mod errors;
 pub mod headers;
 pub mod inference;
-pub mod pinned;
+pub mod keep_alive_policy;
 pub mod request_body;
 pub mod respond;
 pub mod retry;

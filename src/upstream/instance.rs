@@ -657,10 +657,11 @@ impl Instance {
     /// model unloads.
     pub fn set_session(&self, model: &str, keep_alive: crate::keep_alive::KeepAlive) {
         if let Ok(mut zero) = self.unload_when_idle.lock() {
-            match keep_alive {
-                crate::keep_alive::KeepAlive::UnloadWhenIdle => zero.insert(model.to_string()),
-                crate::keep_alive::KeepAlive::Stays => zero.remove(model),
-            };
+            if keep_alive == crate::keep_alive::KeepAlive::UnloadWhenIdle {
+                zero.insert(model.to_string());
+            } else {
+                zero.remove(model);
+            }
         }
     }
 
@@ -863,7 +864,7 @@ mod tests {
         i.set_loaded_models(vec!["m:latest".into()]);
         i.model_in_use("m:latest", true);
         i.set_session("m:latest", UnloadWhenIdle);
-        i.set_session("m:latest", Stays);
+        i.set_session("m:latest", Forever);
         i.model_in_use("m:latest", false);
         assert!(i.has_model("m:latest"));
     }

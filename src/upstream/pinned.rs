@@ -11,7 +11,7 @@
 //!   sidecar could not read, a compressed body, set a shorter `keep_alive`).
 //!
 //! A client's own `keep_alive` cannot unpin the model: the proxy sends its requests with
-//! `keep_alive: -1` (`proxy/pinned.rs`).
+//! `keep_alive: -1` (`proxy/keep_alive_policy.rs`).
 
 use super::{client, Instance, Registry};
 use crate::admission::pinned_models;

@@ -31,7 +31,7 @@ pub(super) async fn serve(app: &App, session: &mut Session, ctx: &mut RequestCtx
     let (body, pending) = match read::read_checked(app, session, ctx).await? {
         Ok((body, pending)) => {
             let body = super::usage::prepare(session, ctx, body);
-            (super::pinned::hold_pin(app, ctx, body), pending)
+            (super::keep_alive_policy::apply(app, ctx, body), pending)
         }
         Err(refused) => {
             respond::reject(app, session, ctx, refused).await?;
