@@ -91,7 +91,7 @@ impl ModelRules {
 
     /// Whether `model` is pinned (kept loaded with `keep_alive: -1`).
     pub fn pinned(&self, model: &str) -> bool {
-        self.rule(model).is_some_and(|r| r.pinned)
+        self.config.pinned(model)
     }
 
     /// A request for `model` got a slot on `pos`.

@@ -42,6 +42,11 @@ impl ModelRulesConfig {
             .enumerate()
             .find(|(_, r)| r.matches(model))
     }
+
+    /// Whether the rule for `model` (in `model_key` form) pins it.
+    pub fn pinned(&self, model: &str) -> bool {
+        self.rule_for(model).is_some_and(|(_, r)| r.pinned)
+    }
 }
 
 /// A name without a wildcard and without a tag means its `:latest`, as Ollama reads it.

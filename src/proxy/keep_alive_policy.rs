@@ -34,12 +34,7 @@ pub(super) fn apply(app: &App, ctx: &mut RequestCtx, body: Bytes) -> Bytes {
     if !ctx.route.fields.contains(&Field::KeepAlive) {
         return body;
     }
-    let pinned = app
-        .config
-        .models
-        .rule_for(&model_key(model))
-        .is_some_and(|(_, rule)| rule.pinned);
-    let (session, member) = if pinned {
+    let (session, member) = if app.config.models.pinned(&model_key(model)) {
         (KeepAlive::Forever, r#""keep_alive":-1"#.to_string())
     } else {
         let (Some(limit), Some(asked)) = (app.config.limits.max_keep_alive, ctx.keep_alive) else {

@@ -55,7 +55,9 @@ fn runs_one_at_a_time(show: &[u8]) -> Option<bool> {
 }
 
 /// Asks the instance about the installed models it has not been asked about yet (at most
-/// [`SHOWS_PER_REFRESH`]). A model whose answer fails or says nothing is asked again next time.
+/// [`SHOWS_PER_REFRESH`]). A model whose answer fails or says nothing is asked again next time;
+/// an instance that does not answer at all is left until the next refresh, so one that hangs
+/// holds up the refresh of the others for one timeout, not one per model.
 pub async fn learn(instance: &Instance, timeout: Duration) {
     let Some((addr, host)) = instance.target().filter(|_| instance.is_ready()) else {
         return;
@@ -75,7 +77,10 @@ pub async fn learn(instance: &Instance, timeout: Duration) {
             Ok(a) => {
                 tracing::debug!(instance = %instance.name, model, status = a.status, "show failed")
             }
-            Err(e) => tracing::debug!(instance = %instance.name, model, error = %e, "show failed"),
+            Err(e) => {
+                tracing::debug!(instance = %instance.name, model, error = %e, "show failed");
+                return;
+            }
         }
     }
 }
